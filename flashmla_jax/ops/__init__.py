@@ -1,0 +1,1 @@
+"""The JAX side of each kernel: input checks, tiling and split heuristics, the launch."""

@@ -1,0 +1,108 @@
+"""One way to launch a Triton kernel from JAX: jax-triton on the GPU, Triton's interpreter on the CPU.
+
+Both paths take the same arguments as `jax_triton.triton_call`: array and scalar inputs by position (a
+float scalar as `np.float32`), then one output pointer per `out_shape` entry, then constexpr keywords.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+_INTERPRETED: dict[Any, Any] = {}
+_INTERPRET_LOCK = threading.Lock()
+
+
+def launch(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple | Callable,
+           implementation: str, num_warps: int = 4, num_stages: int = 2,
+           zeroed_outputs: Sequence[int] = (), **constexprs):
+    """Runs `kernel` over `grid` and returns the list of outputs described by `out_shape`.
+
+    implementation: "triton" (jax-triton, CUDA) or "interpret" (Triton's interpreter through
+    `jax.pure_callback`, CPU). Outputs not in `zeroed_outputs` start as NaN (floats) or -1 (ints) in
+    the interpreter, so an element the kernel forgets to write fails the tests.
+    """
+    out_shape = list(out_shape)
+    if implementation == "triton":
+        import jax_triton  # imported here: it cannot be imported without a GPU build of JAX
+
+        outs = jax_triton.triton_call(
+            *args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
+            num_stages=num_stages, zeroed_outputs=tuple(zeroed_outputs), **constexprs)
+        return list(outs)
+    if implementation != "interpret":
+        raise ValueError(f"launch() runs Triton kernels only, not implementation={implementation!r}")
+    return _interpret(kernel, args, out_shape, grid, tuple(zeroed_outputs), constexprs)
+
+
+def _interpret(kernel, args, out_shape, grid, zeroed_outputs, constexprs):
+    is_array = [not isinstance(a, (bool, int, float, np.floating, np.integer)) for a in args]
+    arrays = [a for a, arr in zip(args, is_array) if arr]
+    grid = tuple(grid(constexprs) if callable(grid) else grid)
+
+    def host(*host_arrays):
+        it = iter(host_arrays)
+        kernel_args = [_to_torch(np.asarray(next(it))) if arr else _to_python(a) for a, arr in zip(args, is_array)]
+        outs = []
+        for i, s in enumerate(out_shape):
+            fill = 0 if i in zeroed_outputs else (np.nan if np.issubdtype(s.dtype, np.inexact) else -1)
+            outs.append(_to_torch(np.full(s.shape, fill, dtype=s.dtype)))
+        with _interpreting_jit_calls():
+            _interpreted(kernel)[grid](*kernel_args, *outs, **constexprs)
+        return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shape))
+
+    return list(jax.pure_callback(host, tuple(out_shape), *arrays))
+
+
+def _interpreted(jit_fn):
+    """The interpreter's twin of a @triton.jit function (cached)."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    # Keyed by id: hashing a JITFunction walks its source, which fails while the interpreter patches tl.
+    fn = _INTERPRETED.get(id(jit_fn))
+    if fn is None:
+        fn = _INTERPRETED[id(jit_fn)] = InterpretedFunction(getattr(jit_fn, "fn", jit_fn))
+    return fn
+
+
+@contextlib.contextmanager
+def _interpreting_jit_calls():
+    """Routes calls of @triton.jit functions (our helpers, and triton.language's own: tl.sum, tl.max, ...)
+    to the interpreter for the duration of one interpreted launch.
+
+    Triton decides between compiling and interpreting when a function is decorated, and only an
+    environment variable set before `import triton` makes its standard library interpretable; this
+    scoped patch gives the same result without touching the process's GPU path.
+    """
+    from triton.runtime.jit import JITFunction
+
+    with _INTERPRET_LOCK:
+        original = JITFunction.__call__
+        JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
+        try:
+            yield
+        finally:
+            JITFunction.__call__ = original
+
+
+def _to_python(x):
+    return float(x) if isinstance(x, (float, np.floating)) else x
+
+
+def _to_torch(a: np.ndarray):
+    import torch
+
+    if a.dtype == jax.numpy.bfloat16:
+        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.ascontiguousarray(a))
+
+
+def _from_torch(t, dtype) -> np.ndarray:
+    import torch
+
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy().view(dtype)
+    return t.numpy()
