@@ -77,15 +77,37 @@ def _interpreting_jit_calls():
     environment variable set before `import triton` makes its standard library interpretable; this
     scoped patch gives the same result without touching the process's GPU path.
     """
+    from triton.runtime import interpreter
     from triton.runtime.jit import JITFunction
 
     with _INTERPRET_LOCK:
-        original = JITFunction.__call__
+        original_call = JITFunction.__call__
+        original_dot = interpreter.InterpreterBuilder.create_dot
         JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
+        interpreter.InterpreterBuilder.create_dot = _bf16_aware_dot(original_dot)
         try:
             yield
         finally:
-            JITFunction.__call__ = original
+            JITFunction.__call__ = original_call
+            interpreter.InterpreterBuilder.create_dot = original_dot
+
+
+def _bf16_aware_dot(original_dot):
+    """Triton 3.6's interpreter keeps bfloat16 as raw uint16 bits and multiplies the bits in tl.dot;
+    widen bfloat16 operands to float32 (exact) first."""
+    from triton.runtime.interpreter import TensorHandle
+    import triton.language as tl
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        bits = x.data.astype(np.uint32) << np.uint32(16)
+        return TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    return create_dot
 
 
 def _to_python(x):
@@ -96,8 +118,8 @@ def _to_torch(a: np.ndarray):
     import torch
 
     if a.dtype == jax.numpy.bfloat16:
-        return torch.from_numpy(np.ascontiguousarray(a).view(np.int16)).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(a))
+        return torch.from_numpy(np.array(a).view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(np.array(a))  # a writable copy: the kernel may write through it
 
 
 def _from_torch(t, dtype) -> np.ndarray:

@@ -1,0 +1,188 @@
+"""mla_decode: the jnp reference against a float64 NumPy loop (tier 1), the API's checks, and the Triton
+kernels through Triton's interpreter on the CPU (tier 2). Tier 3 (full shapes on the GPU) is
+tests/test_decode_gpu.py."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flashmla_jax as fm
+from flashmla_jax import reference
+from flashmla_jax.ops.decode import choose_num_splits
+from conftest import rel_err
+
+TOL = {jnp.float32: 1e-3, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
+
+
+def decode_numpy(q, kv, seqlens, head_dim_v, scale, causal):
+    """float64 loop over (b, s, h): the definition of §1 of the design card."""
+    q = np.asarray(q, np.float64)
+    kv = np.asarray(kv, np.float64)
+    b_, s_q, h_, _ = q.shape
+    out = np.zeros((b_, s_q, h_, head_dim_v))
+    lse = np.full((b_, s_q, h_), -np.inf)
+    for b in range(b_):
+        n = int(np.clip(seqlens[b], 0, kv.shape[1]))
+        for s in range(s_q):
+            limit = max(n - s_q + s + 1, 0) if causal else n
+            if limit == 0:
+                continue
+            keys = kv[b, :limit]
+            for h in range(h_):
+                scores = keys @ q[b, s, h] * scale
+                m = scores.max()
+                p = np.exp(scores - m)
+                out[b, s, h] = p @ keys[:, :head_dim_v] / p.sum()
+                lse[b, s, h] = m + np.log(p.sum())
+    return out, lse
+
+
+def make_inputs(seed, b, s_q, h, d, n, dtype, seqlens):
+    kq, kk = jax.random.split(jax.random.PRNGKey(seed))
+    q = jax.random.normal(kq, (b, s_q, h, d), jnp.float32).astype(dtype)
+    kv = jax.random.normal(kk, (b, n, d), jnp.float32).astype(dtype)
+    return q, kv, jnp.asarray(seqlens, jnp.int32)
+
+
+def to_pages(kv, page_size, seed):
+    """[B, N, D] -> pages [B * N / page_size + 3, page_size, D] in shuffled order, NaN in the spare pages
+    and past each sequence's length, and a block table with out-of-range entries past the used blocks."""
+    b, n, d = kv.shape
+    per_seq = n // page_size
+    num_pages = b * per_seq + 3
+    perm = np.random.default_rng(seed).permutation(num_pages)[: b * per_seq].reshape(b, per_seq)
+    pages = np.full((num_pages, page_size, d), np.nan, np.float32)
+    pages[perm.reshape(-1)] = np.asarray(kv, np.float32).reshape(b * per_seq, page_size, d)
+    return jnp.asarray(pages).astype(kv.dtype), jnp.asarray(perm, jnp.int32)
+
+
+# ---------------------------------------------------------------- tier 1: reference and API
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("s_q", [1, 3])
+def test_reference_matches_numpy_loop(causal, s_q):
+    seqlens = [0, 1, 2, 37, 64, -4, 99]
+    q, kv, sl = make_inputs(1, 7, s_q, 3, 48, 64, jnp.float32, seqlens)
+    out, lse = reference.mla_decode_reference(q, kv, sl, head_dim_v=32, softmax_scale=0.3, causal=causal)
+    want_out, want_lse = decode_numpy(q, kv, seqlens, 32, 0.3, causal)
+    assert rel_err(out, want_out) < 1e-5
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
+    finite = np.isfinite(want_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], want_lse[finite], rtol=1e-5, atol=1e-5)
+    assert not np.any(np.isnan(out))
+
+
+def test_reference_paged_ignores_nan_pages():
+    q, kv, sl = make_inputs(2, 3, 1, 4, 48, 64, jnp.float32, [5, 64, 33])
+    pages, table = to_pages(kv, 16, seed=0)
+    kv_nan = jnp.where(jnp.arange(64)[None, :, None] < sl[:, None, None], kv, jnp.nan)
+    want = reference.mla_decode_reference(q, kv, sl, head_dim_v=32, softmax_scale=0.2)
+    got = reference.mla_decode_reference(q, pages, sl, table, head_dim_v=32, softmax_scale=0.2)
+    got_nan = reference.mla_decode_reference(q, kv_nan, sl, head_dim_v=32, softmax_scale=0.2)
+    for g in (got, got_nan):
+        np.testing.assert_allclose(g[0], want[0], rtol=1e-6, atol=1e-6)
+        np.testing.assert_array_equal(g[1], want[1])
+
+
+def test_default_implementation_on_cpu_is_xla():
+    q, kv, sl = make_inputs(3, 2, 1, 4, 96, 32, jnp.float32, [7, 32])
+    out = fm.mla_decode(q, kv, sl, head_dim_v=64)
+    ref, _ = reference.mla_decode_reference(q, kv, sl, head_dim_v=64, softmax_scale=96 ** -0.5)
+    assert out.shape == (2, 1, 4, 64) and out.dtype == q.dtype
+    np.testing.assert_allclose(out, ref, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: {**a, "q": a["q"][0]}, ValueError, "q must be"),
+    (lambda a: {**a, "q": a["q"].astype(jnp.int32)}, TypeError, "q must be float16"),
+    (lambda a: {**a, "kv_cache": a["kv_cache"].astype(jnp.float16)}, TypeError, "kv_cache dtype"),
+    (lambda a: {**a, "kv_cache": a["kv_cache"][..., :64]}, ValueError, "kv_cache must be"),
+    (lambda a: {**a, "kv_cache": a["kv_cache"][:1]}, ValueError, "contiguous kv_cache"),
+    (lambda a: {**a, "cache_seqlens": a["cache_seqlens"].astype(jnp.float32)}, TypeError, "cache_seqlens"),
+    (lambda a: {**a, "cache_seqlens": a["cache_seqlens"][:1]}, TypeError, "cache_seqlens"),
+    (lambda a: {**a, "head_dim_v": 96}, ValueError, "head_dim_v"),
+    (lambda a: {**a, "num_splits": 0}, ValueError, "num_splits"),
+    (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
+    (lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU"),
+    (lambda a: {**a, "block_table": jnp.zeros((2, 2), jnp.int32), "kv_cache": a["kv_cache"].reshape(4, 16, 96)[:, :12]},
+     ValueError, "page_size"),
+    (lambda a: {**a, "block_table": jnp.zeros((3, 2), jnp.int32)}, TypeError, "block_table"),
+    (lambda a: {**a, "head_dim_v": 48, "implementation": "interpret"}, ValueError, "powers of two"),
+])
+def test_bad_input_raises(mutate, error, match):
+    q, kv, sl = make_inputs(4, 2, 1, 4, 96, 32, jnp.float32, [7, 32])
+    args = mutate(dict(q=q, kv_cache=kv, cache_seqlens=sl, head_dim_v=64))
+    with pytest.raises(error, match=match):
+        fm.mla_decode(**args)
+
+
+def test_num_splits_heuristic():
+    # One long sequence: split it across the SMs; a full batch: no split.
+    assert choose_num_splits(1, 1, 65536, 64, 132) >= 32
+    assert choose_num_splits(128, 1, 4096, 64, 132) == 1
+    assert choose_num_splits(2, 1, 64, 64, 132) == 1          # never more splits than key blocks
+
+
+# ---------------------------------------------------------------- tier 2: kernels in the interpreter
+
+SMALL = dict(d=96, head_dim_v=64)                              # same kernel, 64 + 32 wide: fast to interpret
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("s_q", [1, 2])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_interpret_matches_reference(dtype, s_q, num_splits):
+    seqlens = [0, 1, 70, 130, 2, 128]
+    q, kv, sl = make_inputs(10 + s_q + num_splits, 6, s_q, 5, SMALL["d"], 130, dtype, seqlens)
+    kw = dict(head_dim_v=SMALL["head_dim_v"], softmax_scale=0.25, return_lse=True)
+    out, lse = fm.mla_decode(q, kv, sl, num_splits=num_splits, implementation="interpret", **kw)
+    ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+    assert out.dtype == dtype and lse.dtype == jnp.float32
+    assert rel_err(out, ref) < TOL[dtype]
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=2e-3, atol=2e-3)
+    # seqlen 0: nothing visible, so out 0 and lse -inf (never NaN)
+    assert np.all(np.asarray(out[0], np.float32) == 0) and np.all(np.isneginf(lse[0]))
+
+
+def test_interpret_more_splits_than_blocks_and_noncausal():
+    q, kv, sl = make_inputs(20, 3, 2, 16, SMALL["d"], 80, jnp.bfloat16, [3, 80, 17])
+    for causal in (True, False):
+        kw = dict(head_dim_v=SMALL["head_dim_v"], causal=causal, return_lse=True)
+        out, lse = fm.mla_decode(q, kv, sl, num_splits=7, implementation="interpret", **kw)
+        ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+        assert rel_err(out, ref) < 1e-2
+        np.testing.assert_allclose(lse, ref_lse, rtol=2e-3, atol=2e-3)
+
+
+def test_interpret_lengths_past_capacity_are_clamped():
+    q, kv, sl = make_inputs(21, 2, 1, 4, SMALL["d"], 64, jnp.float32, [1000, -7])
+    out = fm.mla_decode(q, kv, sl, head_dim_v=64, num_splits=2, implementation="interpret")
+    ref = fm.mla_decode(q, kv, jnp.asarray([64, 0], jnp.int32), head_dim_v=64, implementation="xla")
+    assert rel_err(out, ref) < 1e-3
+
+
+@pytest.mark.parametrize("page_size", [16, 32])
+def test_interpret_paged_with_nan_pages(page_size):
+    q, kv, sl = make_inputs(22, 3, 2, 4, SMALL["d"], 64, jnp.bfloat16, [5, 64, 40])
+    pages, table = to_pages(kv, page_size, seed=page_size)
+    table = jnp.where(jnp.arange(table.shape[1])[None, :] * page_size < sl[:, None], table, 10 ** 6)
+    out = fm.mla_decode(q, pages, sl, table, head_dim_v=64, num_splits=2, implementation="interpret")
+    ref = fm.mla_decode(q, kv, sl, head_dim_v=64, implementation="xla")
+    assert rel_err(out, ref) < 1e-2
+
+
+def test_interpret_deepseek_dims():
+    """The real 512 + 64 latent with H = 16 heads and S_q = 2, paged at 64."""
+    q, kv, sl = make_inputs(23, 2, 2, 16, 576, 128, jnp.bfloat16, [128, 71])
+    kw = dict(softmax_scale=192 ** -0.5, return_lse=True)
+    out, lse = fm.mla_decode(q, kv, sl, num_splits=2, implementation="interpret", **kw)
+    ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+    assert out.shape == (2, 2, 16, 512)
+    assert rel_err(out, ref) < 1e-2
+    np.testing.assert_allclose(lse, ref_lse, rtol=2e-3, atol=2e-3)
+    pages, table = to_pages(kv, 64, seed=1)
+    out_paged = fm.mla_decode(q, pages, sl, table, implementation="interpret", **kw)[0]
+    assert rel_err(out_paged, ref) < 1e-2
