@@ -1,0 +1,153 @@
+"""Decode benchmark: rows D1-D6 of the design card, "triton" beside "xla", against measured ceilings.
+
+    python benchmarks/benchmark.py                 # every row; on a CPU-only machine: xla at reduced sizes
+    python benchmarks/benchmark.py --rows D1 D3    # a subset
+
+Prints a table (ms, TB/s, TFLOP/s, % of the binding ceiling, speed-up over xla), writes
+benchmarks/results/decode_<device>.json and a PNG plot beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+import flashmla_jax as fm  # noqa: E402
+from flashmla_jax._backend import has_cuda_gpu  # noqa: E402
+
+D, D_V = 576, 512
+SCALE = 192 ** -0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    batch: int
+    seqlen: int            # cache length (the maximum, for a ragged row)
+    heads: int
+    s_q: int
+    ragged: bool = False
+    paged: bool = False
+
+    def reduced(self) -> "Row":
+        """The same row at CPU-friendly size."""
+        return dataclasses.replace(self, batch=min(self.batch, 4), seqlen=min(self.seqlen, 1024))
+
+
+ROWS = [
+    Row("D1", 128, 4096, 16, 1),
+    Row("D2", 64, 16384, 16, 1),
+    Row("D3", 1, 65536, 16, 1),
+    Row("D4", 128, 8192, 16, 1, ragged=True),
+    Row("D5", 128, 4096, 128, 1),
+    Row("D6", 64, 8192, 128, 2),
+    Row("D1-paged", 128, 4096, 16, 1, paged=True),
+    Row("D2-paged", 64, 16384, 16, 1, paged=True),
+]
+PAGE_SIZE = 64
+
+
+def make_inputs(row: Row, seed: int):
+    """(q [B, S_q, H, 576], kv [B, N, 576] or pages, seqlens [B], block_table or None), random bf16."""
+    kq, kk, kl = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (row.batch, row.s_q, row.heads, D), jnp.bfloat16)
+    kv = jax.random.normal(kk, (row.batch, row.seqlen, D), jnp.bfloat16)
+    if row.ragged:
+        seqlens = jax.random.randint(kl, (row.batch,), 1, row.seqlen + 1, jnp.int32)
+    else:
+        seqlens = jnp.full((row.batch,), row.seqlen, jnp.int32)
+    table = None
+    if row.paged:
+        per_seq = row.seqlen // PAGE_SIZE
+        kv = kv.reshape(row.batch * per_seq, PAGE_SIZE, D)
+        # A shuffled page order, as a serving stack's allocator leaves it.
+        table = jax.random.permutation(kl, row.batch * per_seq).astype(jnp.int32).reshape(row.batch, per_seq)
+    return q, kv, seqlens, table
+
+
+def cost(row: Row, seqlens: np.ndarray) -> tuple[float, float]:
+    """(bytes, FLOPs) of one decode step, counted by the real lengths (design card §1)."""
+    tokens = float(np.sum(seqlens))
+    q_out = row.batch * row.s_q * row.heads * (D + D_V) * 2
+    return tokens * D * 2 + q_out, 2.0 * row.s_q * row.heads * tokens * (D + D_V)
+
+
+def run_row(row: Row, implementation: str, bandwidth: float, flops_rate: float) -> dict:
+    sets = [make_inputs(row, seed) for seed in range(2)]
+    fn = jax.jit(lambda q, kv, sl, bt: fm.mla_decode(q, kv, sl, bt, softmax_scale=SCALE,
+                                                    implementation=implementation))
+    seconds = common.time_call(fn, sets)
+    nbytes, flops = cost(row, np.asarray(sets[0][2]))
+    floor = max(nbytes / bandwidth, flops / flops_rate)
+    return dict(row=row.name, implementation=implementation, batch=row.batch, seqlen=row.seqlen,
+                heads=row.heads, s_q=row.s_q, ragged=row.ragged, paged=row.paged, ms=seconds * 1e3,
+                tb_s=nbytes / seconds / 1e12, tflop_s=flops / seconds / 1e12,
+                bound="memory" if nbytes / bandwidth >= flops / flops_rate else "compute",
+                pct_of_ceiling=100 * floor / seconds)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(dict.fromkeys(r["row"] for r in results))
+    impls = list(dict.fromkeys(r["implementation"] for r in results))
+    fig, ax = plt.subplots(figsize=(9, 4))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        vals = [next((r["pct_of_ceiling"] for r in results if r["row"] == n and r["implementation"] == impl), 0)
+                for n in names]
+        ax.bar(np.arange(len(names)) + i * width, vals, width, label=impl)
+    ax.set_xticks(np.arange(len(names)) + width * (len(impls) - 1) / 2, names)
+    ax.set_ylabel("% of the binding ceiling")
+    ax.set_title(f"MLA decode on {common.device_name()}")
+    ax.axhline(100, color="gray", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", help="row names to run (default: all)")
+    args = parser.parse_args(argv)
+    from tqdm import tqdm
+
+    gpu = has_cuda_gpu()
+    rows = [r for r in ROWS if not args.rows or r.name in args.rows]
+    impls = ["triton", "xla"] if gpu else ["xla"]
+    if not gpu:
+        rows = [r.reduced() for r in rows]
+        print("No CUDA GPU: running the xla rows only, at reduced sizes (batch <= 4, cache <= 1024).")
+    bandwidth = common.measure_read_bandwidth(2.0 if gpu else 0.25)
+    flops_rate = common.measure_matmul_rate(8192 if gpu else 1024)
+    print(f"device: {common.device_name()}  read bandwidth {bandwidth / 1e12:.2f} TB/s  "
+          f"bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s")
+    results = []
+    for row, impl in tqdm([(r, i) for r in rows for i in impls], desc="decode sweep"):
+        results.append(run_row(row, impl, bandwidth, flops_rate))
+    xla_ms = {r["row"]: r["ms"] for r in results if r["implementation"] == "xla"}
+    for r in results:
+        r["speedup_vs_xla"] = xla_ms[r["row"]] / r["ms"] if r["row"] in xla_ms else None
+
+    print(f"\n{'row':9} {'impl':7} {'ms':>9} {'TB/s':>6} {'TFLOP/s':>8} {'bound':>7} {'% ceil':>7} {'vs xla':>7}")
+    for r in results:
+        print(f"{r['row']:9} {r['implementation']:7} {r['ms']:9.4f} {r['tb_s']:6.2f} {r['tflop_s']:8.1f} "
+              f"{r['bound']:>7} {r['pct_of_ceiling']:6.1f}% {r['speedup_vs_xla'] or float('nan'):6.2f}x")
+    payload = dict(device=common.device_name(), reduced_sizes=not gpu, jax=jax.__version__,
+                   read_bandwidth_tb_s=bandwidth / 1e12, matmul_tflop_s=flops_rate / 1e12, results=results)
+    path = common.write_json("decode", payload)
+    plot(results, path.replace(".json", ".png"))
+    print(f"wrote {path} and its .png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+"""What every benchmark here shares: the device's name, the two measured ceilings, and the timer."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import statistics
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    return getattr(d, "device_kind", d.platform)
+
+
+def device_slug() -> str:
+    return re.sub(r"[^a-z0-9]+", "-", device_name().lower()).strip("-")
+
+
+def time_call(fn: Callable, input_sets: Sequence[tuple], repeats: int = 20, calls_per_repeat: int = 10,
+              warmup: int = 3) -> float:
+    """Median seconds per call of the jitted `fn`, rotating over `input_sets` (so that inputs larger
+    than L2 are read from memory each time). Each repeat enqueues `calls_per_repeat` calls and waits
+    for the last, so that launch latency overlaps the previous call, as in a decode loop."""
+    for i in range(warmup):
+        jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+    samples = []
+    for r in range(repeats):
+        t0 = time.perf_counter()
+        out = None
+        for i in range(calls_per_repeat):
+            out = fn(*input_sets[(r * calls_per_repeat + i) % len(input_sets)])
+        jax.block_until_ready(out)
+        samples.append((time.perf_counter() - t0) / calls_per_repeat)
+    return statistics.median(samples)
+
+
+def measure_read_bandwidth(gib: float = 2.0) -> float:
+    """Bytes/s of a streaming read: a float32 sum over a `gib` GiB bf16 array (read once, tiny write)."""
+    n = int(gib * 2 ** 30) // 2
+    xs = [jax.random.normal(jax.random.PRNGKey(i), (n,), jnp.bfloat16) for i in range(2)]
+    read = jax.jit(lambda x: jnp.sum(x, dtype=jnp.float32))
+    return n * 2 / time_call(read, [(x,) for x in xs], repeats=10, calls_per_repeat=5)
+
+
+def measure_matmul_rate(n: int = 8192) -> float:
+    """FLOP/s of an n x n x n bf16 matrix product with float32 accumulation, on random data."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
+    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
+    mm = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32).astype(jnp.bfloat16))
+    return 2 * n ** 3 / time_call(mm, [(a, b), (b, a)], repeats=10, calls_per_repeat=5)
+
+
+def write_json(name: str, payload: dict) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    path = os.path.join(RESULTS_DIR, f"{name}_{device_slug()}.json")
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    return path

@@ -1,0 +1,82 @@
+"""Tier 3: mla_decode through jax-triton on the GPU, full D1-D6 shapes against the reference."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flashmla_jax as fm
+from conftest import rel_err
+
+pytestmark = pytest.mark.gpu
+
+# name: (B, N, H, S_q, ragged)
+SHAPES = {
+    "D1": (128, 4096, 16, 1, False),
+    "D2": (64, 16384, 16, 1, False),
+    "D3": (1, 65536, 16, 1, False),
+    "D4": (128, 8192, 16, 1, True),
+    "D5": (128, 4096, 128, 1, False),
+    "D6": (64, 8192, 128, 2, False),
+}
+
+
+def _inputs(b, n, h, s_q, ragged, seed):
+    kq, kk, kl = jax.random.split(jax.random.PRNGKey(seed), 3)
+    q = jax.random.normal(kq, (b, s_q, h, 576), jnp.bfloat16)
+    kv = jax.random.normal(kk, (b, n, 576), jnp.bfloat16)
+    seqlens = (jax.random.randint(kl, (b,), 0, n + 1, jnp.int32) if ragged
+               else jnp.full((b,), n, jnp.int32))
+    return q, kv, seqlens
+
+
+@pytest.mark.parametrize("name", list(SHAPES))
+def test_decode_full_shapes(name):
+    q, kv, sl = _inputs(*SHAPES[name], seed=hash(name) % 1000)
+    kw = dict(softmax_scale=192 ** -0.5, return_lse=True)
+    out, lse = fm.mla_decode(q, kv, sl, implementation="triton", **kw)
+    ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+    assert rel_err(out, ref) < 1e-2
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isneginf(lse), ~finite)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-3, atol=1e-3)
+    again, lse_again = fm.mla_decode(q, kv, sl, implementation="triton", **kw)
+    np.testing.assert_array_equal(np.asarray(out.view(jnp.uint16)), np.asarray(again.view(jnp.uint16)))
+    np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse_again))
+
+
+@pytest.mark.parametrize("num_splits", [1, 7, 64])
+def test_decode_splits_and_edge_lengths(num_splits):
+    q, kv, _ = _inputs(6, 1024, 16, 2, False, seed=num_splits)
+    sl = jnp.asarray([0, 1, 2, 63, 1024, 5000], jnp.int32)      # 5000 is clamped to the capacity
+    out = fm.mla_decode(q, kv, sl, num_splits=num_splits, implementation="triton")
+    ref = fm.mla_decode(q, kv, jnp.minimum(sl, 1024), implementation="xla")
+    assert rel_err(out, ref) < 1e-2
+    assert np.all(np.asarray(out[0], np.float32) == 0)
+
+
+@pytest.mark.parametrize("page_size", [16, 64, 256])
+def test_decode_paged_nan_pages(page_size):
+    b, n, h = 8, 2048, 16
+    q, kv, _ = _inputs(b, n, h, 1, False, seed=page_size)
+    sl = jax.random.randint(jax.random.PRNGKey(5), (b,), 0, n + 1, jnp.int32)
+    per_seq = n // page_size
+    perm = jax.random.permutation(jax.random.PRNGKey(6), b * per_seq + 4)
+    pages = jnp.full((b * per_seq + 4, page_size, 576), jnp.nan, jnp.bfloat16)
+    kv_valid = jnp.where(jnp.arange(n)[None, :, None] < sl[:, None, None], kv, jnp.nan)
+    table = perm[: b * per_seq].astype(jnp.int32).reshape(b, per_seq)
+    pages = pages.at[table.reshape(-1)].set(kv_valid.reshape(b * per_seq, page_size, 576))
+    unused = jnp.arange(per_seq)[None, :] * page_size >= sl[:, None]
+    table = jnp.where(unused, jnp.int32(2 ** 30), table)       # garbage indices past each length
+    out = fm.mla_decode(q, pages, sl, table, implementation="triton")
+    ref = fm.mla_decode(q, kv, sl, implementation="xla")
+    assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])
+def test_decode_other_dtypes(dtype):
+    q, kv, sl = _inputs(16, 2048, 16, 1, True, seed=3)
+    q, kv = q.astype(dtype), kv.astype(dtype)
+    out = fm.mla_decode(q, kv, sl, implementation="triton")
+    ref = fm.mla_decode(q, kv, sl, implementation="xla")
+    assert out.dtype == dtype
+    assert rel_err(out, ref) < (1e-3 if dtype == jnp.float32 else 1e-2)
