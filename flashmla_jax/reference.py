@@ -63,3 +63,35 @@ def mla_decode_reference(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.A
     out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
     lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
     return out.astype(q.dtype), lse
+
+
+def mla_prefill_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_scale: float, causal: bool = True,
+                          segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Non-absorbed MLA prefill: multi-head (or grouped-query) attention with d_qk != d_v allowed.
+
+    q: [B, S, H, d_qk]; k: [B, S, H_kv, d_qk]; v: [B, S, H_kv, d_v]; H a multiple of H_kv (query head h
+    reads KV head h // (H // H_kv)); segment_ids: None or [B, S] int32 (a token sees only keys of its own
+    segment). causal: query i sees keys j <= i.
+    Returns out [B, S, H, d_v] in q.dtype and lse [B, S, H] float32 (natural log; -inf for a row that sees
+    no key, whose out is 0). Scores and the softmax are float32; the probabilities meet V in v's dtype, as
+    in the kernels. Differentiable with jax.grad (it is the "xla" implementation).
+    """
+    b, s, h, d_qk = q.shape
+    h_kv = k.shape[2]
+    g = h // h_kv
+    qg = q.reshape(b, s, h_kv, g, d_qk)
+    scores = jnp.einsum("bqkgd,bnkd->bkgqn", qg, k, preferred_element_type=jnp.float32) * softmax_scale
+    visible = jnp.ones((1, s, s), bool)
+    if causal:
+        visible = visible & (jnp.arange(s)[:, None] >= jnp.arange(s)[None, :])[None]
+    if segment_ids is not None:
+        visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
+    scores = jnp.where(visible[:, None, None], scores, -jnp.inf)                      # [B, H_kv, G, S, S]
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(scores - row_max)
+    denom = jnp.sum(p, axis=-1, keepdims=True)
+    safe = jnp.where(denom > 0, denom, 1.0)
+    out = jnp.einsum("bkgqn,bnkd->bqkgd", (p / safe).astype(v.dtype), v, preferred_element_type=jnp.float32)
+    lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(safe[..., 0]), -jnp.inf)   # [B, H_kv, G, S]
+    return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype), lse.reshape(b, h, s).transpose(0, 2, 1)

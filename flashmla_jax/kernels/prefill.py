@@ -1,0 +1,427 @@
+"""Flash attention for MLA prefill (the non-absorbed form): causal, variable-length through segment ids, GQA.
+
+Layouts (element strides, all contiguous):
+  q [B, S, H, D_QK], k [B, S, H_KV, D_QK], v [B, S, H_KV, D_V], o / do [B, S, H, D_V],
+  lse / delta [B, H, S] float32 (lse natural-log), segment ids [B, S] int32.
+Query head h reads key/value head h // (H // H_KV) (GQA by index mapping).
+
+Head dims are never padded in memory. Each head dim D is handled as two column chunks of power-of-two
+widths DA + DB, each its own tl.dot (QK^T: two dots chained through the accumulator; P·V: two outputs):
+  - D a power of two >= 32: two halves (192/128 -> QK 128 + 64, V 64 + 64);
+  - otherwise DA = the largest power of two below D and DB = the next power of two >= D - DA, with
+    the columns >= D masked in the load (so the padding exists only in registers; 192 needs no mask);
+  - D = 16: DA = 16 and an all-masked DB = 16.
+`*_MASK_B` says whether the B chunk needs its column mask.
+
+Causal key blocks above the diagonal are skipped (the loops stop at the diagonal); only the blocks that
+straddle it (and a partial last block) apply a mask. Segment ids mask (q_seg == k_seg) everywhere.
+Softmax runs in base 2 with scale * log2(e) folded into the scores.
+
+Kernels: `mla_prefill_fwd_kernel` (out, lse), then for the backward `mla_prefill_bwd_preprocess_kernel`
+(delta = rowsum(dO * O) - dLSE), `mla_prefill_bwd_dkdv_kernel` (one program per key block and KV head, looping
+over the query heads of its group: no atomics) and `mla_prefill_bwd_dq_kernel`.
+"""
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _load_tile(ptr, row_off, row_ok, offs_d, D: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    """[R, len(offs_d)] tile: element row_off[r] + offs_d[c] of ptr. Masked elements read 0."""
+    ptrs = ptr + row_off[:, None] + offs_d[None, :]
+    if MASK_ROWS:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        else:
+            x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        if MASK_COLS:
+            x = tl.load(ptrs, mask=offs_d[None, :] < D, other=0.0)
+        else:
+            x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_tile(ptr, row_off, row_ok, offs_d, x, D: tl.constexpr, MASK_COLS: tl.constexpr):
+    ptrs = ptr + row_off[:, None] + offs_d[None, :]
+    if MASK_COLS:
+        tl.store(ptrs, x, mask=row_ok[:, None] & (offs_d[None, :] < D))
+    else:
+        tl.store(ptrs, x, mask=row_ok[:, None])
+
+
+# ------------------------------------------------------------------------------------------------ forward
+
+
+@triton.jit
+def _fwd_inner(acc_a, acc_b, l_i, m_i, q_a, q_b, k_ptr, v_ptr, seg_ptr, seg_q, offs_m, offs_n,
+               offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
+               S: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr,
+               D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
+               DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). DIAG: apply the causal mask; BOUNDARY: keys may be >= S."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        cols64 = cols.to(tl.int64)
+        k_a = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, D_QK, BOUNDARY, False)
+        k_b = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
+        s = tl.dot(q_a, tl.trans(k_a))
+        s = tl.dot(q_b, tl.trans(k_b), s)
+        s = s * qk_scale
+        if DIAG:
+            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+        if BOUNDARY:
+            s = tl.where(col_ok[None, :], s, float("-inf"))
+        if HAS_SEG:
+            seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
+            s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row that has seen no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v_a = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_va, D_V, BOUNDARY, False)
+        v_b = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_vb, D_V, BOUNDARY, V_MASK_B)
+        p = p.to(v_a.dtype)
+        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
+        acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
+        m_i = m_new
+    return acc_a, acc_b, l_i, m_i
+
+
+@triton.jit
+def mla_prefill_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, seg_ptr, scale,
+    o_ptr, lse_ptr,
+    S: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr,
+    D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QK_MASK_B: tl.constexpr,
+    D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, V_MASK_B: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Grid (cdiv(S, BLOCK_M), B * H); BLOCK_M % BLOCK_N == 0.
+
+    q_ptr [B, S, H, D_QK], k_ptr [B, S, H_KV, D_QK], v_ptr [B, S, H_KV, D_V], seg_ptr [B, S] int32 (read
+    only when HAS_SEG), scale float32 -> o_ptr [B, S, H, D_V] (q's dtype), lse_ptr [B, H, S] float32.
+    Query blocks run from the last (the most causal work) to the first, for a shorter tail.
+    """
+    NUM_M: tl.constexpr = (S + BLOCK_M - 1) // BLOCK_M
+    start_m = NUM_M - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // H_KV)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_qa = tl.arange(0, QA)
+    offs_qb = QA + tl.arange(0, QB)
+    offs_va = tl.arange(0, VA)
+    offs_vb = VA + tl.arange(0, VB)
+
+    q_rows = (b.to(tl.int64) * S + offs_m) * (H * D_QK) + h * D_QK
+    q_a = _load_tile(q_ptr, q_rows, row_ok, offs_qa, D_QK, True, False)
+    q_b = _load_tile(q_ptr, q_rows, row_ok, offs_qb, D_QK, True, QK_MASK_B)
+    k_base = k_ptr + b.to(tl.int64) * S * H_KV * D_QK + hk * D_QK
+    v_base = v_ptr + b.to(tl.int64) * S * H_KV * D_V + hk * D_V
+    seg_base = seg_ptr + b.to(tl.int64) * S
+    if HAS_SEG:
+        seg_q = tl.load(seg_base + offs_m, mask=row_ok, other=-1)
+    else:
+        seg_q = offs_m  # unused
+    qk_scale = scale * 1.4426950408889634
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_a = tl.zeros([BLOCK_M, VA], dtype=tl.float32)
+    acc_b = tl.zeros([BLOCK_M, VB], dtype=tl.float32)
+    STRIDE_K: tl.constexpr = H_KV * D_QK
+    STRIDE_V: tl.constexpr = H_KV * D_V
+    if CAUSAL:
+        # Blocks left of the diagonal: no mask. Then the diagonal blocks (the only ones masked).
+        diag_lo = start_m * BLOCK_M
+        acc_a, acc_b, l_i, m_i = _fwd_inner(
+            acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, diag_lo,
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+        acc_a, acc_b, l_i, m_i = _fwd_inner(
+            acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, diag_lo, tl.minimum(diag_lo + BLOCK_M, S),
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N)
+    else:
+        FULL: tl.constexpr = S // BLOCK_N * BLOCK_N
+        acc_a, acc_b, l_i, m_i = _fwd_inner(
+            acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, FULL,
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+        if FULL < S:
+            acc_a, acc_b, l_i, m_i = _fwd_inner(
+                acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+                offs_qa, offs_qb, offs_va, offs_vb, qk_scale, FULL, S,
+                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N)
+
+    has_keys = l_i > 0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    o_rows = (b.to(tl.int64) * S + offs_m) * (H * D_V) + h * D_V
+    _store_tile(o_ptr, o_rows, row_ok, offs_va, (acc_a / l_safe[:, None]).to(o_ptr.dtype.element_ty), D_V, False)
+    _store_tile(o_ptr, o_rows, row_ok, offs_vb, (acc_b / l_safe[:, None]).to(o_ptr.dtype.element_ty), D_V,
+                V_MASK_B)
+    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
+
+
+# ------------------------------------------------------------------------------------------------ backward
+
+
+@triton.jit
+def mla_prefill_bwd_preprocess_kernel(
+    o_ptr, do_ptr, dlse_ptr,
+    delta_ptr,
+    S: tl.constexpr, H: tl.constexpr, D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr,
+    V_MASK_B: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O) - dLSE. Grid (cdiv(S, BLOCK_M), B * H).
+
+    o_ptr, do_ptr [B, S, H, D_V]; dlse_ptr [B, H, S] float32 (the cotangent of the returned lse)
+    -> delta_ptr [B, H, S] float32.
+    """
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    offs_va = tl.arange(0, VA)
+    offs_vb = VA + tl.arange(0, VB)
+    rows = (b.to(tl.int64) * S + offs_m) * (H * D_V) + h * D_V
+    o_a = _load_tile(o_ptr, rows, row_ok, offs_va, D_V, True, False).to(tl.float32)
+    o_b = _load_tile(o_ptr, rows, row_ok, offs_vb, D_V, True, V_MASK_B).to(tl.float32)
+    do_a = _load_tile(do_ptr, rows, row_ok, offs_va, D_V, True, False).to(tl.float32)
+    do_b = _load_tile(do_ptr, rows, row_ok, offs_vb, D_V, True, V_MASK_B).to(tl.float32)
+    delta = tl.sum(o_a * do_a, 1) + tl.sum(o_b * do_b, 1)
+    dlse = tl.load(dlse_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+    tl.store(delta_ptr + bh.to(tl.int64) * S + offs_m, delta - dlse, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_inner(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_ptr, do_ptr, lse_ptr, delta_ptr, seg_ptr,
+                seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
+                S: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_O: tl.constexpr,
+                D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
+                DIAG: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Accumulates dK, dV of one key block over query blocks [lo, hi), in the transposed frame
+    (scores^T [BLOCK_N, BLOCK_M]). Query rows >= S read q = dO = lse = delta = 0 and so add exactly 0."""
+    for start_m in tl.range(lo, hi, BLOCK_M):
+        rows = start_m + offs_mb
+        row_ok = rows < S
+        rows64 = rows.to(tl.int64)
+        q_a = _load_tile(q_ptr, rows64 * STRIDE_Q, row_ok, offs_qa, D_QK, True, False)
+        q_b = _load_tile(q_ptr, rows64 * STRIDE_Q, row_ok, offs_qb, D_QK, True, QK_MASK_B)
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        s_t = tl.dot(k_a, tl.trans(q_a))
+        s_t = tl.dot(k_b, tl.trans(q_b), s_t)
+        p_t = tl.exp2(s_t * qk_scale - lse[None, :])
+        if DIAG:
+            p_t = tl.where(offs_n[:, None] <= rows[None, :], p_t, 0.0)
+        if HAS_SEG:
+            seg_q = tl.load(seg_ptr + rows, mask=row_ok, other=-1)
+            p_t = tl.where(seg_k[:, None] == seg_q[None, :], p_t, 0.0)
+        do_a = _load_tile(do_ptr, rows64 * STRIDE_O, row_ok, offs_va, D_V, True, False)
+        do_b = _load_tile(do_ptr, rows64 * STRIDE_O, row_ok, offs_vb, D_V, True, V_MASK_B)
+        p_lo = p_t.to(do_a.dtype)
+        dv_a = tl.dot(p_lo, do_a, dv_a)
+        dv_b = tl.dot(p_lo, do_b, dv_b)
+        dp_t = tl.dot(v_a, tl.trans(do_a))
+        dp_t = tl.dot(v_b, tl.trans(do_b), dp_t)
+        delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
+        ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
+        dk_a = tl.dot(ds_t, q_a, dk_a)
+        dk_b = tl.dot(ds_t, q_b, dk_b)
+    return dk_a, dk_b, dv_a, dv_b
+
+
+@triton.jit
+def mla_prefill_bwd_dkdv_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, seg_ptr, scale,
+    dk_ptr, dv_ptr,
+    S: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr,
+    D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QK_MASK_B: tl.constexpr,
+    D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, V_MASK_B: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV. Grid (cdiv(S, BLOCK_N), B * H_KV); BLOCK_N % BLOCK_M == 0.
+
+    Inputs as the forward's, plus do_ptr [B, S, H, D_V], lse_ptr and delta_ptr [B, H, S] float32
+    -> dk_ptr [B, S, H_KV, D_QK], dv_ptr [B, S, H_KV, D_V] (input dtype), summed over the H // H_KV query
+    heads that share each KV head.
+    """
+    G: tl.constexpr = H // H_KV
+    start_n = tl.program_id(0) * BLOCK_N
+    bhk = tl.program_id(1)
+    b = bhk // H_KV
+    hk = bhk % H_KV
+
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < S
+    offs_mb = tl.arange(0, BLOCK_M)
+    offs_qa = tl.arange(0, QA)
+    offs_qb = QA + tl.arange(0, QB)
+    offs_va = tl.arange(0, VA)
+    offs_vb = VA + tl.arange(0, VB)
+
+    k_rows = (b.to(tl.int64) * S + offs_n) * (H_KV * D_QK) + hk * D_QK
+    v_rows = (b.to(tl.int64) * S + offs_n) * (H_KV * D_V) + hk * D_V
+    k_a = _load_tile(k_ptr, k_rows, n_ok, offs_qa, D_QK, True, False)
+    k_b = _load_tile(k_ptr, k_rows, n_ok, offs_qb, D_QK, True, QK_MASK_B)
+    v_a = _load_tile(v_ptr, v_rows, n_ok, offs_va, D_V, True, False)
+    v_b = _load_tile(v_ptr, v_rows, n_ok, offs_vb, D_V, True, V_MASK_B)
+    seg_base = seg_ptr + b.to(tl.int64) * S
+    if HAS_SEG:
+        seg_k = tl.load(seg_base + offs_n, mask=n_ok, other=-2)
+    else:
+        seg_k = offs_n  # unused
+    qk_scale = scale * 1.4426950408889634
+
+    dk_a = tl.zeros([BLOCK_N, QA], dtype=tl.float32)
+    dk_b = tl.zeros([BLOCK_N, QB], dtype=tl.float32)
+    dv_a = tl.zeros([BLOCK_N, VA], dtype=tl.float32)
+    dv_b = tl.zeros([BLOCK_N, VB], dtype=tl.float32)
+    STRIDE_Q: tl.constexpr = H * D_QK
+    STRIDE_O: tl.constexpr = H * D_V
+    for g in range(G):
+        h = hk * G + g
+        q_base = q_ptr + b.to(tl.int64) * S * STRIDE_Q + h * D_QK
+        do_base = do_ptr + b.to(tl.int64) * S * STRIDE_O + h * D_V
+        lse_base = lse_ptr + (b.to(tl.int64) * H + h) * S
+        delta_base = delta_ptr + (b.to(tl.int64) * H + h) * S
+        if CAUSAL:
+            # Query blocks on the diagonal (masked), then those below it; those above are skipped.
+            dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
+                dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
+                seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale,
+                start_n, tl.minimum(start_n + BLOCK_N, S),
+                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, True, HAS_SEG, BLOCK_M)
+            dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
+                dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
+                seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, start_n + BLOCK_N, S,
+                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M)
+        else:
+            dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
+                dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
+                seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, S,
+                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M)
+
+    dk_a = dk_a * scale
+    dk_b = dk_b * scale
+    _store_tile(dk_ptr, k_rows, n_ok, offs_qa, dk_a.to(dk_ptr.dtype.element_ty), D_QK, False)
+    _store_tile(dk_ptr, k_rows, n_ok, offs_qb, dk_b.to(dk_ptr.dtype.element_ty), D_QK, QK_MASK_B)
+    _store_tile(dv_ptr, v_rows, n_ok, offs_va, dv_a.to(dv_ptr.dtype.element_ty), D_V, False)
+    _store_tile(dv_ptr, v_rows, n_ok, offs_vb, dv_b.to(dv_ptr.dtype.element_ty), D_V, V_MASK_B)
+
+
+@triton.jit
+def _dq_inner(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_ptr, v_ptr, seg_ptr, seg_q, offs_m, offs_n,
+              offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
+              S: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr,
+              D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
+              DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Accumulates dQ of one query block over key blocks [lo, hi). Keys >= S read k = v = 0 and add 0."""
+    for start_n in tl.range(lo, hi, BLOCK_N):
+        cols = start_n + offs_n
+        col_ok = cols < S
+        cols64 = cols.to(tl.int64)
+        k_a = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, D_QK, BOUNDARY, False)
+        k_b = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
+        s = tl.dot(q_a, tl.trans(k_a))
+        s = tl.dot(q_b, tl.trans(k_b), s)
+        p = tl.exp2(s * qk_scale - lse[:, None])
+        if DIAG:
+            p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
+        if HAS_SEG:
+            seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
+            p = tl.where(seg_q[:, None] == seg_k[None, :], p, 0.0)
+        v_a = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_va, D_V, BOUNDARY, False)
+        v_b = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_vb, D_V, BOUNDARY, V_MASK_B)
+        dp = tl.dot(do_a, tl.trans(v_a))
+        dp = tl.dot(do_b, tl.trans(v_b), dp)
+        ds = (p * (dp - delta[:, None])).to(k_a.dtype)
+        dq_a = tl.dot(ds, k_a, dq_a)
+        dq_b = tl.dot(ds, k_b, dq_b)
+    return dq_a, dq_b
+
+
+@triton.jit
+def mla_prefill_bwd_dq_kernel(
+    q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, seg_ptr, scale,
+    dq_ptr,
+    S: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr,
+    D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QK_MASK_B: tl.constexpr,
+    D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, V_MASK_B: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ. Grid (cdiv(S, BLOCK_M), B * H); BLOCK_M % BLOCK_N == 0. Inputs as mla_prefill_bwd_dkdv_kernel's
+    -> dq_ptr [B, S, H, D_QK] (q's dtype)."""
+    NUM_M: tl.constexpr = (S + BLOCK_M - 1) // BLOCK_M
+    start_m = NUM_M - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // H_KV)
+
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_qa = tl.arange(0, QA)
+    offs_qb = QA + tl.arange(0, QB)
+    offs_va = tl.arange(0, VA)
+    offs_vb = VA + tl.arange(0, VB)
+
+    q_rows = (b.to(tl.int64) * S + offs_m) * (H * D_QK) + h * D_QK
+    o_rows = (b.to(tl.int64) * S + offs_m) * (H * D_V) + h * D_V
+    q_a = _load_tile(q_ptr, q_rows, row_ok, offs_qa, D_QK, True, False)
+    q_b = _load_tile(q_ptr, q_rows, row_ok, offs_qb, D_QK, True, QK_MASK_B)
+    do_a = _load_tile(do_ptr, o_rows, row_ok, offs_va, D_V, True, False)
+    do_b = _load_tile(do_ptr, o_rows, row_ok, offs_vb, D_V, True, V_MASK_B)
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
+    k_base = k_ptr + b.to(tl.int64) * S * H_KV * D_QK + hk * D_QK
+    v_base = v_ptr + b.to(tl.int64) * S * H_KV * D_V + hk * D_V
+    seg_base = seg_ptr + b.to(tl.int64) * S
+    if HAS_SEG:
+        seg_q = tl.load(seg_base + offs_m, mask=row_ok, other=-1)
+    else:
+        seg_q = offs_m  # unused
+    qk_scale = scale * 1.4426950408889634
+
+    dq_a = tl.zeros([BLOCK_M, QA], dtype=tl.float32)
+    dq_b = tl.zeros([BLOCK_M, QB], dtype=tl.float32)
+    STRIDE_K: tl.constexpr = H_KV * D_QK
+    STRIDE_V: tl.constexpr = H_KV * D_V
+    if CAUSAL:
+        diag_lo = start_m * BLOCK_M
+        dq_a, dq_b = _dq_inner(
+            dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, diag_lo,
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+        dq_a, dq_b = _dq_inner(
+            dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, diag_lo, tl.minimum(diag_lo + BLOCK_M, S),
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N)
+    else:
+        FULL: tl.constexpr = S // BLOCK_N * BLOCK_N
+        dq_a, dq_b = _dq_inner(
+            dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, FULL,
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+        if FULL < S:
+            dq_a, dq_b = _dq_inner(
+                dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+                offs_qa, offs_qb, offs_va, offs_vb, qk_scale, FULL, S,
+                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N)
+
+    _store_tile(dq_ptr, q_rows, row_ok, offs_qa, (dq_a * scale).to(dq_ptr.dtype.element_ty), D_QK, False)
+    _store_tile(dq_ptr, q_rows, row_ok, offs_qb, (dq_b * scale).to(dq_ptr.dtype.element_ty), D_QK, QK_MASK_B)
