@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import functools
-import math
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +11,6 @@ from flashmla_jax._backend import num_sms, resolve_implementation
 from flashmla_jax.ops._launch import launch
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
-MAX_SPLITS = 64
 
 
 def _is_pow2(x: int) -> bool:
@@ -36,8 +33,8 @@ def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_split
     if not 0 < head_dim_v < d:
         raise ValueError(f"head_dim_v must be in (0, {d}): V is the first head_dim_v columns of the latent, "
                          f"got {head_dim_v}")
-    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
+        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
     if block_table is None:
         if kv_cache.shape[0] != b:
             raise ValueError(f"contiguous kv_cache must be [B={b}, N, {d}], got shape {kv_cache.shape}")
@@ -57,69 +54,69 @@ def _check_kernel_dims(d: int, head_dim_v: int):
 
 
 def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
-    """Block sizes, warps and pipelining depth for one (rows = S_q * H, dtype) class."""
+    """Block sizes, warps, pipelining depth and programs per SM for one (rows = S_q * H, dtype) class."""
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
     block_n = 32 if dtype == jnp.float32 else 64
     if page_size is not None:
         block_n = min(block_n, page_size)
     num_warps = 4 if block_m <= 32 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2, parts_per_sm=1)
 
 
-def choose_num_splits(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int) -> int:
-    """Splits per sequence that minimise waves x blocks per program, from static shapes only.
+def default_num_parts(row_tiles: int, parts_per_sm: int, sms: int) -> int:
+    """Programs per row tile: the grid (row tiles x parts) fills each SM with `parts_per_sm` programs."""
+    return max(1, sms * parts_per_sm // row_tiles)
 
-    Each program costs its key blocks plus about one block of fixed work (q load, epilogue); one program
-    per SM is resident at a time, as 576-wide tiles fill shared memory.
+
+def build_schedule(seqlens: jax.Array, block_n: int, num_parts: int) -> tuple[jax.Array, jax.Array]:
+    """Cuts the key blocks of all sequences, end to end, into `num_parts` equal runs (on the device).
+
+    seqlens: [B] int32, clamped to [0, capacity].
+    Returns cu_blocks [B + 1] int32 (cumulative BLOCK_N blocks per sequence) and
+    sched [2 + num_parts] int32 = [part_blocks, total_blocks, first_seq...] (kernels/decode.py).
     """
-    n_blocks = max(1, -(-capacity // block_n))
-    programs = batch * row_tiles
-    best, best_cost = 1, math.inf
-    for splits in range(1, min(MAX_SPLITS, n_blocks) + 1):
-        waves = -(-programs * splits // sms)
-        cost = waves * (-(-n_blocks // splits) + 1) + (0.5 if splits > 1 else 0.0)
-        if cost < best_cost - 1e-9:
-            best, best_cost = splits, cost
-    return best
+    n_blocks = (seqlens + block_n - 1) // block_n
+    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n_blocks, dtype=jnp.int32)])
+    total = cu_blocks[-1]
+    part_blocks = jnp.maximum((total + num_parts - 1) // num_parts, 1)
+    starts = jnp.arange(num_parts, dtype=jnp.int32) * part_blocks
+    first_seq = jnp.searchsorted(cu_blocks[1:], starts, side="right").astype(jnp.int32)
+    return cu_blocks, jnp.concatenate([part_blocks[None], total[None], first_seq])
 
 
 def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits,
-                   implementation):
+                   implementation, config=None):
+    """The Triton path; `config` overrides `_tile_config` (benchmarks/tune_decode.py uses it)."""
     b, s_q, h, d = q.shape
     rows = s_q * h
     paged = block_table is not None
     page_size = kv_cache.shape[1] if paged else None
-    cfg = _tile_config(rows, q.dtype, page_size)
+    cfg = config or _tile_config(rows, q.dtype, page_size)
     capacity = block_table.shape[1] * page_size if paged else kv_cache.shape[1]
     row_tiles = -(-rows // cfg["BLOCK_M"])
-    if num_splits is None:
-        num_splits = choose_num_splits(b, row_tiles, capacity, cfg["BLOCK_N"], num_sms())
-    table = block_table if paged else cache_seqlens        # unused pointer when contiguous
-    common = dict(
-        H=h, S_Q=s_q, N_MAX=capacity if not paged else 0, PAGED=paged, PAGE_SIZE=page_size or 1,
-        MAX_BLOCKS=block_table.shape[1] if paged else 1, NUM_PAGES=kv_cache.shape[0] if paged else 1,
-        D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, NUM_SPLITS=num_splits,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-    q_rows = q.reshape(b, rows, d)
-    if num_splits == 1:
-        part_shape = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
-                      jax.ShapeDtypeStruct((b, rows), jnp.float32)]
-    else:
-        part_shape = [jax.ShapeDtypeStruct((b, num_splits, rows, head_dim_v), jnp.float32),
-                      jax.ShapeDtypeStruct((b, num_splits, rows), jnp.float32)]
+    num_parts = num_splits or default_num_parts(row_tiles, cfg["parts_per_sm"], num_sms())
+    seqlens = jnp.clip(cache_seqlens, 0, capacity)
+    cu_blocks, sched = build_schedule(seqlens, cfg["BLOCK_N"], num_parts)
+    table = block_table if paged else seqlens              # an unused pointer when contiguous
     from flashmla_jax.kernels import decode as kernels
 
-    out, lse = launch(kernels.mla_decode_split_kernel, q_rows, kv_cache, cache_seqlens, table, np.float32(scale),
-                      out_shape=part_shape, grid=(row_tiles, num_splits, b), implementation=implementation,
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-    if num_splits > 1:
-        block_r = 4
-        out, lse = launch(kernels.mla_decode_combine_kernel, out, lse,
-                          out_shape=[jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
-                                     jax.ShapeDtypeStruct((b, rows), jnp.float32)],
-                          grid=(-(-rows // block_r), b), implementation=implementation, num_warps=4,
-                          num_stages=1, R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits,
-                          SPLITS_POW2=max(2, 1 << (num_splits - 1).bit_length()), BLOCK_R=block_r)
+    out_shapes = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
+                  jax.ShapeDtypeStruct((b, rows), jnp.float32),
+                  jax.ShapeDtypeStruct((num_parts, 2, rows, head_dim_v), jnp.float32),
+                  jax.ShapeDtypeStruct((num_parts, 2, rows), jnp.float32)]
+    out, lse, o_part, lse_part = launch(
+        kernels.mla_decode_split_kernel, q.reshape(b, rows, d), kv_cache, seqlens, table, cu_blocks, sched,
+        np.float32(scale), out_shape=out_shapes, grid=(row_tiles, num_parts), implementation=implementation,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        B=b, H=h, S_Q=s_q, N_MAX=0 if paged else capacity, PAGED=paged, PAGE_SIZE=page_size or 1,
+        MAX_BLOCKS=block_table.shape[1] if paged else 1, NUM_PAGES=kv_cache.shape[0] if paged else 1,
+        D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    block_r, block_d = 4, min(128, head_dim_v)
+    out, lse = launch(
+        kernels.mla_decode_combine_kernel, o_part, lse_part, cu_blocks, sched, out, lse,
+        out_shape=out_shapes[:2], grid=(-(-rows // block_r), head_dim_v // block_d, b),
+        implementation=implementation, num_warps=4, num_stages=1, input_output_aliases={4: 0, 5: 1},
+        R=rows, D_V=head_dim_v, BLOCK_R=block_r, BLOCK_D=block_d)
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
 
 
@@ -143,8 +140,9 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
       softmax_scale: scores are q·k times this; None means D ** -0.5. DeepSeek passes
         mscale² / sqrt(192).
       causal: query i of S_q sees keys < seqlen - S_q + i + 1; otherwise all keys < seqlen.
-      num_splits: key splits per sequence (flash-decoding); None picks them from the static shapes and
-        the GPU's SM count.
+      num_splits: how many equal runs the key blocks of the whole batch are cut into (flash-decoding
+        splits, balanced by the real lengths: a long sequence is split over several programs, short
+        ones share one); None means one run per SM and row tile.
       return_lse: also return the log-sum-exp of the scaled scores.
       implementation: "triton" (CUDA GPU), "xla" (the jnp reference) or "interpret" (the Triton kernels
         on the CPU through Triton's interpreter); None means "triton" on a CUDA device, else "xla".
