@@ -1,0 +1,226 @@
+"""`LatentCache`: the MLA latent KV cache as a pytree (contiguous or paged), for decode loops inside jit.
+
+The cache holds one latent row per token, `[c_kv ; k_pe]` (D = 576 for DeepSeek), shared by all heads.
+
+    cache = LatentCache.create(batch=8, max_len=4096, page_size=64)       # paged, contiguous block table
+    cache = cache.append(kv_new)                                          # kv_new [B, S, D]
+    out = cache.decode(q, softmax_scale=scale)                            # q [B, S_q, H, D]
+
+Lengths count the tokens already written, the newest included: append the step's tokens, then decode
+(query i of S_q sees keys < seqlen - S_q + i + 1, see `mla_decode`).
+
+`append` writes with one scatter into the cache buffer, so under `jax.jit(..., donate_argnums=...)` the
+update happens in place on the GPU (and on the CPU for float32/float16): no copy of the whole cache.
+XLA's CPU backend has no native bfloat16 scatter or dynamic_update_slice: it widens the whole operand to
+float32 and back, so a bfloat16 append on the CPU costs two passes over the cache (no extra copy is kept).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+
+import jax
+import jax.numpy as jnp
+
+from flashmla_jax.ops.decode import mla_decode
+
+_MIN_PAGE, _MAX_PAGE = 16, 256
+
+
+def _is_int(x) -> bool:
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return not isinstance(x, bool)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["kv", "seqlens", "block_table"], meta_fields=["page_size", "capacity"])
+@dataclasses.dataclass(frozen=True)
+class LatentCache:
+    """Latent rows, per-sequence lengths and (paged) the block table of B sequences.
+
+    Fields (pytree leaves):
+      kv: contiguous [B, capacity, D], or paged [num_blocks, page_size, D]; token t of sequence b lives at
+        kv[b, t] (contiguous) or kv[block_table[b, t // page_size], t % page_size] (paged).
+      seqlens: [B] int32, tokens written per sequence, in [0, capacity].
+      block_table: None (contiguous), or [B, max_blocks] int32 page indices (paged).
+    Static fields (part of the tree structure, so a jitted function retraces when they change):
+      page_size: None (contiguous), or a power of two in [16, 256].
+      capacity: the most tokens a sequence holds (<= max_blocks * page_size when paged).
+
+    Make one with `LatentCache.create`; it is immutable: `append` returns a new cache.
+    """
+
+    kv: jax.Array
+    seqlens: jax.Array
+    block_table: jax.Array | None
+    page_size: int | None
+    capacity: int
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(cls, batch: int, max_len: int, dim: int = 576, dtype=jnp.bfloat16, page_size: int | None = None,
+               num_blocks: int | None = None, block_table=None) -> "LatentCache":
+        """An empty cache (all lengths 0, latent rows zero) for `batch` sequences of up to `max_len` tokens.
+
+        Args:
+          batch: B, the number of sequences.
+          max_len: capacity, the most tokens one sequence holds; appends past it are dropped.
+          dim: D, the latent width (576 = kv_lora_rank 512 + rope 64 for DeepSeek).
+          dtype: the cache's dtype (must equal the queries' dtype in `decode`).
+          page_size: None for a contiguous cache kv [B, max_len, D]; else a power of two in [16, 256]
+            (64 is what the fastest CUDA kernel uses) for a paged cache kv [num_blocks, page_size, D].
+          num_blocks: paged only: pages in the pool; default B * ceil(max_len / page_size).
+          block_table: paged only: None for the contiguous default (sequence b owns pages
+            b * max_blocks ... b * max_blocks + max_blocks - 1, max_blocks = ceil(max_len / page_size)),
+            or your own [B, max_blocks'] int32 table with max_blocks' * page_size >= max_len. Entries a
+            sequence never reaches may hold anything (an out-of-range index is never read nor written);
+            two sequences must not share a page they both append into.
+
+        Returns:
+          LatentCache with kv [B, max_len, D] or [num_blocks, page_size, D], seqlens zeros [B] int32,
+          block_table None or [B, max_blocks] int32.
+        """
+        for name, value in (("batch", batch), ("max_len", max_len), ("dim", dim)):
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        batch, max_len, dim = int(batch), int(max_len), int(dim)
+        dtype = jnp.dtype(dtype)
+        if not jnp.issubdtype(dtype, jnp.floating):
+            raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        seqlens = jnp.zeros((batch,), jnp.int32)
+        if page_size is None:
+            if num_blocks is not None or block_table is not None:
+                raise ValueError("num_blocks and block_table need a paged cache: pass page_size")
+            return cls(jnp.zeros((batch, max_len, dim), dtype), seqlens, None, None, max_len)
+
+        if not _is_int(page_size) or page_size & (page_size - 1) or not _MIN_PAGE <= page_size <= _MAX_PAGE:
+            raise ValueError(f"page_size must be None or a power of two in [{_MIN_PAGE}, {_MAX_PAGE}], "
+                             f"got {page_size!r}")
+        page_size = int(page_size)
+        max_blocks = -(-max_len // page_size)
+        if block_table is None:
+            needed = batch * max_blocks
+            if num_blocks is None:
+                num_blocks = needed
+            if not _is_int(num_blocks) or num_blocks < needed:
+                raise ValueError(f"num_blocks must be an int >= batch * ceil(max_len / page_size) = {needed} for "
+                                 f"the default block table, got {num_blocks!r}")
+            block_table = jnp.arange(needed, dtype=jnp.int32).reshape(batch, max_blocks)
+        else:
+            dtype_in = getattr(block_table, "dtype", None)                   # before jnp narrows int64
+            block_table = jnp.asarray(block_table)
+            if block_table.dtype != jnp.int32 or (dtype_in is not None and dtype_in != jnp.int32):
+                raise TypeError(f"block_table must be int32, got {dtype_in or block_table.dtype}")
+            if block_table.ndim != 2 or block_table.shape[0] != batch or block_table.shape[1] * page_size < max_len:
+                raise ValueError(f"block_table must be [batch={batch}, max_blocks >= {max_blocks}] to hold max_len="
+                                 f"{max_len} tokens in pages of {page_size}, got shape {block_table.shape}")
+            if num_blocks is None:
+                num_blocks = batch * max_blocks
+            if not _is_int(num_blocks) or num_blocks < 1:
+                raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
+        kv = jnp.zeros((int(num_blocks), page_size, dim), dtype)
+        return cls(kv, seqlens, block_table, page_size, max_len)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def batch(self) -> int:
+        """B, the number of sequences."""
+        return self.seqlens.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """D, the latent width."""
+        return self.kv.shape[-1]
+
+    @property
+    def dtype(self):
+        return self.kv.dtype
+
+    @property
+    def paged(self) -> bool:
+        return self.page_size is not None
+
+    # ------------------------------------------------------------------ update and attend
+
+    def append(self, kv_new: jax.Array, num_new: jax.Array | None = None) -> "LatentCache":
+        """Writes new latent rows after each sequence's own length (ragged) and advances the lengths.
+
+        Args:
+          kv_new: [B, S, D] (S >= 1, static): token s of sequence b goes to position seqlens[b] + s.
+            Cast to the cache's dtype.
+          num_new: None (all S tokens are new), or [B] int: only the first num_new[b] tokens of sequence b
+            are written (clamped to [0, S]), e.g. a ragged prefill padded to S.
+
+        Returns:
+          A new LatentCache; seqlens become min(seqlens + num_new, capacity).
+
+        Past capacity: tokens that do not fit are dropped and the length stops at capacity; a paged write
+        through an out-of-range block-table entry is dropped too. Nothing is ever written out of bounds.
+
+        jit-safe and usable inside `lax.scan` / `lax.while_loop`; under
+        `jax.jit(f, donate_argnums=...)` the cache buffer is updated in place (no full-cache copy).
+        """
+        if kv_new.ndim != 3 or kv_new.shape[0] != self.batch or kv_new.shape[2] != self.dim:
+            raise ValueError(f"kv_new must be [B={self.batch}, S, D={self.dim}], got shape {kv_new.shape}")
+        if kv_new.shape[1] < 1:
+            raise ValueError(f"kv_new must hold at least one token (S >= 1), got shape {kv_new.shape}")
+        if not jnp.issubdtype(kv_new.dtype, jnp.floating):
+            raise TypeError(f"kv_new must be floating, got {kv_new.dtype}")
+        s = kv_new.shape[1]
+        if num_new is None:
+            num_new = jnp.full((self.batch,), s, jnp.int32)
+        else:
+            num_new = jnp.asarray(num_new)
+            if num_new.shape != (self.batch,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
+                raise TypeError(f"num_new must be an int [B={self.batch}], got {num_new.dtype} {num_new.shape}")
+        return _append(self, kv_new.astype(self.dtype), num_new.astype(jnp.int32))
+
+    def decode(self, q: jax.Array, **kwargs):
+        """`mla_decode(q, self.kv, self.seqlens, self.block_table, **kwargs)`: attention against this cache.
+
+        q: [B, S_q, H, D] in the cache's dtype; the S_q query tokens are the last S_q appended (causal).
+        Keyword arguments as `mla_decode` (head_dim_v=512, softmax_scale, causal, num_splits, return_lse,
+        implementation). Returns out [B, S_q, H, head_dim_v] (and lse [B, S_q, H] with return_lse=True).
+        """
+        return mla_decode(q, self.kv, self.seqlens, self.block_table, **kwargs)
+
+
+# ---------------------------------------------------------------------- append internals
+
+
+def _target_rows(cache: LatentCache, s: int, num_new: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[B, S] flat row index into kv.reshape(-1, D) for each new token, and the new [B] lengths.
+
+    A dropped token gets a distinct index past the end (>= kv.shape[0] * kv.shape[1]), so the indices stay
+    unique and a scatter with mode="drop" skips it."""
+    total = cache.kv.shape[0] * cache.kv.shape[1]
+    start = jnp.clip(cache.seqlens, 0, cache.capacity)                      # [B]
+    count = jnp.clip(num_new, 0, s)
+    pos = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]          # [B, S]
+    keep = (jnp.arange(s)[None, :] < count[:, None]) & (pos < cache.capacity)
+    if cache.block_table is None:
+        rows = jnp.arange(cache.batch, dtype=jnp.int32)[:, None] * cache.capacity + pos
+    else:
+        max_blocks = cache.block_table.shape[1]
+        block = jnp.minimum(pos // cache.page_size, max_blocks - 1)        # in range where keep holds
+        page = jnp.take_along_axis(cache.block_table, block, axis=1)
+        keep &= (page >= 0) & (page < cache.kv.shape[0])
+        rows = page * cache.page_size + pos % cache.page_size
+    rows = jnp.where(keep, rows, total + jnp.arange(cache.batch * s, dtype=jnp.int32).reshape(cache.batch, s))
+    return rows, jnp.minimum(start + count, cache.capacity)
+
+
+@jax.jit
+def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array) -> LatentCache:
+    """kv_new [B, S, D] in the cache's dtype, num_new [B] int32 -> the updated cache (see `append`)."""
+    b, s, d = kv_new.shape
+    rows, seqlens = _target_rows(cache, s, num_new)
+    flat = cache.kv.reshape(-1, d).at[rows.reshape(-1)].set(kv_new.reshape(-1, d), mode="drop",
+                                                             unique_indices=True)
+    return dataclasses.replace(cache, kv=flat.reshape(cache.kv.shape), seqlens=seqlens)
