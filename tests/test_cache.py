@@ -350,3 +350,19 @@ def test_gpu_paged_d1_with_nan_pages():
     assert rel_err(got, want) < 1e-2
     temp, alias = append_buffers(paged, jnp.ones((b, 1, 576), jnp.bfloat16), donate=True)
     assert alias >= paged.kv.nbytes and temp < paged.kv.nbytes // 16
+
+
+# ---------------------------------------------------------------- the example
+
+
+@pytest.mark.parametrize("extra", [[], ["--scan"]])
+def test_decode_loop_example_runs(extra, capsys):
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "examples" / "decode_loop.py"
+    spec = importlib.util.spec_from_file_location("decode_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--batch", "2", "--heads", "2", "--prompt", "40", "--steps", "3", "--page-size", "16", *extra])
+    assert "tokens/s" in capsys.readouterr().out
