@@ -38,7 +38,7 @@ def _is_int(x) -> bool:
 
 @functools.partial(jax.tree_util.register_dataclass,
                    data_fields=["kv", "seqlens", "block_table"], meta_fields=["page_size", "capacity"])
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)                    # eq on arrays has no single bool
 class LatentCache:
     """Latent rows, per-sequence lengths and (paged) the block table of B sequences.
 
@@ -160,8 +160,9 @@ class LatentCache:
         Returns:
           A new LatentCache; seqlens become min(seqlens + num_new, capacity).
 
-        Past capacity: tokens that do not fit are dropped and the length stops at capacity; a paged write
-        through an out-of-range block-table entry is dropped too. Nothing is ever written out of bounds.
+        Past capacity: tokens that do not fit are dropped and the length stops at capacity. A paged token
+        whose block-table entry is out of range [0, num_blocks) is dropped too (its length still counts
+        it: give every block a sequence reaches a valid page). Nothing is ever written out of bounds.
 
         jit-safe and usable inside `lax.scan` / `lax.while_loop`; under
         `jax.jit(f, donate_argnums=...)` the cache buffer is updated in place (no full-cache copy).
