@@ -135,9 +135,9 @@ def check(fwd_bwd, q, k, v, do, heads=4):
 
 
 SWEEP = dict(
-    fwd=[(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
-    dkdv=[(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 3), (64, 128, 8, 1)],
-    dq=[(128, 64, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 3), (64, 32, 4, 3)],
+    fwd=[(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2), (64, 128, 4, 3)],
+    dkdv=[(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+    dq=[(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 2), (64, 64, 4, 3)],
 )
 
 
@@ -312,7 +312,8 @@ def table(payload):
             for impl in ("xla", "cudnn"):
                 e = r.get(impl, {})
                 cells.append(e.get(key_t))
-            fmt = [f"{c:.2f}" if c else "n/a" for c in cells]
+            fmt = [f"{c:.2f}" if c else ("OOM" if "RESOURCE_EXHAUSTED" in str(r.get(impl)) else "n/a")
+                   for c, impl in zip(cells, ("xla", "cudnn"))]
             ratio = [f"{c / ms:.2f}x" if c else "n/a" for c in cells]
             out.append(f"| {row} | {name} | {ms:.2f} | {tf:.0f} | {100 * tf / mm:.0f}% | {fmt[0]} | {fmt[1]} | "
                        f"{ratio[0]} | {ratio[1]} |")

@@ -46,6 +46,17 @@ def _load_tile(ptr, row_off, row_ok, offs_d, D: tl.constexpr, MASK_ROWS: tl.cons
 
 
 @triton.jit
+def _mm(a, b, acc, PRECISE: tl.constexpr):
+    """a @ b (+ acc) with float32 accumulation. PRECISE (float32 inputs): 3xTF32, about float32 accuracy;
+    otherwise plain tensor-core dots (TF32 for float32)."""
+    if PRECISE:
+        c = tl.dot(a, b, acc, input_precision="tf32x3")
+    else:
+        c = tl.dot(a, b, acc)
+    return c
+
+
+@triton.jit
 def _store_tile(ptr, row_off, row_ok, offs_d, x, D: tl.constexpr, MASK_COLS: tl.constexpr):
     ptrs = ptr + row_off[:, None] + offs_d[None, :]
     if MASK_COLS:
@@ -62,7 +73,8 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, q_a, q_b, k_ptr, v_ptr, seg_ptr, seg_q, o
                offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
                S: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr,
                D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
-               DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+               DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISE: tl.constexpr):
     """Online softmax over key blocks [lo, hi). DIAG: apply the causal mask; BOUNDARY: keys may be >= S."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -70,26 +82,32 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, q_a, q_b, k_ptr, v_ptr, seg_ptr, seg_q, o
         cols64 = cols.to(tl.int64)
         k_a = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, D_QK, BOUNDARY, False)
         k_b = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
-        s = tl.dot(q_a, tl.trans(k_a))
-        s = tl.dot(q_b, tl.trans(k_b), s)
-        s = s * qk_scale
-        if DIAG:
-            s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
-        if BOUNDARY:
-            s = tl.where(col_ok[None, :], s, float("-inf"))
-        if HAS_SEG:
-            seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
-            s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row that has seen no key yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
+        s = _mm(q_a, tl.trans(k_a), None, PRECISE)
+        s = _mm(q_b, tl.trans(k_b), s, PRECISE)
+        if DIAG or BOUNDARY or HAS_SEG:
+            s = s * qk_scale
+            if DIAG:
+                s = tl.where(offs_m[:, None] >= cols[None, :], s, float("-inf"))
+            if BOUNDARY:
+                s = tl.where(col_ok[None, :], s, float("-inf"))
+            if HAS_SEG:
+                seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
+                s = tl.where(seg_q[:, None] == seg_k[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)     # a row that has seen no key yet
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+        else:
+            # Nothing masked: every score is finite, so m_new is too; the scale folds into one FMA.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v_a = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_va, D_V, BOUNDARY, False)
         v_b = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_vb, D_V, BOUNDARY, V_MASK_B)
         p = p.to(v_a.dtype)
-        acc_a = tl.dot(p, v_a, acc_a * alpha[:, None])
-        acc_b = tl.dot(p, v_b, acc_b * alpha[:, None])
+        acc_a = _mm(p, v_a, acc_a * alpha[:, None], PRECISE)
+        acc_b = _mm(p, v_b, acc_b * alpha[:, None], PRECISE)
         m_i = m_new
     return acc_a, acc_b, l_i, m_i
 
@@ -102,6 +120,7 @@ def mla_prefill_fwd_kernel(
     D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QK_MASK_B: tl.constexpr,
     D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, V_MASK_B: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_M), B * H); BLOCK_M % BLOCK_N == 0.
 
@@ -148,22 +167,22 @@ def mla_prefill_fwd_kernel(
         acc_a, acc_b, l_i, m_i = _fwd_inner(
             acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
             offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, diag_lo,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
         acc_a, acc_b, l_i, m_i = _fwd_inner(
             acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
             offs_qa, offs_qb, offs_va, offs_vb, qk_scale, diag_lo, tl.minimum(diag_lo + BLOCK_M, S),
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N)
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N, PRECISE)
     else:
         FULL: tl.constexpr = S // BLOCK_N * BLOCK_N
         acc_a, acc_b, l_i, m_i = _fwd_inner(
             acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
             offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, FULL,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
         if FULL < S:
             acc_a, acc_b, l_i, m_i = _fwd_inner(
                 acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
                 offs_qa, offs_qb, offs_va, offs_vb, qk_scale, FULL, S,
-                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N)
+                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N, PRECISE)
 
     has_keys = l_i > 0
     l_safe = tl.where(has_keys, l_i, 1.0)
@@ -212,7 +231,7 @@ def _dkdv_inner(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_ptr, do_ptr, lse_p
                 seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
                 S: tl.constexpr, STRIDE_Q: tl.constexpr, STRIDE_O: tl.constexpr,
                 D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
-                DIAG: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr):
+                DIAG: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, PRECISE: tl.constexpr):
     """Accumulates dK, dV of one key block over query blocks [lo, hi), in the transposed frame
     (scores^T [BLOCK_N, BLOCK_M]). Query rows >= S read q = dO = lse = delta = 0 and so add exactly 0."""
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -222,8 +241,8 @@ def _dkdv_inner(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_ptr, do_ptr, lse_p
         q_a = _load_tile(q_ptr, rows64 * STRIDE_Q, row_ok, offs_qa, D_QK, True, False)
         q_b = _load_tile(q_ptr, rows64 * STRIDE_Q, row_ok, offs_qb, D_QK, True, QK_MASK_B)
         lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
-        s_t = tl.dot(k_a, tl.trans(q_a))
-        s_t = tl.dot(k_b, tl.trans(q_b), s_t)
+        s_t = _mm(k_a, tl.trans(q_a), None, PRECISE)
+        s_t = _mm(k_b, tl.trans(q_b), s_t, PRECISE)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
         if DIAG:
             p_t = tl.where(offs_n[:, None] <= rows[None, :], p_t, 0.0)
@@ -233,14 +252,14 @@ def _dkdv_inner(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_ptr, do_ptr, lse_p
         do_a = _load_tile(do_ptr, rows64 * STRIDE_O, row_ok, offs_va, D_V, True, False)
         do_b = _load_tile(do_ptr, rows64 * STRIDE_O, row_ok, offs_vb, D_V, True, V_MASK_B)
         p_lo = p_t.to(do_a.dtype)
-        dv_a = tl.dot(p_lo, do_a, dv_a)
-        dv_b = tl.dot(p_lo, do_b, dv_b)
-        dp_t = tl.dot(v_a, tl.trans(do_a))
-        dp_t = tl.dot(v_b, tl.trans(do_b), dp_t)
+        dv_a = _mm(p_lo, do_a, dv_a, PRECISE)
+        dv_b = _mm(p_lo, do_b, dv_b, PRECISE)
+        dp_t = _mm(v_a, tl.trans(do_a), None, PRECISE)
+        dp_t = _mm(v_b, tl.trans(do_b), dp_t, PRECISE)
         delta = tl.load(delta_ptr + rows, mask=row_ok, other=0.0)
         ds_t = (p_t * (dp_t - delta[None, :])).to(q_a.dtype)
-        dk_a = tl.dot(ds_t, q_a, dk_a)
-        dk_b = tl.dot(ds_t, q_b, dk_b)
+        dk_a = _mm(ds_t, q_a, dk_a, PRECISE)
+        dk_b = _mm(ds_t, q_b, dk_b, PRECISE)
     return dk_a, dk_b, dv_a, dv_b
 
 
@@ -252,6 +271,7 @@ def mla_prefill_bwd_dkdv_kernel(
     D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QK_MASK_B: tl.constexpr,
     D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, V_MASK_B: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """dK, dV. Grid (cdiv(S, BLOCK_N), B * H_KV); BLOCK_N % BLOCK_M == 0.
 
@@ -304,16 +324,16 @@ def mla_prefill_bwd_dkdv_kernel(
                 dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
                 seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale,
                 start_n, tl.minimum(start_n + BLOCK_N, S),
-                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, True, HAS_SEG, BLOCK_M)
+                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, True, HAS_SEG, BLOCK_M, PRECISE)
             dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
                 dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
                 seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, start_n + BLOCK_N, S,
-                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M)
+                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M, PRECISE)
         else:
             dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
                 dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
                 seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, S,
-                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M)
+                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M, PRECISE)
 
     dk_a = dk_a * scale
     dk_b = dk_b * scale
@@ -328,7 +348,8 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_ptr, v_ptr, seg_pt
               offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
               S: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
-              DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr):
+              DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr,
+               PRECISE: tl.constexpr):
     """Accumulates dQ of one query block over key blocks [lo, hi). Keys >= S read k = v = 0 and add 0."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -336,8 +357,8 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_ptr, v_ptr, seg_pt
         cols64 = cols.to(tl.int64)
         k_a = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, D_QK, BOUNDARY, False)
         k_b = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
-        s = tl.dot(q_a, tl.trans(k_a))
-        s = tl.dot(q_b, tl.trans(k_b), s)
+        s = _mm(q_a, tl.trans(k_a), None, PRECISE)
+        s = _mm(q_b, tl.trans(k_b), s, PRECISE)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if DIAG:
             p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
@@ -346,11 +367,11 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_ptr, v_ptr, seg_pt
             p = tl.where(seg_q[:, None] == seg_k[None, :], p, 0.0)
         v_a = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_va, D_V, BOUNDARY, False)
         v_b = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_vb, D_V, BOUNDARY, V_MASK_B)
-        dp = tl.dot(do_a, tl.trans(v_a))
-        dp = tl.dot(do_b, tl.trans(v_b), dp)
+        dp = _mm(do_a, tl.trans(v_a), None, PRECISE)
+        dp = _mm(do_b, tl.trans(v_b), dp, PRECISE)
         ds = (p * (dp - delta[:, None])).to(k_a.dtype)
-        dq_a = tl.dot(ds, k_a, dq_a)
-        dq_b = tl.dot(ds, k_b, dq_b)
+        dq_a = _mm(ds, k_a, dq_a, PRECISE)
+        dq_b = _mm(ds, k_b, dq_b, PRECISE)
     return dq_a, dq_b
 
 
@@ -362,6 +383,7 @@ def mla_prefill_bwd_dq_kernel(
     D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QK_MASK_B: tl.constexpr,
     D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, V_MASK_B: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PRECISE: tl.constexpr,
 ):
     """dQ. Grid (cdiv(S, BLOCK_M), B * H); BLOCK_M % BLOCK_N == 0. Inputs as mla_prefill_bwd_dkdv_kernel's
     -> dq_ptr [B, S, H, D_QK] (q's dtype)."""
@@ -406,22 +428,22 @@ def mla_prefill_bwd_dq_kernel(
         dq_a, dq_b = _dq_inner(
             dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
             offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, diag_lo,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
         dq_a, dq_b = _dq_inner(
             dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
             offs_qa, offs_qb, offs_va, offs_vb, qk_scale, diag_lo, tl.minimum(diag_lo + BLOCK_M, S),
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N)
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N, PRECISE)
     else:
         FULL: tl.constexpr = S // BLOCK_N * BLOCK_N
         dq_a, dq_b = _dq_inner(
             dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
             offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, FULL,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N)
+            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
         if FULL < S:
             dq_a, dq_b = _dq_inner(
                 dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
                 offs_qa, offs_qb, offs_va, offs_vb, qk_scale, FULL, S,
-                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N)
+                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N, PRECISE)
 
     _store_tile(dq_ptr, q_rows, row_ok, offs_qa, (dq_a * scale).to(dq_ptr.dtype.element_ty), D_QK, False)
     _store_tile(dq_ptr, q_rows, row_ok, offs_qb, (dq_b * scale).to(dq_ptr.dtype.element_ty), D_QK, QK_MASK_B)
