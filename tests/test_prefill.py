@@ -199,6 +199,12 @@ def test_gpu_variants(dtype, causal, h_kv, segments, s):
 
 @pytest.mark.gpu
 @requires_gpu
-def test_gpu_narrow_dims():
-    check_against_reference(70, 2, 300, 4, 4, 128, 128, jnp.bfloat16, True, impl="triton")
-    check_against_reference(71, 1, 200, 4, 2, 80, 48, jnp.bfloat16, True, segments=3, impl="triton")
+@pytest.mark.parametrize("d_qk, d_v, dtype, causal, h_kv, segments", [
+    (128, 128, jnp.bfloat16, True, 4, None),
+    (80, 48, jnp.bfloat16, True, 2, 3),
+    (256, 256, jnp.bfloat16, False, 4, None),
+    (64, 64, jnp.float32, True, 1, 2),
+])
+def test_gpu_other_dims(d_qk, d_v, dtype, causal, h_kv, segments):
+    """Other tile classes (narrow, masked chunks, 256 wide with trimmed tiles, float32) on the GPU."""
+    check_against_reference(70 + d_qk, 2, 300, 4, h_kv, d_qk, d_v, dtype, causal, segments, impl="triton")

@@ -58,26 +58,66 @@ def split_head_dim(d: int) -> tuple[int, int, bool]:
 # Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages). fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv
 # BLOCK_N % BLOCK_M == 0.
 _TILES = {
-    # H100, 16-bit inputs, max(d_qk, d_v) <= 128 (shared memory sized from the wide class; not swept)
+    # H100, 16-bit inputs, max(d_qk, d_v) <= 128 (not swept: the wide class's tiles, which fit)
     ("triton", "16", "narrow"): dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
-    # H100, 16-bit inputs, widths up to 256: swept on P1 (192/128; benchmarks/benchmark_prefill.py --sweep)
-    # (fwd 128 x 128 at 3 stages and dq 128 x 64 at 4 stages overflow the 227 KB of shared memory)
+    # H100, 16-bit inputs, widths up to 192: swept on P1 (192/128; benchmarks/benchmark_prefill.py --sweep).
+    # fwd 128 x 128 at 3 stages (288 KB) and dq 128 x 64 at 4 stages (240 KB) overflow shared memory.
     ("triton", "16", "wide"): dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    # widths up to 256: halved backward tiles so that dK + dV (or dQ) accumulators stay in registers
+    ("triton", "16", "xwide"): dict(fwd=(128, 64, 8, 2), dkdv=(64, 64, 8, 2), dq=(64, 64, 8, 2)),
     ("triton", "32", "narrow"): dict(fwd=(64, 64, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
     ("triton", "32", "wide"): dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 4, 2), dq=(64, 32, 4, 2)),
+    ("triton", "32", "xwide"): dict(fwd=(64, 32, 4, 2), dkdv=(32, 64, 8, 2), dq=(64, 32, 8, 2)),
 }
+# Shared memory a config may use (H100: 227 KB per block; configs up to 208 KB were seen to run at 192/128, and
+# `_fit_shared_memory` keeps any (d_qk, d_v, dtype) inside this by dropping stages, then block size).
+SMEM_BUDGET = 216 * 1024
+
+
+def _smem_bytes(kind: str, bm: int, bn: int, stages: int, dq: int, dv: int, esize: int) -> int:
+    """Pipelined operand buffers: the streamed tiles times `stages`, plus the resident tile."""
+    w = dq + dv
+    if kind == "fwd":                      # resident q [bm, dq]; streamed k, v [bn, dq + dv]
+        return (bm * dq + stages * bn * w) * esize
+    if kind == "dq":                       # resident q, dO [bm, dq + dv]; streamed k, v
+        return (bm * w + stages * bn * w) * esize
+    return (bn * w + stages * bm * w) * esize   # dkdv: resident k, v [bn, ...]; streamed q, dO [bm, ...]
+
+
+def _fit_shared_memory(kind: str, cfg: tuple, dq: int, dv: int, esize: int) -> tuple:
+    bm, bn, warps, stages = cfg
+    while _smem_bytes(kind, bm, bn, stages, dq, dv, esize) > SMEM_BUDGET:
+        streamed = bm if kind == "dkdv" else bn
+        if stages > 2:
+            stages -= 1
+        elif streamed > 16:                # keeps BLOCK_M % BLOCK_N (or BLOCK_N % BLOCK_M) == 0
+            bm, bn = (bm // 2, bn) if kind == "dkdv" else (bm, bn // 2)
+        elif stages > 1:
+            stages -= 1
+        else:
+            bm, bn = (bm, bn // 2) if kind == "dkdv" else (bm // 2, bn)
+            if min(bm, bn) < 16:
+                raise ValueError(f"no {kind} tile fits shared memory for d_qk={dq}, d_v={dv}")
+    return bm, bn, warps, stages
+
+
 _INTERPRET_TILES = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
 _TILE_OVERRIDE: dict | None = None          # benchmarks/benchmark_prefill.py sets this to tune (then re-traces)
 
 
 def tile_config(implementation: str, dtype, d_qk: int, d_v: int) -> dict:
+    """{"fwd" | "dkdv" | "dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for one shape class, from the
+    static table, trimmed to fit shared memory."""
     if _TILE_OVERRIDE is not None:
         return dict(_TILE_OVERRIDE)
     if implementation == "interpret":
         return dict(_INTERPRET_TILES)
     bits = "32" if dtype == jnp.float32 else "16"
-    width = "narrow" if max(d_qk, d_v) <= 128 else "wide"
-    return dict(_TILES[("triton", bits, width)])
+    width = "narrow" if max(d_qk, d_v) <= 128 else ("wide" if max(d_qk, d_v) <= 192 else "xwide")
+    (qa, qb, _), (va, vb, _) = split_head_dim(d_qk), split_head_dim(d_v)
+    esize = 4 if bits == "32" else 2
+    return {kind: _fit_shared_memory(kind, cfg, qa + qb, va + vb, esize)
+            for kind, cfg in _TILES[("triton", bits, width)].items()}
 
 
 def _dims(q, k, v) -> dict:
