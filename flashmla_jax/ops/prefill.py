@@ -230,14 +230,18 @@ def mla_prefill(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True, s
       v: [B, S, H_kv, d_v] values (d_v = 128 for DeepSeek). Same dtype as q.
         The Triton kernels take d_qk and d_v any multiple of 16 up to 256 (they may differ); "xla" any.
       causal: query i sees keys j <= i.
-      softmax_scale: scores are q·k times this; None means d_qk ** -0.5.
+      softmax_scale: scores are q·k times this; None means d_qk ** -0.5. The Triton kernels need it > 0.
       segment_ids: None, or [B, S] int32 packing variable-length sequences: a token sees only keys with its
         own segment id (and, when causal, not after it).
-      return_lse: also return the log-sum-exp of the scaled scores (differentiable too).
+      return_lse: also return the log-sum-exp of the scaled scores (differentiable too: its cotangent enters
+        the backward as delta = rowsum(dO * O) - dLSE).
       implementation: "triton" (CUDA GPU), "xla" (the jnp reference, differentiated by JAX) or "interpret"
         (the Triton kernels through Triton's interpreter on the CPU); None: "triton" on a CUDA device, else "xla".
 
     Returns:
       out [B, S, H, d_v] in q's dtype, and with return_lse lse [B, S, H] float32 (natural log).
+
+    Gradients ("triton"/"interpret") come from the Triton backward through jax.custom_vjp; jax-triton has no
+    batching rule, so vmap over the kernels is not supported (fold the batch into B).
     """
     return _mla_prefill(q, k, v, causal, softmax_scale, segment_ids, return_lse, implementation)
