@@ -24,17 +24,15 @@ def main():
     parser.add_argument("--block-n", nargs="*", type=int, default=[32, 64])
     parser.add_argument("--warps", nargs="*", type=int, default=[4, 8])
     parser.add_argument("--stages", nargs="*", type=int, default=[1, 2, 3])
-    parser.add_argument("--parts-per-sm", nargs="*", type=int, default=[1, 2])
     args = parser.parse_args()
     for row in [r for r in benchmark.ROWS if r.name in args.rows]:
         sets = [benchmark.make_inputs(row, seed) for seed in range(2)]
         rows = row.s_q * row.heads
         best = None
-        for bm, bn, w, s, pps in itertools.product(args.block_m, args.block_n, args.warps, args.stages,
-                                                   args.parts_per_sm):
+        for bm, bn, w, s in itertools.product(args.block_m, args.block_n, args.warps, args.stages):
             if bm > max(16, rows):
                 continue
-            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s, parts_per_sm=pps)
+            cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
             fn = jax.jit(functools.partial(decode_ops._decode_triton, head_dim_v=benchmark.D_V,
                                            scale=benchmark.SCALE, causal=True, num_splits=None,
                                            implementation="triton", config=cfg))

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import functools
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,7 @@ from flashmla_jax._backend import num_sms, resolve_implementation
 from flashmla_jax.ops._launch import launch
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
+MAX_SPLITS = 256
 
 
 def _is_pow2(x: int) -> bool:
@@ -33,8 +36,8 @@ def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_split
     if not 0 < head_dim_v < d:
         raise ValueError(f"head_dim_v must be in (0, {d}): V is the first head_dim_v columns of the latent, "
                          f"got {head_dim_v}")
-    if num_splits is not None and (not isinstance(num_splits, int) or num_splits < 1):
-        raise ValueError(f"num_splits must be None or a positive int, got {num_splits!r}")
+    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
+        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
     if block_table is None:
         if kv_cache.shape[0] != b:
             raise ValueError(f"contiguous kv_cache must be [B={b}, N, {d}], got shape {kv_cache.shape}")
@@ -54,34 +57,30 @@ def _check_kernel_dims(d: int, head_dim_v: int):
 
 
 def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
-    """Block sizes, warps, pipelining depth and programs per SM for one (rows = S_q * H, dtype) class."""
+    """Block sizes, warps and pipelining depth for one (rows = S_q * H, dtype) class."""
     block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
     block_n = 32 if dtype == jnp.float32 else 64
     if page_size is not None:
         block_n = min(block_n, page_size)
     num_warps = 4 if block_m <= 32 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2, parts_per_sm=1)
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
 
 
-def default_num_parts(row_tiles: int, parts_per_sm: int, sms: int) -> int:
-    """Programs per row tile: the grid (row tiles x parts) fills each SM with `parts_per_sm` programs."""
-    return max(1, sms * parts_per_sm // row_tiles)
+def choose_num_splits(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int) -> int:
+    """Splits per sequence that minimise waves x blocks per program, from static shapes only.
 
-
-def build_schedule(seqlens: jax.Array, block_n: int, num_parts: int) -> tuple[jax.Array, jax.Array]:
-    """Cuts the key blocks of all sequences, end to end, into `num_parts` equal runs (on the device).
-
-    seqlens: [B] int32, clamped to [0, capacity].
-    Returns cu_blocks [B + 1] int32 (cumulative BLOCK_N blocks per sequence) and
-    sched [2 + num_parts] int32 = [part_blocks, total_blocks, first_seq...] (kernels/decode.py).
+    Each program costs its key blocks plus about one block of fixed work (q load, epilogue); one program
+    per SM is resident at a time, as 576-wide tiles fill shared memory.
     """
-    n_blocks = (seqlens + block_n - 1) // block_n
-    cu_blocks = jnp.concatenate([jnp.zeros((1,), jnp.int32), jnp.cumsum(n_blocks, dtype=jnp.int32)])
-    total = cu_blocks[-1]
-    part_blocks = jnp.maximum((total + num_parts - 1) // num_parts, 1)
-    starts = jnp.arange(num_parts, dtype=jnp.int32) * part_blocks
-    first_seq = jnp.searchsorted(cu_blocks[1:], starts, side="right").astype(jnp.int32)
-    return cu_blocks, jnp.concatenate([part_blocks[None], total[None], first_seq])
+    n_blocks = max(1, -(-capacity // block_n))
+    programs = batch * row_tiles
+    best, best_cost = 1, math.inf
+    for splits in range(1, min(MAX_SPLITS, n_blocks) + 1):
+        waves = -(-programs * splits // sms)
+        cost = waves * (-(-n_blocks // splits) + 1) + (0.5 if splits > 1 else 0.0)
+        if cost < best_cost - 1e-9:
+            best, best_cost = splits, cost
+    return best
 
 
 def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits,
@@ -94,29 +93,34 @@ def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, c
     cfg = config or _tile_config(rows, q.dtype, page_size)
     capacity = block_table.shape[1] * page_size if paged else kv_cache.shape[1]
     row_tiles = -(-rows // cfg["BLOCK_M"])
-    num_parts = num_splits or default_num_parts(row_tiles, cfg["parts_per_sm"], num_sms())
-    seqlens = jnp.clip(cache_seqlens, 0, capacity)
-    cu_blocks, sched = build_schedule(seqlens, cfg["BLOCK_N"], num_parts)
-    table = block_table if paged else seqlens              # an unused pointer when contiguous
+    if num_splits is None:
+        num_splits = choose_num_splits(b, row_tiles, capacity, cfg["BLOCK_N"], num_sms())
+    table = block_table if paged else cache_seqlens        # unused pointer when contiguous
+    common = dict(
+        H=h, S_Q=s_q, N_MAX=capacity if not paged else 0, PAGED=paged, PAGE_SIZE=page_size or 1,
+        MAX_BLOCKS=block_table.shape[1] if paged else 1, NUM_PAGES=kv_cache.shape[0] if paged else 1,
+        D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, NUM_SPLITS=num_splits,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
+    q_rows = q.reshape(b, rows, d)
+    if num_splits == 1:
+        part_shape = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
+                      jax.ShapeDtypeStruct((b, rows), jnp.float32)]
+    else:
+        part_shape = [jax.ShapeDtypeStruct((b, num_splits, rows, head_dim_v), jnp.float32),
+                      jax.ShapeDtypeStruct((b, num_splits, rows), jnp.float32)]
     from flashmla_jax.kernels import decode as kernels
 
-    out_shapes = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
-                  jax.ShapeDtypeStruct((b, rows), jnp.float32),
-                  jax.ShapeDtypeStruct((num_parts, 2, rows, head_dim_v), jnp.float32),
-                  jax.ShapeDtypeStruct((num_parts, 2, rows), jnp.float32)]
-    out, lse, o_part, lse_part = launch(
-        kernels.mla_decode_split_kernel, q.reshape(b, rows, d), kv_cache, seqlens, table, cu_blocks, sched,
-        np.float32(scale), out_shape=out_shapes, grid=(row_tiles, num_parts), implementation=implementation,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-        B=b, H=h, S_Q=s_q, N_MAX=0 if paged else capacity, PAGED=paged, PAGE_SIZE=page_size or 1,
-        MAX_BLOCKS=block_table.shape[1] if paged else 1, NUM_PAGES=kv_cache.shape[0] if paged else 1,
-        D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-    block_r, block_d = 4, min(128, head_dim_v)
-    out, lse = launch(
-        kernels.mla_decode_combine_kernel, o_part, lse_part, cu_blocks, sched, out, lse,
-        out_shape=out_shapes[:2], grid=(-(-rows // block_r), head_dim_v // block_d, b),
-        implementation=implementation, num_warps=4, num_stages=1, input_output_aliases={4: 0, 5: 1},
-        R=rows, D_V=head_dim_v, BLOCK_R=block_r, BLOCK_D=block_d)
+    out, lse = launch(kernels.mla_decode_split_kernel, q_rows, kv_cache, cache_seqlens, table, np.float32(scale),
+                      out_shape=part_shape, grid=(row_tiles, num_splits, b), implementation=implementation,
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+    if num_splits > 1:
+        block_r = 4 if b * rows >= 4 * num_sms() else 1    # few rows (one long sequence): spread them
+        out, lse = launch(kernels.mla_decode_combine_kernel, out, lse,
+                          out_shape=[jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
+                                     jax.ShapeDtypeStruct((b, rows), jnp.float32)],
+                          grid=(-(-rows // block_r), b), implementation=implementation, num_warps=4,
+                          num_stages=1, R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits,
+                          SPLITS_POW2=max(2, 1 << (num_splits - 1).bit_length()), BLOCK_R=block_r)
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
 
 
@@ -140,9 +144,8 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
       softmax_scale: scores are q·k times this; None means D ** -0.5. DeepSeek passes
         mscale² / sqrt(192).
       causal: query i of S_q sees keys < seqlen - S_q + i + 1; otherwise all keys < seqlen.
-      num_splits: how many equal runs the key blocks of the whole batch are cut into (flash-decoding
-        splits, balanced by the real lengths: a long sequence is split over several programs, short
-        ones share one); None means one run per SM and row tile.
+      num_splits: key splits per sequence (flash-decoding); None picks them from the static shapes and
+        the GPU's SM count.
       return_lse: also return the log-sum-exp of the scaled scores.
       implementation: "triton" (CUDA GPU), "xla" (the jnp reference) or "interpret" (the Triton kernels
         on the CPU through Triton's interpreter); None means "triton" on a CUDA device, else "xla".
@@ -154,11 +157,69 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
     _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits)
     impl = resolve_implementation(implementation)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    if impl == "xla":
-        out, lse = reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
-                                                  softmax_scale=scale, causal=causal)
-    else:
+    if impl != "xla":
         _check_kernel_dims(q.shape[-1], head_dim_v)
-        out, lse = _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal,
-                                  num_splits, impl)
+
+    def decode(q, kv_cache, cache_seqlens, block_table):
+        if impl == "xla":
+            return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
+                                                  softmax_scale=scale, causal=causal)
+        return _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits, impl)
+
+    out, lse = _inference_only(_fold_vmap_into_batch(decode))(q, kv_cache, cache_seqlens, block_table)
     return (out, lse) if return_lse else out
+
+
+def _fold_vmap_into_batch(decode):
+    """`jax.vmap` support: jax-triton has no batching rule, so a vmapped axis V is folded into the
+    kernel's batch (B -> V * B) and unfolded from the outputs. Pages of a batched paged cache are laid
+    end to end and each member's block table is offset to its own pages (after clamping, so an
+    out-of-range index never reaches another member's pages)."""
+
+    @jax.custom_batching.custom_vmap
+    def call(q, kv_cache, cache_seqlens, block_table):
+        return decode(q, kv_cache, cache_seqlens, block_table)
+
+    @call.def_vmap
+    def _rule(axis_size, in_batched, q, kv_cache, cache_seqlens, block_table):
+        q_b, kv_b, len_b, table_b = in_batched
+        v = axis_size
+
+        def batched(x, is_batched):
+            return x if is_batched else jnp.broadcast_to(x, (v,) + x.shape)
+
+        q = batched(q, q_b)
+        b = q.shape[1]
+        seqlens = batched(cache_seqlens, len_b).reshape(v * b)
+        if block_table is None:
+            kv = batched(kv_cache, kv_b).reshape((v * b,) + kv_cache.shape[-2:])
+            table = None
+        else:
+            table = batched(block_table, table_b)
+            kv = kv_cache
+            if kv_b:
+                num_pages = kv_cache.shape[1]
+                kv = kv_cache.reshape((v * num_pages,) + kv_cache.shape[2:])
+                offsets = (jnp.arange(v, dtype=jnp.int32) * num_pages)[:, None, None]
+                table = jnp.clip(table, 0, num_pages - 1) + offsets
+            table = table.reshape(v * b, -1)
+        out, lse = call(q.reshape((v * b,) + q.shape[2:]), kv, seqlens, table)
+        return (out.reshape((v, b) + out.shape[1:]), lse.reshape((v, b) + lse.shape[1:])), (True, True)
+
+    return call
+
+
+def _inference_only(decode):
+    """Differentiating decode raises: it is an inference kernel (mla_prefill has gradients)."""
+
+    @jax.custom_jvp
+    def call(q, kv_cache, cache_seqlens, block_table):
+        return decode(q, kv_cache, cache_seqlens, block_table)
+
+    @call.defjvp
+    def _jvp(primals, tangents):
+        raise TypeError("mla_decode is inference-only and has no derivative; for gradients use "
+                        "flashmla_jax.mla_prefill (non-absorbed attention with a Triton backward), or "
+                        "jax.lax.stop_gradient on the decode inputs")
+
+    return call
