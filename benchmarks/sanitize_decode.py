@@ -1,0 +1,17 @@
+"""One paged and one contiguous mla_decode call with adversarial lengths and block tables, small enough to
+run under `compute-sanitizer --tool memcheck` (any out-of-bounds read in the kernels is reported there)."""
+import jax
+import jax.numpy as jnp
+
+import flashmla_jax as fm
+
+b, n, page = 4, 512, 64
+q = jax.random.normal(jax.random.PRNGKey(0), (b, 2, 16, 576), jnp.bfloat16)
+kv = jax.random.normal(jax.random.PRNGKey(1), (b, n, 576), jnp.bfloat16)
+lengths = jnp.asarray([0, -7, 1, 10 ** 6], jnp.int32)            # empty, negative, one token, past capacity
+out = fm.mla_decode(q, kv, lengths, num_splits=5, implementation="triton")
+pages = kv.reshape(b * n // page, page, 576)
+table = jnp.asarray([[0, 1, -1, 10 ** 6, 7, 2 ** 31 - 1, 3, -(2 ** 31)]] * b, jnp.int32)   # garbage indices
+paged = fm.mla_decode(q, pages, lengths, table, num_splits=3, implementation="triton")
+jax.block_until_ready((out, paged))
+print("sanitized calls finished; NaN in outputs:", bool(jnp.isnan(out).any() | jnp.isnan(paged).any()))
