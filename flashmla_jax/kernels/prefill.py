@@ -113,6 +113,38 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, q_a, q_b, k_ptr, v_ptr, seg_ptr, seg_q, o
 
 
 @triton.jit
+def _query_block(q_ptr, k_ptr, v_ptr, seg_ptr, S: tl.constexpr, H: tl.constexpr, H_KV: tl.constexpr,
+                 D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, QK_MASK_B: tl.constexpr,
+                 D_V: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_M: tl.constexpr):
+    """The query-block prologue the forward and dQ kernels share. Grid (cdiv(S, BLOCK_M), B * H); query
+    blocks run from the last (the most causal work) to the first, for a shorter tail.
+
+    Returns start_m, bh, b, h, offs_m [BLOCK_M], row_ok, q_rows (element offsets of the rows),
+    q_a [BLOCK_M, QA], q_b [BLOCK_M, QB], the k / v bases of KV head h // (H // H_KV) in sequence b,
+    the segment base and this block's segment ids.
+    """
+    NUM_M: tl.constexpr = (S + BLOCK_M - 1) // BLOCK_M
+    start_m = NUM_M - 1 - tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    hk = h // (H // H_KV)
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = offs_m < S
+    q_rows = (b.to(tl.int64) * S + offs_m) * (H * D_QK) + h * D_QK
+    q_a = _load_tile(q_ptr, q_rows, row_ok, tl.arange(0, QA), D_QK, True, False)
+    q_b = _load_tile(q_ptr, q_rows, row_ok, QA + tl.arange(0, QB), D_QK, True, QK_MASK_B)
+    k_base = k_ptr + b.to(tl.int64) * S * H_KV * D_QK + hk * D_QK
+    v_base = v_ptr + b.to(tl.int64) * S * H_KV * D_V + hk * D_V
+    seg_base = seg_ptr + b.to(tl.int64) * S
+    if HAS_SEG:
+        seg_q = tl.load(seg_base + offs_m, mask=row_ok, other=-1)
+    else:
+        seg_q = offs_m  # unused
+    return start_m, bh, b, h, offs_m, row_ok, q_rows, q_a, q_b, k_base, v_base, seg_base, seg_q
+
+
+@triton.jit
 def mla_prefill_fwd_kernel(
     q_ptr, k_ptr, v_ptr, seg_ptr, scale,
     o_ptr, lse_ptr,
@@ -128,31 +160,13 @@ def mla_prefill_fwd_kernel(
     only when HAS_SEG), scale float32 -> o_ptr [B, S, H, D_V] (q's dtype), lse_ptr [B, H, S] float32.
     Query blocks run from the last (the most causal work) to the first, for a shorter tail.
     """
-    NUM_M: tl.constexpr = (S + BLOCK_M - 1) // BLOCK_M
-    start_m = NUM_M - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // H_KV)
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < S
+    start_m, bh, b, h, offs_m, row_ok, q_rows, q_a, q_b, k_base, v_base, seg_base, seg_q = _query_block(
+        q_ptr, k_ptr, v_ptr, seg_ptr, S, H, H_KV, D_QK, QA, QB, QK_MASK_B, D_V, HAS_SEG, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_qa = tl.arange(0, QA)
     offs_qb = QA + tl.arange(0, QB)
     offs_va = tl.arange(0, VA)
     offs_vb = VA + tl.arange(0, VB)
-
-    q_rows = (b.to(tl.int64) * S + offs_m) * (H * D_QK) + h * D_QK
-    q_a = _load_tile(q_ptr, q_rows, row_ok, offs_qa, D_QK, True, False)
-    q_b = _load_tile(q_ptr, q_rows, row_ok, offs_qb, D_QK, True, QK_MASK_B)
-    k_base = k_ptr + b.to(tl.int64) * S * H_KV * D_QK + hk * D_QK
-    v_base = v_ptr + b.to(tl.int64) * S * H_KV * D_V + hk * D_V
-    seg_base = seg_ptr + b.to(tl.int64) * S
-    if HAS_SEG:
-        seg_q = tl.load(seg_base + offs_m, mask=row_ok, other=-1)
-    else:
-        seg_q = offs_m  # unused
     qk_scale = scale * 1.4426950408889634
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -387,36 +401,18 @@ def mla_prefill_bwd_dq_kernel(
 ):
     """dQ. Grid (cdiv(S, BLOCK_M), B * H); BLOCK_M % BLOCK_N == 0. Inputs as mla_prefill_bwd_dkdv_kernel's
     -> dq_ptr [B, S, H, D_QK] (q's dtype)."""
-    NUM_M: tl.constexpr = (S + BLOCK_M - 1) // BLOCK_M
-    start_m = NUM_M - 1 - tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    hk = h // (H // H_KV)
-
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = offs_m < S
+    start_m, bh, b, h, offs_m, row_ok, q_rows, q_a, q_b, k_base, v_base, seg_base, seg_q = _query_block(
+        q_ptr, k_ptr, v_ptr, seg_ptr, S, H, H_KV, D_QK, QA, QB, QK_MASK_B, D_V, HAS_SEG, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_qa = tl.arange(0, QA)
     offs_qb = QA + tl.arange(0, QB)
     offs_va = tl.arange(0, VA)
     offs_vb = VA + tl.arange(0, VB)
-
-    q_rows = (b.to(tl.int64) * S + offs_m) * (H * D_QK) + h * D_QK
     o_rows = (b.to(tl.int64) * S + offs_m) * (H * D_V) + h * D_V
-    q_a = _load_tile(q_ptr, q_rows, row_ok, offs_qa, D_QK, True, False)
-    q_b = _load_tile(q_ptr, q_rows, row_ok, offs_qb, D_QK, True, QK_MASK_B)
     do_a = _load_tile(do_ptr, o_rows, row_ok, offs_va, D_V, True, False)
     do_b = _load_tile(do_ptr, o_rows, row_ok, offs_vb, D_V, True, V_MASK_B)
     lse = tl.load(lse_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
-    k_base = k_ptr + b.to(tl.int64) * S * H_KV * D_QK + hk * D_QK
-    v_base = v_ptr + b.to(tl.int64) * S * H_KV * D_V + hk * D_V
-    seg_base = seg_ptr + b.to(tl.int64) * S
-    if HAS_SEG:
-        seg_q = tl.load(seg_base + offs_m, mask=row_ok, other=-1)
-    else:
-        seg_q = offs_m  # unused
     qk_scale = scale * 1.4426950408889634
 
     dq_a = tl.zeros([BLOCK_M, QA], dtype=tl.float32)
