@@ -63,7 +63,13 @@ def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
     if page_size is not None:
         block_n = min(block_n, page_size)
     num_warps = 4 if block_m <= 32 else 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=2)
+    num_stages = 2
+    if block_m == 16 and block_n == 64 and dtype != jnp.float32:
+        # H100 sweep (benchmarks/NOTES.md): 3 stages of 72 KB tiles; a paged cache wants 8 warps to hide
+        # the block-table lookup ahead of each tile. 4 stages overflow shared memory.
+        num_stages = 3
+        num_warps = 8 if page_size is not None else 4
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
 def choose_num_splits(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int) -> int:
