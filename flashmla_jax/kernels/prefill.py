@@ -65,6 +65,17 @@ def _store_tile(ptr, row_off, row_ok, offs_d, x, D: tl.constexpr, MASK_COLS: tl.
         tl.store(ptrs, x, mask=row_ok[:, None])
 
 
+@triton.jit
+def _key_scores(q_a, q_b, k_ptr, k_rows, col_ok, offs_qa, offs_qb, D_QK: tl.constexpr,
+                QK_MASK_B: tl.constexpr, BOUNDARY: tl.constexpr, PRECISE: tl.constexpr):
+    """Loads the key tile at k_rows (element offsets) in its two column chunks and returns the unscaled
+    scores q · kᵀ [BLOCK_M, BLOCK_N] with the chunks k_a, k_b. BOUNDARY: keys with col_ok False read 0."""
+    k_a = _load_tile(k_ptr, k_rows, col_ok, offs_qa, D_QK, BOUNDARY, False)
+    k_b = _load_tile(k_ptr, k_rows, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
+    s = _mm(q_a, tl.trans(k_a), None, PRECISE)
+    return _mm(q_b, tl.trans(k_b), s, PRECISE), k_a, k_b
+
+
 # ------------------------------------------------------------------------------------------------ forward
 
 
@@ -80,10 +91,8 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, q_a, q_b, k_ptr, v_ptr, seg_ptr, seg_q, o
         cols = start_n + offs_n
         col_ok = cols < S
         cols64 = cols.to(tl.int64)
-        k_a = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, D_QK, BOUNDARY, False)
-        k_b = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
-        s = _mm(q_a, tl.trans(k_a), None, PRECISE)
-        s = _mm(q_b, tl.trans(k_b), s, PRECISE)
+        s, _, _ = _key_scores(q_a, q_b, k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, offs_qb, D_QK, QK_MASK_B,
+                              BOUNDARY, PRECISE)
         if DIAG or BOUNDARY or HAS_SEG:
             s = s * qk_scale
             if DIAG:
@@ -363,16 +372,14 @@ def _dq_inner(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_ptr, v_ptr, seg_pt
               S: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr,
               D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
               DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISE: tl.constexpr):
+              PRECISE: tl.constexpr):
     """Accumulates dQ of one query block over key blocks [lo, hi). Keys >= S read k = v = 0 and add 0."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         col_ok = cols < S
         cols64 = cols.to(tl.int64)
-        k_a = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, D_QK, BOUNDARY, False)
-        k_b = _load_tile(k_ptr, cols64 * STRIDE_K, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
-        s = _mm(q_a, tl.trans(k_a), None, PRECISE)
-        s = _mm(q_b, tl.trans(k_b), s, PRECISE)
+        s, k_a, k_b = _key_scores(q_a, q_b, k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, offs_qb, D_QK,
+                                  QK_MASK_B, BOUNDARY, PRECISE)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if DIAG:
             p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
