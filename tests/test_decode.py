@@ -174,6 +174,33 @@ def test_interpret_paged_with_nan_pages(page_size):
     assert rel_err(out, ref) < 1e-2
 
 
+@pytest.mark.parametrize("seqlens", [[0, 256, 37, 1, 190, 250, 70, 9, 130], [256] * 8 + [250],
+                                     [-3, 10 ** 6, 64, 0, 129, 5, 256, 256, 33]],
+                         ids=["ragged", "uniform", "clamped"])
+@pytest.mark.parametrize("paged", [False, True])
+def test_interpret_device_schedule(monkeypatch, seqlens, paged):
+    """num_splits=None on a 12-SM GPU: a split cap above the static choice (1), so the kernels schedule
+    from the lengths. Ragged: one or more splits per sequence, merged in place by the combine; uniform: one
+    split each, written by the split kernel, which the combine leaves alone."""
+    from flashmla_jax.ops import decode as decode_ops
+
+    monkeypatch.setattr(decode_ops, "num_sms", lambda: 12)
+    plan = decode_ops.plan_decode(9, 1, 4, SMALL["d"], 64, jnp.float32, True, 256, None, None, 12)
+    assert plan.constexprs["BALANCE"] and plan.num_splits > 1 == plan.constexprs["UNIFORM_SPLITS"]
+    q, kv, sl = make_inputs(24, 9, 1, 4, SMALL["d"], 256, jnp.float32, seqlens)
+    kw = dict(head_dim_v=64, return_lse=True)
+    ref, ref_lse = fm.mla_decode(q, kv, jnp.clip(sl, 0, 256), implementation="xla", **kw)
+    if paged:
+        kv, table = to_pages(kv, 32, seed=3)
+        out, lse = fm.mla_decode(q, kv, sl, table, implementation="interpret", **kw)
+    else:
+        out, lse = fm.mla_decode(q, kv, sl, implementation="interpret", **kw)
+    assert rel_err(out, ref) < 1e-3
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-3, atol=1e-3)
+
+
 def test_interpret_deepseek_dims():
     """The real 512 + 64 latent with H = 16 heads and S_q = 2, paged at 64."""
     q, kv, sl = make_inputs(23, 2, 2, 16, 576, 128, jnp.bfloat16, [128, 71])

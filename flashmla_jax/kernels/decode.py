@@ -5,65 +5,81 @@ D_V columns: each latent tile is loaded once, as a D_V part and a D_R part (noth
 the D_V part serves both as K and as V.
 
 Stage 1 (`mla_decode_split_kernel`): one program takes BLOCK_M query rows (rows are (s, h) pairs of one
-sequence, r = s * H + h) and one split of that sequence's keys, and runs the online softmax over it. With
-one split it writes the final output; otherwise float32 partials and their LSE, merged by
-`mla_decode_combine_kernel`.
+sequence, r = s * H + h) and one split of that sequence's keys, and runs the online softmax over it. A
+sequence that takes one split gets its final output there; a split one gets float32 partials and their
+LSE, merged in place by `mla_decode_combine_kernel`. How many splits each sequence takes
+(`_sequence_splits`) may depend on the lengths, which are data under jit: both kernels compute it.
 """
 import triton
 import triton.language as tl
 
 @triton.jit
-def _load_latent_tile(kv_ptr, table_ptr, b, start, offs_n, offs_v, offs_r, hi, capacity,
-                      N_MAX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
-                      MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
-                      D_V: tl.constexpr, D_R: tl.constexpr):
-    """Tokens start + offs_n of sequence b -> ([BLOCK_N, D_V], [BLOCK_N, D_R]); tokens >= hi read as 0."""
-    D: tl.constexpr = D_V + D_R
-    tokens = start + offs_n
-    valid = tokens < hi
-    if PAGED:
-        # BLOCK_N divides PAGE_SIZE and start is a multiple of BLOCK_N: the tile lies in one page.
-        page = tl.load(table_ptr + b * MAX_BLOCKS + start // PAGE_SIZE)
-        page = tl.minimum(tl.maximum(page, 0), NUM_PAGES - 1).to(tl.int64)
-        rows = page * PAGE_SIZE + (start % PAGE_SIZE) + offs_n
+def _sequence_splits(seqlens_ptr, b, CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr,
+                     UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr, BATCH: tl.constexpr,
+                     BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
+                     BLOCK_N: tl.constexpr):
+    """(seqlen, splits) of sequence b: the schedule, computed alike by the split and combine kernels.
+
+    Lengths are clamped to [0, CAPACITY]. Without BALANCE every sequence takes NUM_SPLITS equal runs.
+    With BALANCE, NUM_SPLITS is a cap and the lengths decide: a batch of (nearly) equal lengths keeps
+    UNIFORM_SPLITS (the static choice, exact for it); a ragged batch has its key blocks, times the row
+    tiles, cut into runs of about work / SLOTS blocks, so that a long sequence gets more splits than a
+    short one and the GPU fills evenly.
+    (tl.cdiv is a @triton.jit helper that Triton's interpreter cannot call: written out here.)
+    """
+    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), CAPACITY)
+    if BALANCE:
+        offs_b = tl.arange(0, BATCH_POW2)
+        lens = tl.minimum(tl.maximum(tl.load(seqlens_ptr + offs_b, mask=offs_b < BATCH, other=0), 0), CAPACITY)
+        blocks_b = (lens + BLOCK_N - 1) // BLOCK_N
+        total = tl.sum(blocks_b, 0)
+        ragged = tl.max(blocks_b, 0) * BATCH * 10 > total * 11        # mean below ~91% of the longest
+        run = tl.maximum((total * ROW_TILES + SLOTS - 1) // SLOTS, 1)  # key blocks per program
+        blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
+        balanced = tl.minimum(tl.maximum((blocks + run - 1) // run, 1), NUM_SPLITS)
+        splits = tl.where(ragged, balanced, UNIFORM_SPLITS)
     else:
-        rows = b.to(tl.int64) * N_MAX + tokens
-    base = kv_ptr + rows[:, None] * D
-    k_v = tl.load(base + offs_v[None, :], mask=valid[:, None], other=0.0)
-    k_r = tl.load(base + D_V + offs_r[None, :], mask=valid[:, None], other=0.0)
-    return k_v, k_r
+        splits = tl.zeros_like(seqlen) + NUM_SPLITS
+    return seqlen, splits
 
 
 @triton.jit
 def mla_decode_split_kernel(
     q_ptr, kv_ptr, seqlens_ptr, table_ptr, scale,
-    o_ptr, lse_ptr,
+    o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr,
     H: tl.constexpr, S_Q: tl.constexpr, N_MAX: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
-    D_V: tl.constexpr, D_R: tl.constexpr, CAUSAL: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    TABLE_POW2: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr, CAUSAL: tl.constexpr,
+    CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr, UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr,
+    BATCH: tl.constexpr, BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """Grid (cdiv(S_Q * H, BLOCK_M), NUM_SPLITS, B); the row tile is the fastest axis, so the row tiles
-    of one split run side by side and share each latent tile through L2.
+    """Grid (ROW_TILES = cdiv(S_Q * H, BLOCK_M), B, NUM_SPLITS). The row tile is the fastest axis, so the
+    row tiles of one split run side by side and share each latent tile through L2; the split is the
+    slowest, so every sequence's first run starts in the first wave and the programs of splits a
+    sequence does not take (empty: lo >= hi) come last and exit at once.
 
     q_ptr:  [B, S_Q * H, D_V + D_R]        kv_ptr: [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D]
-    seqlens_ptr: [B] int32 (clamped to [0, capacity]; negative counts as 0)
-    table_ptr: [B, MAX_BLOCKS] int32 when PAGED (indices clamped to [0, NUM_PAGES))
-    NUM_SPLITS == 1: o_ptr [B, S_Q * H, D_V] in q's dtype, lse_ptr [B, S_Q * H] float32.
-    NUM_SPLITS > 1:  o_ptr [B, NUM_SPLITS, S_Q * H, D_V] float32, lse_ptr [B, NUM_SPLITS, S_Q * H].
+    seqlens_ptr: [B] int32 (clamped to [0, CAPACITY]; negative counts as 0)
+    table_ptr: [B, MAX_BLOCKS] int32 when PAGED (indices clamped to [0, NUM_PAGES)); TABLE_POW2 >= MAX_BLOCKS
+    o_ptr [B, S_Q * H, D_V] in q's dtype and lse_ptr [B, S_Q * H] float32: written for a sequence that
+      takes one split (`_sequence_splits`);
+    o_part_ptr [B, NUM_SPLITS, S_Q * H, D_V] and lse_part_ptr [B, NUM_SPLITS, S_Q * H] float32: the
+      partials of a split sequence, merged by `mla_decode_combine_kernel` (unused when NUM_SPLITS == 1).
+    splits_ptr [B] int32: the splits each sequence took, for the combine (unused when NUM_SPLITS == 1).
     LSE is natural-log; a row that sees no key in its range gets lse -inf and output 0.
     """
     R: tl.constexpr = S_Q * H
     D: tl.constexpr = D_V + D_R
     tile = tl.program_id(0)
-    split = tl.program_id(1)
-    b = tl.program_id(2)
+    b = tl.program_id(1)
+    split = tl.program_id(2)
 
-    capacity = MAX_BLOCKS * PAGE_SIZE if PAGED else N_MAX
-    seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), capacity)
-    # Each split covers a run of whole BLOCK_N tiles of this sequence's real length.
-    # (tl.cdiv is a @triton.jit helper that Triton's interpreter cannot call: written out.)
-    split_len = ((seqlen + NUM_SPLITS - 1) // NUM_SPLITS + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
+                                           BATCH_POW2, SLOTS, ROW_TILES, BLOCK_N)
+    # Each split covers a run of whole BLOCK_N tiles; a split past the last run is empty (lo >= hi).
+    blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
+    split_len = (blocks + splits_here - 1) // splits_here * BLOCK_N
     lo = split * split_len
     hi = tl.minimum(lo + split_len, seqlen)
 
@@ -78,20 +94,35 @@ def mla_decode_split_kernel(
     offs_r = tl.arange(0, D_R)
 
     q_base = q_ptr + (b.to(tl.int64) * R + offs_m[:, None]) * D
-    q_v = tl.load(q_base + offs_v[None, :], mask=row_ok[:, None], other=0.0)
-    q_r = tl.load(q_base + D_V + offs_r[None, :], mask=row_ok[:, None], other=0.0)
+    q_ok = row_ok[:, None] & (lo < hi)
+    q_v = tl.load(q_base + offs_v[None, :], mask=q_ok, other=0.0)
+    q_r = tl.load(q_base + D_V + offs_r[None, :], mask=q_ok, other=0.0)
     qk_scale = scale * 1.4426950408889634               # softmax in base 2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
+    if PAGED:
+        # The sequence's row of the block table, in registers: each tile's address is then a function
+        # of the loop index alone, which Triton's pipeliner stages ahead like a contiguous load (a table
+        # load inside the loop it does not pipeline). A tile lies in one page (BLOCK_N <= PAGE_SIZE).
+        offs_t = tl.arange(0, TABLE_POW2)
+        pages = tl.load(table_ptr + b * MAX_BLOCKS + offs_t, mask=offs_t < MAX_BLOCKS, other=0)
+        pages = tl.minimum(tl.maximum(pages, 0), NUM_PAGES - 1)
     for start in tl.range(lo, hi, BLOCK_N):
-        k_v, k_r = _load_latent_tile(kv_ptr, table_ptr, b, start, offs_n, offs_v, offs_r, hi, capacity,
-                                     N_MAX, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V, D_R)
+        tokens = start + offs_n
+        if PAGED:
+            page = tl.sum(tl.where(offs_t == start // PAGE_SIZE, pages, 0), 0).to(tl.int64)
+            kv_rows = page * PAGE_SIZE + (start % PAGE_SIZE) + offs_n
+        else:
+            kv_rows = b.to(tl.int64) * N_MAX + tokens
+        base = kv_ptr + kv_rows[:, None] * D
+        valid = (tokens < hi)[:, None]
+        k_v = tl.load(base + offs_v[None, :], mask=valid, other=0.0)
+        k_r = tl.load(base + D_V + offs_r[None, :], mask=valid, other=0.0)
         s = tl.dot(q_v, tl.trans(k_v)) + tl.dot(q_r, tl.trans(k_r))
         s = s * qk_scale
-        visible = (start + offs_n)[None, :] < limit[:, None]
-        s = tl.where(visible, s, float("-inf"))
+        s = tl.where(tokens[None, :] < limit[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
         alpha = tl.exp2(m_i - m_safe)
@@ -105,51 +136,57 @@ def mla_decode_split_kernel(
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
                    float("-inf"))
     offs_m64 = offs_m.to(tl.int64)
-    if NUM_SPLITS == 1:
-        row = b.to(tl.int64) * R + offs_m64
-        tl.store(o_ptr + row[:, None] * D_V + offs_v[None, :], out.to(o_ptr.dtype.element_ty),
-                 mask=row_ok[:, None])
-    else:
+    final = row_ok & (splits_here == 1) & (split == 0)
+    row = b.to(tl.int64) * R + offs_m64
+    tl.store(o_ptr + row[:, None] * D_V + offs_v[None, :], out.to(o_ptr.dtype.element_ty), mask=final[:, None])
+    tl.store(lse_ptr + row, lse, mask=final)
+    if NUM_SPLITS > 1:
+        partial = row_ok & (splits_here > 1) & (split < splits_here)
         row = (b.to(tl.int64) * NUM_SPLITS + split) * R + offs_m64
-        tl.store(o_ptr + row[:, None] * D_V + offs_v[None, :], out, mask=row_ok[:, None])
-    tl.store(lse_ptr + row, lse, mask=row_ok)
+        # An empty split (lse -inf) is never read by the combine: skip its 0 partial.
+        tl.store(o_part_ptr + row[:, None] * D_V + offs_v[None, :], out, mask=(partial & (lo < hi))[:, None])
+        tl.store(lse_part_ptr + row, lse, mask=partial)
+        tl.store(splits_ptr + b, splits_here, mask=(tile == 0) & (split == 0))
 
 
 @triton.jit
 def mla_decode_combine_kernel(
-    o_part_ptr, lse_part_ptr,
+    o_part_ptr, lse_part_ptr, splits_ptr, o_in_ptr, lse_in_ptr,
     o_ptr, lse_ptr,
     R: tl.constexpr, D_V: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
-    """Merges split partials by their LSE. Grid (cdiv(R, BLOCK_R), B).
+    """Merges the partials of split sequences by their LSE. Grid (R, D_V // BLOCK_D, B): one row and
+    BLOCK_D columns per program, all splits loaded as one [SPLITS_POW2, BLOCK_D] tile (no loop over
+    splits, so a single long sequence with hundreds of splits still spreads over the whole GPU).
 
-    o_part_ptr [B, NUM_SPLITS, R, D_V] float32, lse_part_ptr [B, NUM_SPLITS, R] float32 (-inf: empty split)
-    -> o_ptr [B, R, D_V] in the output dtype, lse_ptr [B, R] float32; a row with no key gives 0 and -inf.
+    o_part_ptr [B, NUM_SPLITS, R, D_V] float32, lse_part_ptr [B, NUM_SPLITS, R] float32 (-inf: empty split),
+    splits_ptr [B] int32 (the split kernel's count per sequence).
+    o_in_ptr / lse_in_ptr are the split kernel's outputs, aliased to o_ptr [B, R, D_V] / lse_ptr [B, R]:
+    rows of a sequence that took one split already hold their result and are left alone.
+    A row with no key gives 0 and -inf.
     """
-    b = tl.program_id(1)
-    offs_r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0)
+    d_tile = tl.program_id(1)
+    b = tl.program_id(2)
+    splits_here = tl.load(splits_ptr + b)
+    active = splits_here > 1
     offs_s = tl.arange(0, SPLITS_POW2)
-    offs_d = tl.arange(0, D_V)
-    row_ok = offs_r < R
-    part_rows = (b.to(tl.int64) * NUM_SPLITS + offs_s[:, None]) * R + offs_r[None, :]    # [S, BLOCK_R]
-    lse_s = tl.load(lse_part_ptr + part_rows, mask=(offs_s[:, None] < NUM_SPLITS) & row_ok[None, :],
-                    other=float("-inf"))
+    offs_d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
+    split_ok = (offs_s < splits_here) & active
+    part_rows = (b.to(tl.int64) * NUM_SPLITS + offs_s) * R + r                         # [S]
+    lse_s = tl.load(lse_part_ptr + part_rows, mask=split_ok, other=float("-inf"))
     lse_max = tl.max(lse_s, 0)
     has_keys = lse_max > float("-inf")
     lse_max_safe = tl.where(has_keys, lse_max, 0.0)
-    w = tl.exp(lse_s - lse_max_safe[None, :])                     # [S, BLOCK_R]; empty splits weigh 0
+    w = tl.exp(lse_s - lse_max_safe)                                # empty splits weigh 0
     w_sum = tl.sum(w, 0)
-    w = w / tl.where(has_keys, w_sum, 1.0)[None, :]
-    acc = tl.zeros([BLOCK_R, D_V], dtype=tl.float32)
-    for s in range(NUM_SPLITS):
-        rows = (b.to(tl.int64) * NUM_SPLITS + s) * R + offs_r
-        part = tl.load(o_part_ptr + rows[:, None] * D_V + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        w_s = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
-        # An empty split's partial is 0 with weight 0; guard anyway so garbage never meets a zero weight.
-        acc += tl.where(w_s[:, None] > 0, part * w_s[:, None], 0.0)
-    out_rows = b.to(tl.int64) * R + offs_r
-    tl.store(o_ptr + out_rows[:, None] * D_V + offs_d[None, :], acc.to(o_ptr.dtype.element_ty),
-             mask=row_ok[:, None])
+    w = w / tl.where(has_keys, w_sum, 1.0)
+    # An empty split's partial is 0 with weight 0; it is not loaded, so garbage never meets a zero weight.
+    use = split_ok & (w > 0)
+    part = tl.load(o_part_ptr + part_rows[:, None] * D_V + offs_d[None, :], mask=use[:, None], other=0.0)
+    out = tl.sum(part * w[:, None], 0)
+    out_row = b.to(tl.int64) * R + r
+    tl.store(o_ptr + out_row * D_V + offs_d, out.to(o_ptr.dtype.element_ty), mask=active)
     lse = tl.where(has_keys, lse_max_safe + tl.log(tl.where(has_keys, w_sum, 1.0)), float("-inf"))
-    tl.store(lse_ptr + out_rows, lse, mask=row_ok)
+    tl.store(lse_ptr + out_row, lse, mask=active & (d_tile == 0))

@@ -18,27 +18,32 @@ _INTERPRET_LOCK = threading.Lock()
 
 def launch(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple | Callable,
            implementation: str, num_warps: int = 4, num_stages: int = 2,
-           zeroed_outputs: Sequence[int] = (), **constexprs):
+           zeroed_outputs: Sequence[int] = (), input_output_aliases: dict[int, int] | None = None,
+           **constexprs):
     """Runs `kernel` over `grid` and returns the list of outputs described by `out_shape`.
 
     implementation: "triton" (jax-triton, CUDA) or "interpret" (Triton's interpreter through
     `jax.pure_callback`, CPU). Outputs not in `zeroed_outputs` start as NaN (floats) or -1 (ints) in
     the interpreter, so an element the kernel forgets to write fails the tests.
+    input_output_aliases {input index: output index}: that output is the input's buffer, updated in
+    place (inputs counted among the array arguments; the kernel still takes both pointers).
     """
+    aliases = dict(input_output_aliases or {})
     out_shape = list(out_shape)
     if implementation == "triton":
         import jax_triton  # imported here: it cannot be imported without a GPU build of JAX
 
         outs = jax_triton.triton_call(
             *args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
-            num_stages=num_stages, zeroed_outputs=tuple(zeroed_outputs), **constexprs)
+            num_stages=num_stages, zeroed_outputs=tuple(zeroed_outputs), input_output_aliases=aliases,
+            **constexprs)
         return list(outs)
     if implementation != "interpret":
         raise ValueError(f"launch() runs Triton kernels only, not implementation={implementation!r}")
-    return _interpret(kernel, args, out_shape, grid, tuple(zeroed_outputs), constexprs)
+    return _interpret(kernel, args, out_shape, grid, tuple(zeroed_outputs), aliases, constexprs)
 
 
-def _interpret(kernel, args, out_shape, grid, zeroed_outputs, constexprs):
+def _interpret(kernel, args, out_shape, grid, zeroed_outputs, aliases, constexprs):
     is_array = [not isinstance(a, (bool, int, float, np.floating, np.integer)) for a in args]
     arrays = [a for a, arr in zip(args, is_array) if arr]
     grid = tuple(grid(constexprs) if callable(grid) else grid)
@@ -46,10 +51,11 @@ def _interpret(kernel, args, out_shape, grid, zeroed_outputs, constexprs):
     def host(*host_arrays):
         it = iter(host_arrays)
         kernel_args = [_to_torch(np.asarray(next(it))) if arr else _to_python(a) for a, arr in zip(args, is_array)]
+        aliased = {o: np.asarray(host_arrays[i]) for i, o in aliases.items()}
         outs = []
         for i, s in enumerate(out_shape):
             fill = 0 if i in zeroed_outputs else (np.nan if np.issubdtype(s.dtype, np.inexact) else -1)
-            outs.append(_to_torch(np.full(s.shape, fill, dtype=s.dtype)))
+            outs.append(_to_torch(aliased[i] if i in aliased else np.full(s.shape, fill, dtype=s.dtype)))
         with _interpreting_jit_calls():
             _interpreted(kernel)[grid](*kernel_args, *outs, **constexprs)
         return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shape))

@@ -1,6 +1,7 @@
 """`mla_decode`: absorbed MLA decode over a contiguous or paged latent cache."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -65,10 +66,9 @@ def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
     num_warps = 4 if block_m <= 32 else 8
     num_stages = 2
     if block_m == 16 and block_n == 64 and dtype != jnp.float32:
-        # H100 sweep (benchmarks/NOTES.md): 3 stages of 72 KB tiles; a paged cache wants 8 warps to hide
-        # the block-table lookup ahead of each tile. 4 stages overflow shared memory.
+        # H100 sweep (benchmarks/NOTES.md): 3 stages of 72 KB tiles, contiguous or paged (the block
+        # table sits in registers, so paged tiles pipeline alike). 4 stages overflow shared memory.
         num_stages = 3
-        num_warps = 8 if page_size is not None else 4
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -89,44 +89,99 @@ def choose_num_splits(batch: int, row_tiles: int, capacity: int, block_n: int, s
     return best
 
 
-def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits,
-                   implementation, config=None):
-    """The Triton path; `config` overrides `_tile_config` (benchmarks/tune_decode.py uses it)."""
-    b, s_q, h, d = q.shape
-    rows = s_q * h
-    paged = block_table is not None
-    page_size = kv_cache.shape[1] if paged else None
-    cfg = config or _tile_config(rows, q.dtype, page_size)
-    capacity = block_table.shape[1] * page_size if paged else kv_cache.shape[1]
+def balanced_split_cap(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int,
+                       waves: int = 4) -> tuple[int, int, int]:
+    """(split cap, splits for full-length sequences, slots) for the device-side schedule (`BALANCE`,
+    kernels/decode.py's `_sequence_splits`).
+
+    Lengths are data under jit; the kernels read them and cut a ragged batch's real key blocks into runs
+    of about work / slots blocks, slots being `waves` waves of programs less one per (sequence, row
+    tile), which bounds what rounding each sequence up to whole runs adds. The cap lets a ragged batch
+    fill those waves; a batch that fills the GPU with one program per (sequence, row tile) is not split
+    beyond the static choice.
+    """
+    programs = batch * row_tiles
+    uniform = choose_num_splits(batch, row_tiles, capacity, block_n, sms)
+    if programs >= sms:
+        return uniform, uniform, 1
+    n_blocks = max(1, -(-capacity // block_n))
+    cap = min(MAX_SPLITS, n_blocks, max(uniform, -(-waves * sms // programs)))
+    return cap, uniform, max(1, waves * sms - programs)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """Static launch parameters of one decode call: the split kernel's grid, warps, stages and
+    constexprs, and the combine kernel's grid and constexprs (None when no sequence can be split)."""
+    grid: tuple
+    num_warps: int
+    num_stages: int
+    constexprs: dict
+    num_splits: int
+    combine_grid: tuple | None
+    combine_constexprs: dict | None
+
+
+def plan_decode(batch: int, s_q: int, heads: int, d: int, head_dim_v: int, dtype, causal: bool,
+                capacity: int, paged: tuple[int, int, int] | None, num_splits: int | None, sms: int,
+                config: dict | None = None) -> DecodePlan:
+    """paged: None, or (page_size, max_blocks, num_pages). num_splits None: a cap chosen here and the
+    schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
+    splits per sequence. `config` overrides `_tile_config` (benchmarks/profile_decode.py sweeps it), and its
+    optional "waves" the balanced schedule's."""
+    rows = s_q * heads
+    page_size, max_blocks, num_pages = paged or (None, 1, 1)
+    cfg = config or _tile_config(rows, dtype, page_size)
     row_tiles = -(-rows // cfg["BLOCK_M"])
     if num_splits is None:
-        num_splits = choose_num_splits(b, row_tiles, capacity, cfg["BLOCK_N"], num_sms())
-    table = block_table if paged else cache_seqlens        # unused pointer when contiguous
-    common = dict(
-        H=h, S_Q=s_q, N_MAX=capacity if not paged else 0, PAGED=paged, PAGE_SIZE=page_size or 1,
-        MAX_BLOCKS=block_table.shape[1] if paged else 1, NUM_PAGES=kv_cache.shape[0] if paged else 1,
-        D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, NUM_SPLITS=num_splits,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"])
-    q_rows = q.reshape(b, rows, d)
-    if num_splits == 1:
-        part_shape = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
-                      jax.ShapeDtypeStruct((b, rows), jnp.float32)]
+        num_splits, uniform, slots = balanced_split_cap(batch, row_tiles, capacity, cfg["BLOCK_N"], sms,
+                                                        cfg.get("waves", 4))
     else:
-        part_shape = [jax.ShapeDtypeStruct((b, num_splits, rows, head_dim_v), jnp.float32),
-                      jax.ShapeDtypeStruct((b, num_splits, rows), jnp.float32)]
+        uniform, slots = num_splits, 1
+    schedule = dict(CAPACITY=capacity, NUM_SPLITS=num_splits, UNIFORM_SPLITS=uniform,
+                    BALANCE=num_splits > uniform, BATCH=batch, BATCH_POW2=max(2, 1 << (batch - 1).bit_length()),
+                    SLOTS=slots, ROW_TILES=row_tiles, BLOCK_N=cfg["BLOCK_N"])
+    constexprs = dict(
+        H=heads, S_Q=s_q, N_MAX=0 if paged else capacity, PAGED=paged is not None, PAGE_SIZE=page_size or 1,
+        MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages, TABLE_POW2=max(2, 1 << (max_blocks - 1).bit_length()),
+        D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **schedule)
+    combine_grid = combine_constexprs = None
+    if num_splits > 1:
+        # Column tiles sized so that one program holds about 4K partial values of all splits at once.
+        splits_pow2 = max(2, 1 << (num_splits - 1).bit_length())
+        block_d = max(16, min(head_dim_v, 4096 // splits_pow2))
+        combine_grid = (rows, head_dim_v // block_d, batch)
+        combine_constexprs = dict(R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits, SPLITS_POW2=splits_pow2,
+                                  BLOCK_D=block_d)
+    return DecodePlan((row_tiles, batch, num_splits), cfg["num_warps"], cfg["num_stages"], constexprs,
+                      num_splits, combine_grid, combine_constexprs)
+
+
+def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits,
+                   implementation, config=None):
+    """The Triton path: the split kernel, then the in-place combine when a sequence may be split."""
+    b, s_q, h, d = q.shape
+    rows = s_q * h
+    paged = (kv_cache.shape[1], block_table.shape[1], kv_cache.shape[0]) if block_table is not None else None
+    capacity = paged[0] * paged[1] if paged else kv_cache.shape[1]
+    plan = plan_decode(b, s_q, h, d, head_dim_v, q.dtype, causal, capacity, paged, num_splits, num_sms(), config)
+    splits = plan.num_splits
+    part_shape = (b, splits, rows) if splits > 1 else (1,)        # unused with one split
+    out_shape = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype), jax.ShapeDtypeStruct((b, rows), jnp.float32),
+                 jax.ShapeDtypeStruct(part_shape + ((head_dim_v,) if splits > 1 else ()), jnp.float32),
+                 jax.ShapeDtypeStruct(part_shape, jnp.float32),
+                 jax.ShapeDtypeStruct((b,) if splits > 1 else (1,), jnp.int32)]
     from flashmla_jax.kernels import decode as kernels
 
-    out, lse = launch(kernels.mla_decode_split_kernel, q_rows, kv_cache, cache_seqlens, table, np.float32(scale),
-                      out_shape=part_shape, grid=(row_tiles, num_splits, b), implementation=implementation,
-                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
-    if num_splits > 1:
-        block_r = 4 if b * rows >= 4 * num_sms() else 1    # few rows (one long sequence): spread them
-        out, lse = launch(kernels.mla_decode_combine_kernel, out, lse,
-                          out_shape=[jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype),
-                                     jax.ShapeDtypeStruct((b, rows), jnp.float32)],
-                          grid=(-(-rows // block_r), b), implementation=implementation, num_warps=4,
-                          num_stages=1, R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits,
-                          SPLITS_POW2=max(2, 1 << (num_splits - 1).bit_length()), BLOCK_R=block_r)
+    table = block_table if paged else cache_seqlens        # unused pointer when contiguous
+    out, lse, o_part, lse_part, splits_taken = launch(
+        kernels.mla_decode_split_kernel, q.reshape(b, rows, d), kv_cache, cache_seqlens, table, np.float32(scale),
+        out_shape=out_shape, grid=plan.grid, implementation=implementation, num_warps=plan.num_warps,
+        num_stages=plan.num_stages, **plan.constexprs)
+    if plan.combine_grid is not None:
+        out, lse = launch(kernels.mla_decode_combine_kernel, o_part, lse_part, splits_taken, out, lse,
+                          out_shape=out_shape[:2], grid=plan.combine_grid, implementation=implementation,
+                          num_warps=4, num_stages=1, input_output_aliases={3: 0, 4: 1}, **plan.combine_constexprs)
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
 
 
