@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import sys
 
@@ -52,6 +53,7 @@ ROWS = [
     Row("D2-paged", 64, 16384, 16, 1, paged=True),
 ]
 PAGE_SIZE = 64
+CALLS_PER_DISPATCH = 4      # decode calls (each on its own inputs) per timed jit dispatch
 
 
 def make_inputs(row: Row, seed: int):
@@ -80,10 +82,9 @@ def cost(row: Row, seqlens: np.ndarray) -> tuple[float, float]:
 
 
 def run_row(row: Row, implementation: str, bandwidth: float, flops_rate: float) -> dict:
-    sets = [make_inputs(row, seed) for seed in range(2)]
-    fn = jax.jit(lambda q, kv, sl, bt: fm.mla_decode(q, kv, sl, bt, softmax_scale=SCALE,
-                                                    implementation=implementation))
-    seconds = common.time_call(fn, sets)
+    sets = [make_inputs(row, seed) for seed in range(CALLS_PER_DISPATCH)]
+    fn = functools.partial(fm.mla_decode, softmax_scale=SCALE, implementation=implementation)
+    seconds = common.time_call_in_one_dispatch(fn, sets, repeats=10, calls_per_repeat=4)
     nbytes, flops = cost(row, np.asarray(sets[0][2]))
     floor = max(nbytes / bandwidth, flops / flops_rate)
     return dict(row=row.name, implementation=implementation, batch=row.batch, seqlen=row.seqlen,

@@ -41,6 +41,15 @@ def time_call(fn: Callable, input_sets: Sequence[tuple], repeats: int = 20, call
     return statistics.median(samples)
 
 
+def time_call_in_one_dispatch(fn: Callable, input_sets: Sequence[tuple], **kwargs) -> float:
+    """Seconds per call of `fn` when all of `input_sets` run inside one jitted dispatch, as in a decode
+    loop under jit. On the lent H100's host one dispatch costs about 40 us, more than a short decode
+    step takes the GPU; this keeps the host out of the time. Each set must differ (no common
+    subexpressions to merge), so the calls read memory and not L2."""
+    many = jax.jit(lambda sets: [fn(*s) for s in sets])
+    return time_call(many, [(list(input_sets),)], **kwargs) / len(input_sets)
+
+
 def measure_read_bandwidth(gib: float = 2.0) -> float:
     """Bytes/s of a streaming read: a float32 sum over a `gib` GiB bf16 array (read once, tiny write)."""
     n = int(gib * 2 ** 30) // 2

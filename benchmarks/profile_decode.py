@@ -1,0 +1,147 @@
+"""Launches the decode kernels straight from Triton on torch tensors (no JAX dispatch in the way), for
+compiler reports (registers, spills, shared memory), CUDA-event kernel times and Nsight Compute.
+
+    python benchmarks/profile_decode.py --rows D3 D5                 # report + kernel times per row
+    python benchmarks/profile_decode.py --rows D5 --sweep             # tile sweep on kernel time
+    ncu --clock-control none -k regex:mla_decode python benchmarks/profile_decode.py --rows D5 --once
+
+Needs a CUDA GPU and torch. Efficiency is counted as in benchmark.py (floor / time); the ceilings are
+passed in (--bandwidth TB/s, --matmul TFLOP/s) from a benchmark.py run on the same card.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import jax.numpy as jnp
+import torch
+import triton
+import triton.testing
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import benchmark  # noqa: E402
+from flashmla_jax.kernels import decode as kernels  # noqa: E402
+from flashmla_jax.ops import decode as decode_ops  # noqa: E402
+
+EXTRA_ROWS = [benchmark.Row("chunk", 1, 16384, 16, 1024)]     # issue 5's absorbed chunked-prefill row
+
+
+def make_inputs(row, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    d = benchmark.D
+    q = torch.randn(row.batch, row.s_q * row.heads, d, device="cuda", generator=g).to(torch.bfloat16)
+    kv = torch.randn(row.batch, row.seqlen, d, device="cuda", generator=g).to(torch.bfloat16)
+    if row.ragged:
+        seqlens = torch.randint(1, row.seqlen + 1, (row.batch,), device="cuda", generator=g, dtype=torch.int32)
+    else:
+        seqlens = torch.full((row.batch,), row.seqlen, device="cuda", dtype=torch.int32)
+    table = None
+    if row.paged:
+        per_seq = row.seqlen // benchmark.PAGE_SIZE
+        kv = kv.reshape(row.batch * per_seq, benchmark.PAGE_SIZE, d)
+        table = torch.randperm(row.batch * per_seq, device="cuda", generator=g).to(torch.int32).reshape(
+            row.batch, per_seq)
+    return q, kv, seqlens, table
+
+
+def launcher(row, inputs, cfg, num_splits=None):
+    """A zero-argument callable running split (+ combine) once, one running the split kernel alone,
+    the compiled split kernel, and the plan (ops/decode.py's `plan_decode`, as mla_decode launches)."""
+    q, kv, seqlens, table = inputs
+    b, rows, d = q.shape
+    paged = (kv.shape[1], table.shape[1], kv.shape[0]) if table is not None else None
+    capacity = paged[0] * paged[1] if paged else kv.shape[1]
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    plan = decode_ops.plan_decode(b, row.s_q, row.heads, d, benchmark.D_V, jnp.bfloat16, True, capacity, paged,
+                                  num_splits, sms, cfg)
+    dv, splits = benchmark.D_V, plan.num_splits
+    part = (b, splits, rows) if splits > 1 else (1,)
+    o = torch.empty(*part, *((dv,) if splits > 1 else ()), device="cuda", dtype=torch.float32)
+    lse = torch.empty(*part, device="cuda", dtype=torch.float32)
+    out = torch.empty(b, rows, dv, device="cuda", dtype=q.dtype)
+    out_lse = torch.empty(b, rows, device="cuda", dtype=torch.float32)
+    taken = torch.empty(b, device="cuda", dtype=torch.int32)
+    tbl = table if paged else seqlens
+
+    def split():
+        return kernels.mla_decode_split_kernel[plan.grid](
+            q, kv, seqlens, tbl, benchmark.SCALE, out, out_lse, o, lse, taken, num_warps=plan.num_warps,
+            num_stages=plan.num_stages, **plan.constexprs)
+
+    def run():
+        split()
+        if plan.combine_grid is not None:
+            kernels.mla_decode_combine_kernel[plan.combine_grid](o, lse, taken, out, out_lse, out, out_lse,
+                                                                 num_warps=4, num_stages=1, **plan.combine_constexprs)
+
+    compiled = split()
+    return run, split, compiled, plan
+
+
+def efficiency(row, seqlens, ms, bandwidth, matmul):
+    nbytes, flops = benchmark.cost(row, seqlens.cpu().numpy())
+    floor = max(nbytes / (bandwidth * 1e12), flops / (matmul * 1e12))
+    return 100 * floor / (ms * 1e-3)
+
+
+def report(row, cfg, args, num_splits=None):
+    inputs = make_inputs(row)
+    if row.paged and args.identity_table:
+        q, kv, seqlens, table = inputs
+        inputs = q, kv, seqlens, torch.arange(table.numel(), device="cuda", dtype=torch.int32).reshape(table.shape)
+    run, split, compiled, plan = launcher(row, inputs, cfg, num_splits)
+    splits = f"{plan.num_splits}{'b' if plan.constexprs['BALANCE'] else ''}"
+    if cfg.get("waves"):
+        splits += f"w{cfg['waves']}"
+    torch.cuda.synchronize()
+    if args.once:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        return None
+    ms = triton.testing.do_bench(run, warmup=25, rep=200)
+    split_ms = triton.testing.do_bench(split, warmup=25, rep=200)
+    eff = efficiency(row, inputs[2], ms, args.bandwidth, args.matmul)
+    print(f"{row.name:9} {str(cfg):75} splits {splits:>4} regs {compiled.n_regs:3d} spills {compiled.n_spills:4d} "
+          f"smem {compiled.metadata.shared // 1024:3d}K  total {ms * 1e3:8.1f} us (split {split_ms * 1e3:8.1f})  "
+          f"{eff:5.1f}% of floor", flush=True)
+    return ms
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", nargs="*", default=["D1", "D3", "D4", "D5", "D6", "chunk"])
+    parser.add_argument("--bandwidth", type=float, default=3.03)
+    parser.add_argument("--matmul", type=float, default=691.0)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--splits", nargs="*", type=lambda v: None if v == "auto" else int(v), default=[None],
+                        help="'auto' (mla_decode's default: a cap and the device-side schedule) or a count")
+    parser.add_argument("--identity-table", action="store_true", help="paged rows: pages in order")
+    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages to try")
+    parser.add_argument("--waves", nargs="*", type=int, default=None, help="balanced schedule waves to try")
+    parser.add_argument("--once", action="store_true", help="launch a few times only (for ncu)")
+    args = parser.parse_args()
+    rows = [r for r in benchmark.ROWS + EXTRA_ROWS if r.name in args.rows]
+    for row in rows:
+        base = decode_ops._tile_config(row.s_q * row.heads, jnp.bfloat16, benchmark.PAGE_SIZE if row.paged else None)
+        cfgs = [base]
+        if args.sweep:
+            cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
+                    for bm, bn, w, s in itertools.product([32, 64], [32, 64], [4, 8], [1, 2, 3])
+                    if bm <= max(16, row.s_q * row.heads)]
+        if args.configs:
+            cfgs = [dict(zip(["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"], map(int, c.split(","))))
+                    for c in args.configs.split(";")]
+        if args.waves:
+            cfgs = [dict(c, waves=w) for c in cfgs for w in args.waves]
+        for cfg, ns in itertools.product(cfgs, args.splits):
+            try:
+                report(row, cfg, args, ns)
+            except Exception as e:  # noqa: BLE001 - a config that does not fit is reported
+                print(f"{row.name:9} {str(cfg):75} failed: {str(e).splitlines()[0][:90]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
