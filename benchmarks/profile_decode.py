@@ -63,11 +63,13 @@ def launcher(row, inputs, cfg, num_splits=None):
     out = torch.empty(b, rows, dv, device="cuda", dtype=q.dtype)
     out_lse = torch.empty(b, rows, device="cuda", dtype=torch.float32)
     taken = torch.empty(b, device="cuda", dtype=torch.int32)
+    count = torch.zeros(b * plan.grid[0], device="cuda", dtype=torch.int32)
     tbl = table if paged else seqlens
 
     def split():
+        count.zero_()           # jax-triton zeroes it in the same way (zeroed_outputs)
         return kernels.mla_decode_split_kernel[plan.grid](
-            q, kv, seqlens, tbl, benchmark.SCALE, out, out_lse, o, lse, taken, num_warps=plan.num_warps,
+            q, kv, seqlens, tbl, benchmark.SCALE, out, out_lse, o, lse, taken, count, num_warps=plan.num_warps,
             num_stages=plan.num_stages, **plan.constexprs)
 
     def run():

@@ -157,6 +157,19 @@ def test_interpret_more_splits_than_blocks_and_noncausal():
         np.testing.assert_allclose(lse, ref_lse, rtol=2e-3, atol=2e-3)
 
 
+def test_interpret_many_splits_use_the_combine_kernel():
+    """More splits than the split kernel merges itself (16): the separate combine kernel merges them."""
+    from flashmla_jax.ops.decode import MAX_SPLITS_MERGED_IN_KERNEL
+
+    splits = MAX_SPLITS_MERGED_IN_KERNEL + 4
+    q, kv, sl = make_inputs(25, 2, 1, 2, SMALL["d"], 32 * splits, jnp.float32, [32 * splits, 300])
+    kw = dict(head_dim_v=SMALL["head_dim_v"], return_lse=True)
+    out, lse = fm.mla_decode(q, kv, sl, num_splits=splits, implementation="interpret", **kw)
+    ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+    assert rel_err(out, ref) < 1e-3
+    np.testing.assert_allclose(lse, ref_lse, rtol=1e-3, atol=1e-3)
+
+
 def test_interpret_lengths_past_capacity_are_clamped():
     q, kv, sl = make_inputs(21, 2, 1, 4, SMALL["d"], 64, jnp.float32, [1000, -7])
     out = fm.mla_decode(q, kv, sl, head_dim_v=64, num_splits=2, implementation="interpret")

@@ -7,8 +7,9 @@ the D_V part serves both as K and as V.
 Stage 1 (`mla_decode_split_kernel`): one program takes BLOCK_M query rows (rows are (s, h) pairs of one
 sequence, r = s * H + h) and one split of that sequence's keys, and runs the online softmax over it. A
 sequence that takes one split gets its final output there; a split one gets float32 partials and their
-LSE, merged in place by `mla_decode_combine_kernel`. How many splits each sequence takes
-(`_sequence_splits`) may depend on the lengths, which are data under jit: both kernels compute it.
+LSE, merged by the last of its splits to finish (a few splits), or in place by
+`mla_decode_combine_kernel` (many splits: one long sequence spread over the GPU). How many splits each
+sequence takes (`_sequence_splits`) may depend on the lengths, which are data under jit.
 """
 import triton
 import triton.language as tl
@@ -18,7 +19,7 @@ def _sequence_splits(seqlens_ptr, b, CAPACITY: tl.constexpr, NUM_SPLITS: tl.cons
                      UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr, BATCH: tl.constexpr,
                      BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
                      BLOCK_N: tl.constexpr):
-    """(seqlen, splits) of sequence b: the schedule, computed alike by the split and combine kernels.
+    """(seqlen, splits) of sequence b: the schedule, computed alike by every split program.
 
     Lengths are clamped to [0, CAPACITY]. Without BALANCE every sequence takes NUM_SPLITS equal runs.
     With BALANCE, NUM_SPLITS is a cap and the lengths decide: a batch of (nearly) equal lengths keeps
@@ -46,13 +47,13 @@ def _sequence_splits(seqlens_ptr, b, CAPACITY: tl.constexpr, NUM_SPLITS: tl.cons
 @triton.jit
 def mla_decode_split_kernel(
     q_ptr, kv_ptr, seqlens_ptr, table_ptr, scale,
-    o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr,
+    o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr,
     H: tl.constexpr, S_Q: tl.constexpr, N_MAX: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
     TABLE_POW2: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr, CAUSAL: tl.constexpr,
     CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr, UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr,
     BATCH: tl.constexpr, BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    LAST_MERGES: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(S_Q * H, BLOCK_M), B, NUM_SPLITS). The row tile is the fastest axis, so the
     row tiles of one split run side by side and share each latent tile through L2; the split is the
@@ -62,11 +63,12 @@ def mla_decode_split_kernel(
     q_ptr:  [B, S_Q * H, D_V + D_R]        kv_ptr: [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D]
     seqlens_ptr: [B] int32 (clamped to [0, CAPACITY]; negative counts as 0)
     table_ptr: [B, MAX_BLOCKS] int32 when PAGED (indices clamped to [0, NUM_PAGES)); TABLE_POW2 >= MAX_BLOCKS
-    o_ptr [B, S_Q * H, D_V] in q's dtype and lse_ptr [B, S_Q * H] float32: written for a sequence that
-      takes one split (`_sequence_splits`);
+    o_ptr [B, S_Q * H, D_V] in q's dtype and lse_ptr [B, S_Q * H] float32: the result;
     o_part_ptr [B, NUM_SPLITS, S_Q * H, D_V] and lse_part_ptr [B, NUM_SPLITS, S_Q * H] float32: the
-      partials of a split sequence, merged by `mla_decode_combine_kernel` (unused when NUM_SPLITS == 1).
-    splits_ptr [B] int32: the splits each sequence took, for the combine (unused when NUM_SPLITS == 1).
+      partials of a sequence that takes more than one split (`_sequence_splits`).
+    Partials are merged by the last split of a (sequence, row tile) to finish (LAST_MERGES: count_ptr
+      [B * ROW_TILES] int32, zeroed, counts arrivals), or else by `mla_decode_combine_kernel`, which
+      reads splits_ptr [B] int32, the splits each sequence took. Neither is used when NUM_SPLITS == 1.
     LSE is natural-log; a row that sees no key in its range gets lse -inf and output 0.
     """
     R: tl.constexpr = S_Q * H
@@ -141,12 +143,52 @@ def mla_decode_split_kernel(
     tl.store(o_ptr + row[:, None] * D_V + offs_v[None, :], out.to(o_ptr.dtype.element_ty), mask=final[:, None])
     tl.store(lse_ptr + row, lse, mask=final)
     if NUM_SPLITS > 1:
-        partial = row_ok & (splits_here > 1) & (split < splits_here)
+        taken = (splits_here > 1) & (split < splits_here)
+        partial = row_ok & taken
         row = (b.to(tl.int64) * NUM_SPLITS + split) * R + offs_m64
-        # An empty split (lse -inf) is never read by the combine: skip its 0 partial.
+        # An empty split (lse -inf) is never read by a merge: skip its 0 partial.
         tl.store(o_part_ptr + row[:, None] * D_V + offs_v[None, :], out, mask=(partial & (lo < hi))[:, None])
         tl.store(lse_part_ptr + row, lse, mask=partial)
-        tl.store(splits_ptr + b, splits_here, mask=(tile == 0) & (split == 0))
+        if LAST_MERGES:
+            # The last split of a (sequence, row tile) to finish merges all of them: no combine launch.
+            # The barrier puts every thread's partial stores before the release of the count.
+            tl.debug_barrier()
+            arrived = tl.atomic_add(count_ptr + b * ROW_TILES + tile, 1, mask=taken, sem="acq_rel", scope="gpu")
+            if taken & (arrived == splits_here - 1):
+                _merge_partials(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, b, offs_m64, row_ok, offs_v, splits_here,
+                                R, D_V, NUM_SPLITS, SPLITS_POW2)
+        else:
+            tl.store(splits_ptr + b, splits_here, mask=(tile == 0) & (split == 0))
+
+
+@triton.jit
+def _merge_partials(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, b, offs_m64, row_ok, offs_v, splits_here,
+                    R: tl.constexpr, D_V: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
+    """Writes the LSE-weighted merge of splits [0, splits_here) of rows offs_m64 of sequence b to o_ptr /
+    lse_ptr: every split's LSE in one [SPLITS_POW2, rows] load, then one full-width partial per split.
+    Loads go to L2 (.cg): other programs wrote these partials."""
+    offs_s = tl.arange(0, SPLITS_POW2)
+    split_rows = (b.to(tl.int64) * NUM_SPLITS + offs_s[:, None]) * R + offs_m64[None, :]      # [S, M]
+    lse_s = tl.load(lse_part_ptr + split_rows, mask=(offs_s < splits_here)[:, None] & row_ok[None, :],
+                    other=float("-inf"), cache_modifier=".cg")
+    lse_max = tl.max(lse_s, 0)
+    has_keys = lse_max > float("-inf")
+    lse_max_safe = tl.where(has_keys, lse_max, 0.0)
+    w = tl.exp(lse_s - lse_max_safe[None, :])                   # an empty split weighs 0 and is not read
+    w_sum = tl.sum(w, 0)
+    w = w / tl.where(has_keys, w_sum, 1.0)[None, :]
+    acc = tl.zeros([offs_m64.shape[0], D_V], dtype=tl.float32)
+    for s in range(0, splits_here):
+        w_s = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
+        rows = (b.to(tl.int64) * NUM_SPLITS + s) * R + offs_m64
+        part = tl.load(o_part_ptr + rows[:, None] * D_V + offs_v[None, :], mask=(row_ok & (w_s > 0))[:, None],
+                       other=0.0, cache_modifier=".cg")
+        acc += part * w_s[:, None]
+    final_rows = b.to(tl.int64) * R + offs_m64
+    tl.store(o_ptr + final_rows[:, None] * D_V + offs_v[None, :], acc.to(o_ptr.dtype.element_ty),
+             mask=row_ok[:, None])
+    tl.store(lse_ptr + final_rows, tl.where(has_keys, lse_max_safe + tl.log(tl.where(has_keys, w_sum, 1.0)),
+                                            float("-inf")), mask=row_ok)
 
 
 @triton.jit

@@ -15,6 +15,7 @@ from flashmla_jax.ops._launch import launch
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 MAX_SPLITS = 256
+MAX_SPLITS_MERGED_IN_KERNEL = 16   # more splits than this are merged by the combine kernel
 
 
 def _is_pow2(x: int) -> bool:
@@ -66,9 +67,10 @@ def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
     num_warps = 4 if block_m <= 32 else 8
     num_stages = 2
     if block_m == 16 and block_n == 64 and dtype != jnp.float32:
-        # H100 sweep (benchmarks/NOTES.md): 3 stages of 72 KB tiles, contiguous or paged (the block
-        # table sits in registers, so paged tiles pipeline alike). 4 stages overflow shared memory.
-        num_stages = 3
+        # H100 sweeps (benchmarks/NOTES.md): 3 stages of 72 KB tiles, contiguous or paged (the block
+        # table sits in registers, so paged tiles pipeline alike); 4 stages overflow shared memory.
+        # 8 warps: at 4 the kernel sits at 255 registers and small changes make it spill.
+        num_stages, num_warps = 3, 8
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
 
 
@@ -90,7 +92,7 @@ def choose_num_splits(batch: int, row_tiles: int, capacity: int, block_n: int, s
 
 
 def balanced_split_cap(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int,
-                       waves: int = 4) -> tuple[int, int, int]:
+                       waves: int = 3) -> tuple[int, int, int]:
     """(split cap, splits for full-length sequences, slots) for the device-side schedule (`BALANCE`,
     kernels/decode.py's `_sequence_splits`).
 
@@ -112,7 +114,8 @@ def balanced_split_cap(batch: int, row_tiles: int, capacity: int, block_n: int, 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
     """Static launch parameters of one decode call: the split kernel's grid, warps, stages and
-    constexprs, and the combine kernel's grid and constexprs (None when no sequence can be split)."""
+    constexprs, and the combine kernel's grid and constexprs (None when no sequence can be split, or
+    when the last split to finish merges: up to MAX_SPLITS_MERGED_IN_KERNEL splits)."""
     grid: tuple
     num_warps: int
     num_stages: int
@@ -135,20 +138,21 @@ def plan_decode(batch: int, s_q: int, heads: int, d: int, head_dim_v: int, dtype
     row_tiles = -(-rows // cfg["BLOCK_M"])
     if num_splits is None:
         num_splits, uniform, slots = balanced_split_cap(batch, row_tiles, capacity, cfg["BLOCK_N"], sms,
-                                                        cfg.get("waves", 4))
+                                                        cfg.get("waves", 3))
     else:
         uniform, slots = num_splits, 1
     schedule = dict(CAPACITY=capacity, NUM_SPLITS=num_splits, UNIFORM_SPLITS=uniform,
                     BALANCE=num_splits > uniform, BATCH=batch, BATCH_POW2=max(2, 1 << (batch - 1).bit_length()),
                     SLOTS=slots, ROW_TILES=row_tiles, BLOCK_N=cfg["BLOCK_N"])
+    last_merges = 1 < num_splits <= MAX_SPLITS_MERGED_IN_KERNEL
+    splits_pow2 = max(2, 1 << (num_splits - 1).bit_length())
     constexprs = dict(
-        H=heads, S_Q=s_q, N_MAX=0 if paged else capacity, PAGED=paged is not None, PAGE_SIZE=page_size or 1,
+        LAST_MERGES=last_merges, SPLITS_POW2=splits_pow2, H=heads, S_Q=s_q, N_MAX=0 if paged else capacity, PAGED=paged is not None, PAGE_SIZE=page_size or 1,
         MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages, TABLE_POW2=max(2, 1 << (max_blocks - 1).bit_length()),
         D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **schedule)
     combine_grid = combine_constexprs = None
-    if num_splits > 1:
+    if num_splits > 1 and not last_merges:
         # Column tiles sized so that one program holds about 4K partial values of all splits at once.
-        splits_pow2 = max(2, 1 << (num_splits - 1).bit_length())
         block_d = max(16, min(head_dim_v, 4096 // splits_pow2))
         combine_grid = (rows, head_dim_v // block_d, batch)
         combine_constexprs = dict(R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits, SPLITS_POW2=splits_pow2,
@@ -159,7 +163,8 @@ def plan_decode(batch: int, s_q: int, heads: int, d: int, head_dim_v: int, dtype
 
 def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits,
                    implementation, config=None):
-    """The Triton path: the split kernel, then the in-place combine when a sequence may be split."""
+    """The Triton path: the split kernel (which merges a few splits itself), then for many splits the
+    in-place combine."""
     b, s_q, h, d = q.shape
     rows = s_q * h
     paged = (kv_cache.shape[1], block_table.shape[1], kv_cache.shape[0]) if block_table is not None else None
@@ -170,14 +175,16 @@ def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, c
     out_shape = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype), jax.ShapeDtypeStruct((b, rows), jnp.float32),
                  jax.ShapeDtypeStruct(part_shape + ((head_dim_v,) if splits > 1 else ()), jnp.float32),
                  jax.ShapeDtypeStruct(part_shape, jnp.float32),
-                 jax.ShapeDtypeStruct((b,) if splits > 1 else (1,), jnp.int32)]
+                 jax.ShapeDtypeStruct((b,) if splits > 1 else (1,), jnp.int32),
+                 jax.ShapeDtypeStruct((b * plan.grid[0],) if plan.constexprs["LAST_MERGES"] else (1,), jnp.int32)]
     from flashmla_jax.kernels import decode as kernels
 
     table = block_table if paged else cache_seqlens        # unused pointer when contiguous
-    out, lse, o_part, lse_part, splits_taken = launch(
+    out, lse, o_part, lse_part, splits_taken, _ = launch(
         kernels.mla_decode_split_kernel, q.reshape(b, rows, d), kv_cache, cache_seqlens, table, np.float32(scale),
         out_shape=out_shape, grid=plan.grid, implementation=implementation, num_warps=plan.num_warps,
-        num_stages=plan.num_stages, **plan.constexprs)
+        num_stages=plan.num_stages, zeroed_outputs=(5,) if plan.constexprs["LAST_MERGES"] else (),
+        **plan.constexprs)
     if plan.combine_grid is not None:
         out, lse = launch(kernels.mla_decode_combine_kernel, o_part, lse_part, splits_taken, out, lse,
                           out_shape=out_shape[:2], grid=plan.combine_grid, implementation=implementation,
