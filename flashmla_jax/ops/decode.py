@@ -212,8 +212,10 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
       softmax_scale: scores are q·k times this; None means D ** -0.5. DeepSeek passes
         mscale² / sqrt(192).
       causal: query i of S_q sees keys < seqlen - S_q + i + 1; otherwise all keys < seqlen.
-      num_splits: key splits per sequence (flash-decoding); None picks them from the static shapes and
-        the GPU's SM count.
+      num_splits: key splits per sequence (flash-decoding). None (the default): a cap from the static
+        shapes and the GPU's SM count, and a schedule the kernels compute from the real lengths, so a
+        ragged batch splits its long sequences more than its short ones. An int: exactly that many
+        equal splits for every sequence.
       return_lse: also return the log-sum-exp of the scaled scores.
       implementation: "triton" (CUDA GPU), "xla" (the jnp reference) or "interpret" (the Triton kernels
         on the CPU through Triton's interpreter); None means "triton" on a CUDA device, else "xla".
