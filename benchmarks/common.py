@@ -1,6 +1,7 @@
 """What every benchmark here shares: the device's name, the two measured ceilings, and the timer."""
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -26,26 +27,45 @@ def device_slug() -> str:
 def time_call(fn: Callable, input_sets: Sequence[tuple], repeats: int = 20, calls_per_repeat: int = 10,
               warmup: int = 3) -> float:
     """Median seconds per call of the jitted `fn`, rotating over `input_sets` (so that inputs larger
-    than L2 are read from memory each time). Each repeat enqueues `calls_per_repeat` calls and waits
-    for the last, so that launch latency overlaps the previous call, as in a decode loop."""
+    than L2 are read from memory each time).
+
+    Each repeat first enqueues a few milliseconds of unrelated GPU work, then calls_per_repeat + 1
+    calls, and times from the end of the first call to the end of the last. The GPU is busy for the
+    whole interval (the host has enqueued everything while the blocker ran), so the host's dispatch
+    latency is not counted: the steady state of a decode loop. Without a GPU there is no blocker and
+    the first call's end starts the clock all the same."""
     for i in range(warmup):
         jax.block_until_ready(fn(*input_sets[i % len(input_sets)]))
+    blocker = _gpu_blocker()
     samples = []
     for r in range(repeats):
+        if blocker is not None:
+            blocker()
+        outs = [fn(*input_sets[(r * calls_per_repeat + i) % len(input_sets)]) for i in range(calls_per_repeat + 1)]
+        jax.block_until_ready(outs[0])
         t0 = time.perf_counter()
-        out = None
-        for i in range(calls_per_repeat):
-            out = fn(*input_sets[(r * calls_per_repeat + i) % len(input_sets)])
-        jax.block_until_ready(out)
+        jax.block_until_ready(outs[-1])
         samples.append((time.perf_counter() - t0) / calls_per_repeat)
     return statistics.median(samples)
 
 
+@functools.lru_cache(maxsize=1)
+def _gpu_blocker() -> Callable | None:
+    """A callable that enqueues ~5 ms of GPU work (200 chained 2048^2 bf16 products) and returns at once;
+    None without a GPU."""
+    if jax.devices()[0].platform != "gpu":
+        return None
+    x = jnp.full((2048, 2048), 1 / 2048, jnp.bfloat16)       # y @ x keeps y at its scale
+    chain = jax.jit(lambda x: jax.lax.fori_loop(0, 200, lambda i, y: y @ x, x))
+    jax.block_until_ready(chain(x))
+    return lambda: chain(x)
+
+
 def time_call_in_one_dispatch(fn: Callable, input_sets: Sequence[tuple], **kwargs) -> float:
     """Seconds per call of `fn` when all of `input_sets` run inside one jitted dispatch, as in a decode
-    loop under jit. On the lent H100's host one dispatch costs about 40 us, more than a short decode
-    step takes the GPU; this keeps the host out of the time. Each set must differ (no common
-    subexpressions to merge), so the calls read memory and not L2."""
+    loop under jit. On the lent GPUs' hosts one dispatch costs 28-40 us of host time, more than a short
+    decode step takes the GPU. Each set must differ (no common subexpressions to merge), so the calls
+    read memory and not L2."""
     many = jax.jit(lambda sets: [fn(*s) for s in sets])
     return time_call(many, [(list(input_sets),)], **kwargs) / len(input_sets)
 
