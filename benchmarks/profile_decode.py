@@ -16,6 +16,7 @@ import os
 import sys
 
 import jax.numpy as jnp
+import numpy as np
 import torch
 import triton
 import triton.testing
@@ -50,27 +51,21 @@ def launcher(row, inputs, cfg, num_splits=None):
     """A zero-argument callable running split (+ combine) once, one running the split kernel alone,
     the compiled split kernel, and the plan (ops/decode.py's `plan_decode`, as mla_decode launches)."""
     q, kv, seqlens, table = inputs
-    b, rows, d = q.shape
-    paged = (kv.shape[1], table.shape[1], kv.shape[0]) if table is not None else None
-    capacity = paged[0] * paged[1] if paged else kv.shape[1]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    plan = decode_ops.plan_decode(b, row.s_q, row.heads, d, benchmark.D_V, jnp.bfloat16, True, capacity, paged,
-                                  num_splits, sms, cfg)
-    dv, splits = benchmark.D_V, plan.num_splits
-    part = (b, splits, rows) if splits > 1 else (1,)
-    o = torch.empty(*part, *((dv,) if splits > 1 else ()), device="cuda", dtype=torch.float32)
-    lse = torch.empty(*part, device="cuda", dtype=torch.float32)
-    out = torch.empty(b, rows, dv, device="cuda", dtype=q.dtype)
-    out_lse = torch.empty(b, rows, device="cuda", dtype=torch.float32)
-    taken = torch.empty(b, device="cuda", dtype=torch.int32)
-    count = torch.zeros(b * plan.grid[0], device="cuda", dtype=torch.int32)
-    tbl = table if paged else seqlens
+    plan = decode_ops.plan_decode((row.batch, row.s_q, row.heads, q.shape[-1]), jnp.bfloat16, benchmark.D_V, True,
+                                  tuple(kv.shape), None if table is None else tuple(table.shape), num_splits, sms,
+                                  cfg)
+    outs = [torch.empty(o.shape, device="cuda", dtype=getattr(torch, np.dtype(o.dtype).name))
+            for o in plan.split_outputs]
+    out, out_lse, o, lse, taken, _ = outs
+    tbl = seqlens if table is None else table
 
     def split():
-        count.zero_()           # jax-triton zeroes it in the same way (zeroed_outputs)
+        for i in plan.zeroed_outputs:
+            outs[i].zero_()     # as jax-triton's zeroed_outputs does before each launch
         return kernels.mla_decode_split_kernel[plan.grid](
-            q, kv, seqlens, tbl, benchmark.SCALE, out, out_lse, o, lse, taken, count, num_warps=plan.num_warps,
-            num_stages=plan.num_stages, **plan.constexprs)
+            q, kv, seqlens, tbl, benchmark.SCALE, *outs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+            **plan.constexprs)
 
     def run():
         split()

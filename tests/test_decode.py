@@ -198,7 +198,8 @@ def test_interpret_device_schedule(monkeypatch, seqlens, paged):
     from flashmla_jax.ops import decode as decode_ops
 
     monkeypatch.setattr(decode_ops, "num_sms", lambda: 12)
-    plan = decode_ops.plan_decode(9, 1, 4, SMALL["d"], 64, jnp.float32, True, 256, None, None, 12)
+    plan = decode_ops.plan_decode((9, 1, 4, SMALL["d"]), jnp.float32, 64, True, (9, 256, SMALL["d"]), None,
+                                  None, 12)
     assert plan.constexprs["BALANCE"] and plan.num_splits > 1 == plan.constexprs["UNIFORM_SPLITS"]
     q, kv, sl = make_inputs(24, 9, 1, 4, SMALL["d"], 256, jnp.float32, seqlens)
     kw = dict(head_dim_v=64, return_lse=True)

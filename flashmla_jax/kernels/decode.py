@@ -162,6 +162,20 @@ def mla_decode_split_kernel(
 
 
 @triton.jit
+def _split_weights(lse_s):
+    """Merge weights of split partials from their LSE, reduced over axis 0 (the splits): (w, lse) with
+    w normalized (an empty split, lse -inf, weighs 0) and lse the merged natural-log LSE (-inf when no
+    split saw a key)."""
+    lse_max = tl.max(lse_s, 0)
+    has_keys = lse_max > float("-inf")
+    lse_max_safe = tl.where(has_keys, lse_max, 0.0)
+    w = tl.exp(lse_s - lse_max_safe)                 # broadcasts over axis 0
+    w_sum = tl.where(has_keys, tl.sum(w, 0), 1.0)
+    lse = tl.where(has_keys, lse_max_safe + tl.log(w_sum), float("-inf"))
+    return w / w_sum, lse
+
+
+@triton.jit
 def _merge_partials(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, b, offs_m64, row_ok, offs_v, splits_here,
                     R: tl.constexpr, D_V: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr):
     """Writes the LSE-weighted merge of splits [0, splits_here) of rows offs_m64 of sequence b to o_ptr /
@@ -171,12 +185,7 @@ def _merge_partials(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, b, offs_m64, row_o
     split_rows = (b.to(tl.int64) * NUM_SPLITS + offs_s[:, None]) * R + offs_m64[None, :]      # [S, M]
     lse_s = tl.load(lse_part_ptr + split_rows, mask=(offs_s < splits_here)[:, None] & row_ok[None, :],
                     other=float("-inf"), cache_modifier=".cg")
-    lse_max = tl.max(lse_s, 0)
-    has_keys = lse_max > float("-inf")
-    lse_max_safe = tl.where(has_keys, lse_max, 0.0)
-    w = tl.exp(lse_s - lse_max_safe[None, :])                   # an empty split weighs 0 and is not read
-    w_sum = tl.sum(w, 0)
-    w = w / tl.where(has_keys, w_sum, 1.0)[None, :]
+    w, lse = _split_weights(lse_s)                              # an empty split weighs 0 and is not read
     acc = tl.zeros([offs_m64.shape[0], D_V], dtype=tl.float32)
     for s in range(0, splits_here):
         w_s = tl.sum(tl.where(offs_s[:, None] == s, w, 0.0), 0)
@@ -187,8 +196,7 @@ def _merge_partials(o_part_ptr, lse_part_ptr, o_ptr, lse_ptr, b, offs_m64, row_o
     final_rows = b.to(tl.int64) * R + offs_m64
     tl.store(o_ptr + final_rows[:, None] * D_V + offs_v[None, :], acc.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    tl.store(lse_ptr + final_rows, tl.where(has_keys, lse_max_safe + tl.log(tl.where(has_keys, w_sum, 1.0)),
-                                            float("-inf")), mask=row_ok)
+    tl.store(lse_ptr + final_rows, lse, mask=row_ok)
 
 
 @triton.jit
@@ -218,17 +226,11 @@ def mla_decode_combine_kernel(
     split_ok = (offs_s < splits_here) & active
     part_rows = (b.to(tl.int64) * NUM_SPLITS + offs_s) * R + r                         # [S]
     lse_s = tl.load(lse_part_ptr + part_rows, mask=split_ok, other=float("-inf"))
-    lse_max = tl.max(lse_s, 0)
-    has_keys = lse_max > float("-inf")
-    lse_max_safe = tl.where(has_keys, lse_max, 0.0)
-    w = tl.exp(lse_s - lse_max_safe)                                # empty splits weigh 0
-    w_sum = tl.sum(w, 0)
-    w = w / tl.where(has_keys, w_sum, 1.0)
+    w, lse = _split_weights(lse_s)                                  # empty splits weigh 0
     # An empty split's partial is 0 with weight 0; it is not loaded, so garbage never meets a zero weight.
     use = split_ok & (w > 0)
     part = tl.load(o_part_ptr + part_rows[:, None] * D_V + offs_d[None, :], mask=use[:, None], other=0.0)
     out = tl.sum(part * w[:, None], 0)
     out_row = b.to(tl.int64) * R + r
     tl.store(o_ptr + out_row * D_V + offs_d, out.to(o_ptr.dtype.element_ty), mask=active)
-    lse = tl.where(has_keys, lse_max_safe + tl.log(tl.where(has_keys, w_sum, 1.0)), float("-inf"))
     tl.store(lse_ptr + out_row, lse, mask=active & (d_tile == 0))

@@ -113,27 +113,33 @@ def balanced_split_cap(batch: int, row_tiles: int, capacity: int, block_n: int, 
 
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
-    """Static launch parameters of one decode call: the split kernel's grid, warps, stages and
-    constexprs, and the combine kernel's grid and constexprs (None when no sequence can be split, or
+    """Static launch parameters of one decode call: the split kernel's grid, warps, stages, constexprs
+    and outputs, and the combine kernel's grid and constexprs (None when no sequence can be split, or
     when the last split to finish merges: up to MAX_SPLITS_MERGED_IN_KERNEL splits)."""
     grid: tuple
     num_warps: int
     num_stages: int
     constexprs: dict
     num_splits: int
+    split_outputs: tuple          # jax.ShapeDtypeStruct: out, lse, o_part, lse_part, splits taken, arrivals
+    zeroed_outputs: tuple         # indices into split_outputs that must start at 0
     combine_grid: tuple | None
     combine_constexprs: dict | None
 
 
-def plan_decode(batch: int, s_q: int, heads: int, d: int, head_dim_v: int, dtype, causal: bool,
-                capacity: int, paged: tuple[int, int, int] | None, num_splits: int | None, sms: int,
-                config: dict | None = None) -> DecodePlan:
-    """paged: None, or (page_size, max_blocks, num_pages). num_splits None: a cap chosen here and the
+def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
+                num_splits: int | None, sms: int, config: dict | None = None) -> DecodePlan:
+    """q_shape [B, S_q, H, D]; kv_shape [B, N, D] (contiguous, table_shape None) or [num_pages,
+    page_size, D] with table_shape [B, max_blocks]. num_splits None: a cap chosen here and the
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
-    splits per sequence. `config` overrides `_tile_config` (benchmarks/profile_decode.py sweeps it), and its
-    optional "waves" the balanced schedule's."""
+    splits per sequence. `config` overrides `_tile_config` (benchmarks/profile_decode.py sweeps it),
+    and its optional "waves" the balanced schedule's."""
+    batch, s_q, heads, d = q_shape
     rows = s_q * heads
-    page_size, max_blocks, num_pages = paged or (None, 1, 1)
+    paged = table_shape is not None
+    page_size = kv_shape[1] if paged else None
+    max_blocks, num_pages = (table_shape[1], kv_shape[0]) if paged else (1, 1)
+    capacity = page_size * max_blocks if paged else kv_shape[1]
     cfg = config or _tile_config(rows, dtype, page_size)
     row_tiles = -(-rows // cfg["BLOCK_M"])
     if num_splits is None:
@@ -147,9 +153,10 @@ def plan_decode(batch: int, s_q: int, heads: int, d: int, head_dim_v: int, dtype
     last_merges = 1 < num_splits <= MAX_SPLITS_MERGED_IN_KERNEL
     splits_pow2 = max(2, 1 << (num_splits - 1).bit_length())
     constexprs = dict(
-        LAST_MERGES=last_merges, SPLITS_POW2=splits_pow2, H=heads, S_Q=s_q, N_MAX=0 if paged else capacity, PAGED=paged is not None, PAGE_SIZE=page_size or 1,
-        MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages, TABLE_POW2=max(2, 1 << (max_blocks - 1).bit_length()),
-        D_V=head_dim_v, D_R=d - head_dim_v, CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **schedule)
+        LAST_MERGES=last_merges, SPLITS_POW2=splits_pow2, H=heads, S_Q=s_q, N_MAX=0 if paged else capacity,
+        PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
+        TABLE_POW2=max(2, 1 << (max_blocks - 1).bit_length()), D_V=head_dim_v, D_R=d - head_dim_v,
+        CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **schedule)
     combine_grid = combine_constexprs = None
     if num_splits > 1 and not last_merges:
         # Column tiles sized so that one program holds about 4K partial values of all splits at once.
@@ -157,8 +164,16 @@ def plan_decode(batch: int, s_q: int, heads: int, d: int, head_dim_v: int, dtype
         combine_grid = (rows, head_dim_v // block_d, batch)
         combine_constexprs = dict(R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits, SPLITS_POW2=splits_pow2,
                                   BLOCK_D=block_d)
-    return DecodePlan((row_tiles, batch, num_splits), cfg["num_warps"], cfg["num_stages"], constexprs,
-                      num_splits, combine_grid, combine_constexprs)
+    # Buffers a launch does not use are one element (the kernel never touches them).
+    part = (batch, num_splits, rows) if num_splits > 1 else (1,)
+    split_outputs = (jax.ShapeDtypeStruct((batch, rows, head_dim_v), dtype),
+                     jax.ShapeDtypeStruct((batch, rows), jnp.float32),
+                     jax.ShapeDtypeStruct(part + ((head_dim_v,) if num_splits > 1 else ()), jnp.float32),
+                     jax.ShapeDtypeStruct(part, jnp.float32),
+                     jax.ShapeDtypeStruct((batch,) if combine_grid else (1,), jnp.int32),
+                     jax.ShapeDtypeStruct((batch * row_tiles,) if last_merges else (1,), jnp.int32))
+    return DecodePlan((row_tiles, batch, num_splits), cfg["num_warps"], cfg["num_stages"], constexprs, num_splits,
+                      split_outputs, (5,) if last_merges else (), combine_grid, combine_constexprs)
 
 
 def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits,
@@ -166,28 +181,19 @@ def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, c
     """The Triton path: the split kernel (which merges a few splits itself), then for many splits the
     in-place combine."""
     b, s_q, h, d = q.shape
-    rows = s_q * h
-    paged = (kv_cache.shape[1], block_table.shape[1], kv_cache.shape[0]) if block_table is not None else None
-    capacity = paged[0] * paged[1] if paged else kv_cache.shape[1]
-    plan = plan_decode(b, s_q, h, d, head_dim_v, q.dtype, causal, capacity, paged, num_splits, num_sms(), config)
-    splits = plan.num_splits
-    part_shape = (b, splits, rows) if splits > 1 else (1,)        # unused with one split
-    out_shape = [jax.ShapeDtypeStruct((b, rows, head_dim_v), q.dtype), jax.ShapeDtypeStruct((b, rows), jnp.float32),
-                 jax.ShapeDtypeStruct(part_shape + ((head_dim_v,) if splits > 1 else ()), jnp.float32),
-                 jax.ShapeDtypeStruct(part_shape, jnp.float32),
-                 jax.ShapeDtypeStruct((b,) if splits > 1 else (1,), jnp.int32),
-                 jax.ShapeDtypeStruct((b * plan.grid[0],) if plan.constexprs["LAST_MERGES"] else (1,), jnp.int32)]
+    plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape,
+                       None if block_table is None else block_table.shape, num_splits, num_sms(), config)
     from flashmla_jax.kernels import decode as kernels
 
-    table = block_table if paged else cache_seqlens        # unused pointer when contiguous
+    table = cache_seqlens if block_table is None else block_table      # unused pointer when contiguous
     out, lse, o_part, lse_part, splits_taken, _ = launch(
-        kernels.mla_decode_split_kernel, q.reshape(b, rows, d), kv_cache, cache_seqlens, table, np.float32(scale),
-        out_shape=out_shape, grid=plan.grid, implementation=implementation, num_warps=plan.num_warps,
-        num_stages=plan.num_stages, zeroed_outputs=(5,) if plan.constexprs["LAST_MERGES"] else (),
+        kernels.mla_decode_split_kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table,
+        np.float32(scale), out_shape=plan.split_outputs, grid=plan.grid, implementation=implementation,
+        num_warps=plan.num_warps, num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs,
         **plan.constexprs)
     if plan.combine_grid is not None:
         out, lse = launch(kernels.mla_decode_combine_kernel, o_part, lse_part, splits_taken, out, lse,
-                          out_shape=out_shape[:2], grid=plan.combine_grid, implementation=implementation,
+                          out_shape=plan.split_outputs[:2], grid=plan.combine_grid, implementation=implementation,
                           num_warps=4, num_stages=1, input_output_aliases={3: 0, 4: 1}, **plan.combine_constexprs)
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
 
