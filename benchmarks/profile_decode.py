@@ -116,7 +116,7 @@ def main():
     parser.add_argument("--splits", nargs="*", type=lambda v: None if v == "auto" else int(v), default=[None],
                         help="'auto' (mla_decode's default: a cap and the device-side schedule) or a count")
     parser.add_argument("--identity-table", action="store_true", help="paged rows: pages in order")
-    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages to try")
+    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain 0/1[,split 0/1]] to try")
     parser.add_argument("--waves", nargs="*", type=int, default=None, help="balanced schedule waves to try")
     parser.add_argument("--once", action="store_true", help="launch a few times only (for ncu)")
     args = parser.parse_args()
@@ -129,7 +129,7 @@ def main():
                     for bm, bn, w, s in itertools.product([32, 64], [32, 64], [4, 8], [1, 2, 3])
                     if bm <= max(16, row.s_q * row.heads)]
         if args.configs:
-            cfgs = [dict(zip(["BLOCK_M", "BLOCK_N", "num_warps", "num_stages"], map(int, c.split(","))))
+            cfgs = [dict(zip(["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late"], map(int, c.split(","))))
                     for c in args.configs.split(";")]
         if args.waves:
             cfgs = [dict(c, waves=w) for c in cfgs for w in args.waves]

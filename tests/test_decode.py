@@ -215,6 +215,29 @@ def test_interpret_device_schedule(monkeypatch, seqlens, paged):
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-3, atol=1e-3)
 
 
+@pytest.mark.parametrize("num_splits", [None, 1, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_interpret_wide_row_tiles(num_splits, causal):
+    """S_q * H > 32 rows: 64-row tiles and the wide-tile options (scores split between warp groups,
+    unmasked tiles then masked ones, late row sums). Two row tiles per sequence, the last one partly
+    padding; lengths below S_q leave early rows with no key; tiles end mid-way and at the diagonal."""
+    from flashmla_jax.ops import decode as decode_ops
+
+    s_q, h = 20, 4
+    plan = decode_ops.plan_decode((3, s_q, h, SMALL["d"]), jnp.bfloat16, SMALL["head_dim_v"], causal,
+                                  (3, 200, SMALL["d"]), None, num_splits, 132)
+    assert plan.constexprs["BLOCK_M"] == 64 and plan.grid[0] == 2
+    assert plan.constexprs["UNCHAIN_SCORES"] and plan.constexprs["SPLIT_MASKED"] and plan.constexprs["LATE_ROW_SUM"]
+    q, kv, sl = make_inputs(26 + (num_splits or 0), 3, s_q, h, SMALL["d"], 200, jnp.bfloat16, [200, 141, 7])
+    kw = dict(head_dim_v=SMALL["head_dim_v"], causal=causal, return_lse=True)
+    out, lse = fm.mla_decode(q, kv, sl, num_splits=num_splits, implementation="interpret", **kw)
+    ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+    assert rel_err(out, ref) < 1e-2
+    np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(ref_lse))
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=2e-3, atol=2e-3)
+
+
 def test_interpret_deepseek_dims():
     """The real 512 + 64 latent with H = 16 heads and S_q = 2, paged at 64."""
     q, kv, sl = make_inputs(23, 2, 2, 16, 576, 128, jnp.bfloat16, [128, 71])

@@ -17,6 +17,7 @@ SHAPES = {
     "D4": (128, 8192, 16, 1, True),
     "D5": (128, 4096, 128, 1, False),
     "D6": (64, 8192, 128, 2, False),
+    "chunk": (1, 16384, 16, 1024, False),      # issue 5's absorbed chunked prefill
 }
 
 
@@ -54,22 +55,51 @@ def test_decode_splits_and_edge_lengths(num_splits):
     assert np.all(np.asarray(out[0], np.float32) == 0)
 
 
+def _nan_pages(kv, sl, page_size):
+    """[B, N, 576] -> shuffled pages with NaN in the spare pages and past each length, and a block
+    table with garbage indices past each length."""
+    b, n, d = kv.shape
+    per_seq = n // page_size
+    perm = jax.random.permutation(jax.random.PRNGKey(6), b * per_seq + 4)
+    pages = jnp.full((b * per_seq + 4, page_size, d), jnp.nan, kv.dtype)
+    kv_valid = jnp.where(jnp.arange(n)[None, :, None] < sl[:, None, None], kv, jnp.nan)
+    table = perm[: b * per_seq].astype(jnp.int32).reshape(b, per_seq)
+    pages = pages.at[table.reshape(-1)].set(kv_valid.reshape(b * per_seq, page_size, d))
+    unused = jnp.arange(per_seq)[None, :] * page_size >= sl[:, None]
+    return pages, jnp.where(unused, jnp.int32(2 ** 30), table)
+
+
 @pytest.mark.parametrize("page_size", [16, 64, 256])
 def test_decode_paged_nan_pages(page_size):
     b, n, h = 8, 2048, 16
     q, kv, _ = _inputs(b, n, h, 1, False, seed=page_size)
     sl = jax.random.randint(jax.random.PRNGKey(5), (b,), 0, n + 1, jnp.int32)
-    per_seq = n // page_size
-    perm = jax.random.permutation(jax.random.PRNGKey(6), b * per_seq + 4)
-    pages = jnp.full((b * per_seq + 4, page_size, 576), jnp.nan, jnp.bfloat16)
-    kv_valid = jnp.where(jnp.arange(n)[None, :, None] < sl[:, None, None], kv, jnp.nan)
-    table = perm[: b * per_seq].astype(jnp.int32).reshape(b, per_seq)
-    pages = pages.at[table.reshape(-1)].set(kv_valid.reshape(b * per_seq, page_size, 576))
-    unused = jnp.arange(per_seq)[None, :] * page_size >= sl[:, None]
-    table = jnp.where(unused, jnp.int32(2 ** 30), table)       # garbage indices past each length
+    pages, table = _nan_pages(kv, sl, page_size)
     out = fm.mla_decode(q, pages, sl, table, implementation="triton")
     ref = fm.mla_decode(q, kv, sl, implementation="xla")
     assert rel_err(out, ref) < 1e-2
+
+
+@pytest.mark.parametrize("dtype, num_splits, page_size", [
+    (jnp.bfloat16, None, None), (jnp.bfloat16, 7, None), (jnp.bfloat16, 64, None), (jnp.bfloat16, None, 16),
+    (jnp.bfloat16, None, 64), (jnp.float16, None, None), (jnp.float32, None, None)])
+def test_decode_wide_row_tiles(dtype, num_splits, page_size):
+    """S_q * H = 128 rows (64-row tiles with the wide-tile options; float32 keeps 32-row tiles): lengths
+    below S_q, mid-tile ends, split and paged variants."""
+    q, kv, _ = _inputs(6, 2048, 16, 8, False, seed=11)
+    q, kv = q.astype(dtype), kv.astype(dtype)
+    sl = jnp.asarray([0, 3, 100, 1000, 2048, 1500], jnp.int32)
+    kw = dict(softmax_scale=192 ** -0.5, return_lse=True)
+    ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+    if page_size:
+        pages, table = _nan_pages(kv, sl, page_size)
+        out, lse = fm.mla_decode(q, pages, sl, table, num_splits=num_splits, implementation="triton", **kw)
+    else:
+        out, lse = fm.mla_decode(q, kv, sl, num_splits=num_splits, implementation="triton", **kw)
+    assert rel_err(out, ref) < (1e-3 if dtype == jnp.float32 else 1e-2)
+    finite = np.isfinite(np.asarray(ref_lse))
+    np.testing.assert_array_equal(np.isneginf(lse), ~finite)
+    np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float16, jnp.float32])

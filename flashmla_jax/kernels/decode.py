@@ -10,6 +10,12 @@ sequence that takes one split gets its final output there; a split one gets floa
 LSE, merged by the last of its splits to finish (a few splits), or in place by
 `mla_decode_combine_kernel` (many splits: one long sequence spread over the GPU). How many splits each
 sequence takes (`_sequence_splits`) may depend on the lengths, which are data under jit.
+
+Wide row tiles (BLOCK_M 64, 8 warps: many heads, several new tokens, chunked prefill) are bound by the
+matrix units, and three options of the split kernel serve them (benchmarks/NOTES.md has the measurements):
+UNCHAIN_SCORES (each warp group computes half of QK^T instead of both computing all of it),
+SPLIT_MASKED (tiles every row sees whole run without masks; the diagonal and the ragged end with them)
+and LATE_ROW_SUM (row sums kept per column and reduced once, after the loop).
 """
 import triton
 import triton.language as tl
@@ -45,6 +51,77 @@ def _sequence_splits(seqlens_ptr, b, CAPACITY: tl.constexpr, NUM_SPLITS: tl.cons
 
 
 @triton.jit
+def _unchained_sum(a, b, always):
+    """a + b behind a branch on `always` (true at run time, unknown to the compiler).
+
+    Triton lays out a dot whose result reaches another dot (QK^T reaching PV) with all warps along M:
+    at BLOCK_M 64 and 8 warps both warp groups then compute the same 64-row scores, twice the QK^T
+    work. The branch ends that data flow (a value yielded out of a region starts a new one), so QK^T
+    gets the default layout: each warp group computes half of the key columns, and the softmax
+    reduces rows across the two groups through shared memory.
+    """
+    if always:
+        s = a + b
+    else:
+        s = a - b
+    return s
+
+
+@triton.jit
+def _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, nonempty,
+                 pages, offs_t, N_MAX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+                 D_V: tl.constexpr, D_R: tl.constexpr, BLOCK_N: tl.constexpr, UNCHAIN_SCORES: tl.constexpr,
+                 LATE_ROW_SUM: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step over keys [start, start + BLOCK_N) of sequence b: (m_i, l_i, acc) updated.
+
+    q_v [BLOCK_M, D_V], q_r [BLOCK_M, D_R]; m_i [BLOCK_M]; l_i [BLOCK_M], or [BLOCK_M, BLOCK_N] column
+    partial sums with LATE_ROW_SUM (one cross-warp reduction per tile fewer; the caller sums them after
+    the loop); acc [BLOCK_M, D_V] float32. `nonempty` is lo < hi, true whenever this runs.
+    MASKED: keys >= hi are not loaded and keys >= a row's causal `limit` are dropped; without it the
+    caller guarantees that every row sees the whole tile (no masks, no -inf rows)."""
+    D: tl.constexpr = D_V + D_R
+    offs_n = tl.arange(0, BLOCK_N)
+    tokens = start + offs_n
+    if PAGED:
+        page = tl.sum(tl.where(offs_t == start // PAGE_SIZE, pages, 0), 0).to(tl.int64)
+        kv_rows = page * PAGE_SIZE + (start % PAGE_SIZE) + offs_n
+    else:
+        kv_rows = b.to(tl.int64) * N_MAX + tokens
+    base = kv_ptr + kv_rows[:, None] * D
+    offs_v = tl.arange(0, D_V)
+    offs_r = tl.arange(0, D_R)
+    if MASKED:
+        valid = (tokens < hi)[:, None]
+        k_v = tl.load(base + offs_v[None, :], mask=valid, other=0.0)
+        k_r = tl.load(base + D_V + offs_r[None, :], mask=valid, other=0.0)
+    else:
+        k_v = tl.load(base + offs_v[None, :])
+        k_r = tl.load(base + D_V + offs_r[None, :])
+    if UNCHAIN_SCORES:
+        # Both products issued before either is read, so the second does not wait for the first.
+        s_v = tl.dot(q_v, tl.trans(k_v))
+        s_r = tl.dot(q_r, tl.trans(k_r))
+        s = _unchained_sum(s_v * qk_scale, s_r * qk_scale, nonempty)
+    else:
+        s = (tl.dot(q_v, tl.trans(k_v)) + tl.dot(q_r, tl.trans(k_r))) * qk_scale
+    if MASKED:
+        s = tl.where(tokens[None, :] < limit[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
+    else:
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = m_new
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(s - m_safe[:, None])
+    if LATE_ROW_SUM:
+        l_i = l_i * alpha[:, None] + p
+    else:
+        l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(k_v.dtype), k_v)
+    return m_new, l_i, acc
+
+
+@triton.jit
 def mla_decode_split_kernel(
     q_ptr, kv_ptr, seqlens_ptr, table_ptr, scale,
     o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr,
@@ -54,6 +131,7 @@ def mla_decode_split_kernel(
     CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr, UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr,
     BATCH: tl.constexpr, BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
     LAST_MERGES: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNCHAIN_SCORES: tl.constexpr, SPLIT_MASKED: tl.constexpr, LATE_ROW_SUM: tl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(S_Q * H, BLOCK_M), B, NUM_SPLITS). The row tile is the fastest axis, so the
     row tiles of one split run side by side and share each latent tile through L2; the split is the
@@ -89,6 +167,8 @@ def mla_decode_split_kernel(
     row_ok = offs_m < R
     if CAUSAL:
         limit = seqlen - S_Q + 1 + offs_m // H          # query s = r // H sees keys < limit
+        # Keys past the tile's last query are masked for every row: not visited.
+        hi = tl.minimum(hi, seqlen - S_Q + 1 + (tl.minimum(tile * BLOCK_M + BLOCK_M, R) - 1) // H)
     else:
         limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
     offs_n = tl.arange(0, BLOCK_N)
@@ -102,7 +182,10 @@ def mla_decode_split_kernel(
     qk_scale = scale * 1.4426950408889634               # softmax in base 2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if LATE_ROW_SUM:
+        l_i = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    else:
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
     if PAGED:
         # The sequence's row of the block table, in registers: each tile's address is then a function
@@ -111,28 +194,30 @@ def mla_decode_split_kernel(
         offs_t = tl.arange(0, TABLE_POW2)
         pages = tl.load(table_ptr + b * MAX_BLOCKS + offs_t, mask=offs_t < MAX_BLOCKS, other=0)
         pages = tl.minimum(tl.maximum(pages, 0), NUM_PAGES - 1)
-    for start in tl.range(lo, hi, BLOCK_N):
-        tokens = start + offs_n
-        if PAGED:
-            page = tl.sum(tl.where(offs_t == start // PAGE_SIZE, pages, 0), 0).to(tl.int64)
-            kv_rows = page * PAGE_SIZE + (start % PAGE_SIZE) + offs_n
-        else:
-            kv_rows = b.to(tl.int64) * N_MAX + tokens
-        base = kv_ptr + kv_rows[:, None] * D
-        valid = (tokens < hi)[:, None]
-        k_v = tl.load(base + offs_v[None, :], mask=valid, other=0.0)
-        k_r = tl.load(base + D_V + offs_r[None, :], mask=valid, other=0.0)
-        s = tl.dot(q_v, tl.trans(k_v)) + tl.dot(q_r, tl.trans(k_r))
-        s = s * qk_scale
-        s = tl.where(tokens[None, :] < limit[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(k_v.dtype), k_v)
-        m_i = m_new
+    else:
+        offs_t = tl.arange(0, 2)
+        pages = offs_t
+    if SPLIT_MASKED:
+        # Tiles below every row's causal limit and wholly inside [lo, hi) run without masks; the rest
+        # (the diagonal, the last partial tile) with them.
+        clear = tl.minimum(hi, tl.min(limit, 0))
+        mid = lo + tl.maximum(clear - lo, 0) // BLOCK_N * BLOCK_N
+        for start in tl.range(lo, mid, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
+                                         pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
+                                         UNCHAIN_SCORES, LATE_ROW_SUM, False)
+        for start in tl.range(mid, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
+                                         pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
+                                         UNCHAIN_SCORES, LATE_ROW_SUM, True)
+    else:
+        for start in tl.range(lo, hi, BLOCK_N):
+            m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
+                                         pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
+                                         UNCHAIN_SCORES, LATE_ROW_SUM, True)
 
+    if LATE_ROW_SUM:
+        l_i = tl.sum(l_i, 1)
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
     lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,

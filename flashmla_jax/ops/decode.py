@@ -60,7 +60,8 @@ def _check_kernel_dims(d: int, head_dim_v: int):
 
 def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
     """Block sizes, warps and pipelining depth for one (rows = S_q * H, dtype) class."""
-    block_m = 16 if rows <= 16 else (32 if rows <= 32 else 64)
+    # float32 stays at 32 rows: a 64-row query tile and two key tiles of it overflow shared memory.
+    block_m = 16 if rows <= 16 else (32 if rows <= 32 or dtype == jnp.float32 else 64)
     block_n = 32 if dtype == jnp.float32 else 64
     if page_size is not None:
         block_n = min(block_n, page_size)
@@ -72,6 +73,15 @@ def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
         # 8 warps: at 4 the kernel sits at 255 registers and small changes make it spill.
         num_stages, num_warps = 3, 8
     return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
+
+
+def _wide_tile_options(cfg: dict) -> dict:
+    """The split kernel's options for compute-bound wide row tiles (kernels/decode.py's module docstring),
+    on for BLOCK_M >= 64 unless `cfg` says otherwise ("unchain", "split", "late": the profiler's switches).
+    Narrow tiles (the bandwidth-bound decode rows, mma.sync) measured no gain from them."""
+    wide = cfg["BLOCK_M"] >= 64
+    return dict(UNCHAIN_SCORES=bool(cfg.get("unchain", wide)), SPLIT_MASKED=bool(cfg.get("split", wide)),
+                LATE_ROW_SUM=bool(cfg.get("late", wide)))
 
 
 def choose_num_splits(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int) -> int:
@@ -156,7 +166,7 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
         LAST_MERGES=last_merges, SPLITS_POW2=splits_pow2, H=heads, S_Q=s_q, N_MAX=0 if paged else capacity,
         PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
         TABLE_POW2=max(2, 1 << (max_blocks - 1).bit_length()), D_V=head_dim_v, D_R=d - head_dim_v,
-        CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **schedule)
+        CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **_wide_tile_options(cfg), **schedule)
     combine_grid = combine_constexprs = None
     if num_splits > 1 and not last_merges:
         # Column tiles sized so that one program holds about 4K partial values of all splits at once.
