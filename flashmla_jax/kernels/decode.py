@@ -171,7 +171,6 @@ def mla_decode_split_kernel(
         hi = tl.minimum(hi, seqlen - S_Q + 1 + (tl.minimum(tile * BLOCK_M + BLOCK_M, R) - 1) // H)
     else:
         limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
-    offs_n = tl.arange(0, BLOCK_N)
     offs_v = tl.arange(0, D_V)
     offs_r = tl.arange(0, D_R)
 
@@ -195,26 +194,22 @@ def mla_decode_split_kernel(
         pages = tl.load(table_ptr + b * MAX_BLOCKS + offs_t, mask=offs_t < MAX_BLOCKS, other=0)
         pages = tl.minimum(tl.maximum(pages, 0), NUM_PAGES - 1)
     else:
-        offs_t = tl.arange(0, 2)
+        offs_t = tl.arange(0, 2)                        # unused without a block table
         pages = offs_t
+    mid = lo
     if SPLIT_MASKED:
         # Tiles below every row's causal limit and wholly inside [lo, hi) run without masks; the rest
-        # (the diagonal, the last partial tile) with them.
+        # (the diagonal, the last partial tile) in the masked loop below.
         clear = tl.minimum(hi, tl.min(limit, 0))
         mid = lo + tl.maximum(clear - lo, 0) // BLOCK_N * BLOCK_N
         for start in tl.range(lo, mid, BLOCK_N):
             m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
                                          pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
                                          UNCHAIN_SCORES, LATE_ROW_SUM, False)
-        for start in tl.range(mid, hi, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
-                                         pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
-                                         UNCHAIN_SCORES, LATE_ROW_SUM, True)
-    else:
-        for start in tl.range(lo, hi, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
-                                         pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
-                                         UNCHAIN_SCORES, LATE_ROW_SUM, True)
+    for start in tl.range(mid, hi, BLOCK_N):
+        m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
+                                     pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
+                                     UNCHAIN_SCORES, LATE_ROW_SUM, True)
 
     if LATE_ROW_SUM:
         l_i = tl.sum(l_i, 1)
