@@ -3,6 +3,7 @@ compiler reports (registers, spills, shared memory), CUDA-event kernel times and
 
     python benchmarks/profile_decode.py --rows D3 D5                 # report + kernel times per row
     python benchmarks/profile_decode.py --rows D5 --sweep             # tile sweep on kernel time
+    python benchmarks/profile_decode.py --rows chunk --configs "64,64,8,2,1,1,1;64,64,8,2,0,0,0"   # wide-tile options
     ncu --clock-control none -k regex:mla_decode python benchmarks/profile_decode.py --rows D5 --once
 
 Needs a CUDA GPU and torch. Efficiency is counted as in benchmark.py (floor / time); the ceilings are
@@ -116,7 +117,8 @@ def main():
     parser.add_argument("--splits", nargs="*", type=lambda v: None if v == "auto" else int(v), default=[None],
                         help="'auto' (mla_decode's default: a cap and the device-side schedule) or a count")
     parser.add_argument("--identity-table", action="store_true", help="paged rows: pages in order")
-    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain 0/1[,split 0/1]] to try")
+    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain,split,late] to try "
+                                          "(the last three 0/1: ops/decode.py's _wide_tile_options)")
     parser.add_argument("--waves", nargs="*", type=int, default=None, help="balanced schedule waves to try")
     parser.add_argument("--once", action="store_true", help="launch a few times only (for ncu)")
     args = parser.parse_args()
@@ -129,8 +131,8 @@ def main():
                     for bm, bn, w, s in itertools.product([32, 64], [32, 64], [4, 8], [1, 2, 3])
                     if bm <= max(16, row.s_q * row.heads)]
         if args.configs:
-            cfgs = [dict(zip(["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late"], map(int, c.split(","))))
-                    for c in args.configs.split(";")]
+            keys = ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late"]
+            cfgs = [dict(zip(keys, map(int, c.split(",")))) for c in args.configs.split(";")]
         if args.waves:
             cfgs = [dict(c, waves=w) for c in cfgs for w in args.waves]
         for cfg, ns in itertools.product(cfgs, args.splits):

@@ -1,0 +1,93 @@
+"""Compiles the decode split kernel for sm_90 on this machine (no GPU needed) and reports, per config, what
+the compiler made of it: registers, stack (spills), shared memory, the matrix instructions and the
+barriers in the SASS (counted over the whole kernel). This is how the 64-row tiles' duplicated QK^T was
+found: 76 HGMMA in the kernel's loop, 40 once each warp group computes its half (benchmarks/NOTES.md).
+
+    python benchmarks/compile_report.py --shape 1,1024,16,16384                      # the chunked-prefill row
+    python benchmarks/compile_report.py --shape 128,1,128,4096 --configs "64,64,8,2,0,0,0;64,64,8,2,1,1,1"
+    python benchmarks/compile_report.py --shape 1,1024,16,16384 --dump /tmp/k      # also writes .ttgir/.ptx/.sass
+
+--shape is B,S_q,H,N (contiguous cache, D 576, V 512); --configs as profile_decode.py's.
+Uses the ptxas, cuobjdump and nvdisasm that ship inside the triton wheel.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax.numpy as jnp
+import triton
+from triton.backends.compiler import GPUTarget
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from flashmla_jax.kernels import decode as kernels  # noqa: E402
+from flashmla_jax.ops import decode as decode_ops  # noqa: E402
+
+_TRITON_TYPES = {jnp.bfloat16: "bf16", jnp.float16: "fp16", jnp.float32: "fp32"}
+_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_split_kernel(shape, dtype, cfg):
+    """(compiled kernel, plan) of mla_decode's split kernel for shape (B, S_q, H, N), as mla_decode plans it."""
+    b, s_q, h, n = shape
+    plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, True, (b, n, 576), None, None, 132, cfg)
+    t = _TRITON_TYPES[dtype]
+    pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", splits_ptr="i32",
+                         count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
+    names = kernels.mla_decode_split_kernel.arg_names
+    signature = {a: "*" + pointer_types[a] if a in pointer_types else ("fp32" if a == "scale" else "constexpr")
+                 for a in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in pointer_types}
+    constexprs = {(names.index(k),): v for k, v in plan.constexprs.items()}
+    src = triton.compiler.ASTSource(kernels.mla_decode_split_kernel, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+    return compiled, plan
+
+
+def report(compiled, dump=None):
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "k.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin],
+                               capture_output=True, text=True, check=True).stdout
+        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", cubin],
+                              capture_output=True, text=True, check=True).stdout
+    if dump:
+        os.makedirs(dump, exist_ok=True)
+        for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
+            with open(os.path.join(dump, f"mla_decode_split_kernel.{ext}"), "w") as f:
+                f.write(text)
+    regs = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    return (f"regs {regs:>3} stack {stack:>4} B  smem {compiled.metadata.shared // 1024:3d} KB  "
+            f"HGMMA {sass.count('HGMMA'):3d}  HMMA {sass.count(' HMMA'):3d}  "
+            f"wgmma waits {sass.count('WARPGROUP.DEPBAR'):2d}  bar.sync {sass.count('BAR.SYNC'):2d}")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="1,1024,16,16384", help="B,S_q,H,N")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain,split,late]")
+    parser.add_argument("--dump", help="folder for the last config's .ttgir, .ptx and .sass")
+    args = parser.parse_args()
+    shape = tuple(int(v) for v in args.shape.split(","))
+    dtype = getattr(jnp, args.dtype)
+    keys = ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late"]
+    cfgs = [None] if not args.configs else [dict(zip(keys, map(int, c.split(",")))) for c in args.configs.split(";")]
+    for cfg in cfgs:
+        compiled, plan = compile_split_kernel(shape, dtype, cfg)
+        options = {k: int(v) for k, v in plan.constexprs.items() if k in ("UNCHAIN_SCORES", "SPLIT_MASKED", "LATE_ROW_SUM")}
+        label = (f"BM {plan.constexprs['BLOCK_M']} BN {plan.constexprs['BLOCK_N']} warps {plan.num_warps} "
+                 f"stages {plan.num_stages} {options}")
+        print(f"{label:95} {report(compiled, args.dump)}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
