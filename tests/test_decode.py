@@ -103,6 +103,8 @@ def test_default_implementation_on_cpu_is_xla():
     (lambda a: {**a, "cache_seqlens": a["cache_seqlens"][:1]}, TypeError, "cache_seqlens"),
     (lambda a: {**a, "head_dim_v": 96}, ValueError, "head_dim_v"),
     (lambda a: {**a, "num_splits": 0}, ValueError, "num_splits"),
+    (lambda a: {**a, "num_splits": 2.0}, ValueError, "num_splits"),
+    (lambda a: {**a, "num_splits": 257}, ValueError, "num_splits"),
     (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
     (lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU"),
     (lambda a: {**a, "block_table": jnp.zeros((2, 2), jnp.int32), "kv_cache": a["kv_cache"].reshape(4, 16, 96)[:, :12]},
