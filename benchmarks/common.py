@@ -1,4 +1,5 @@
-"""What every benchmark here shares: the device's name, the two measured ceilings, and the timer."""
+"""What every benchmark here shares: the device's name, the two measured ceilings, the timer, and the
+decode tile-config syntax of the profiling tools."""
 from __future__ import annotations
 
 import functools
@@ -13,6 +14,16 @@ import jax
 import jax.numpy as jnp
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+DECODE_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late")
+DECODE_CONFIG_HELP = ("semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain,split,late] "
+                      "(the last three 0/1: ops/decode.py's _wide_tile_options)")
+
+
+def parse_decode_configs(text: str) -> list[dict]:
+    """"64,64,8,2,1,1,1;16,64,8,3" -> configs for ops/decode.py's plan_decode (`config`)."""
+    return [dict(zip(DECODE_CONFIG_KEYS, map(int, c.split(",")))) for c in text.split(";")]
 
 
 def device_name() -> str:

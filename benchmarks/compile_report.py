@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import triton
 from triton.backends.compiler import GPUTarget
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
 from flashmla_jax.kernels import decode as kernels  # noqa: E402
 from flashmla_jax.ops import decode as decode_ops  # noqa: E402
 
@@ -74,13 +76,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="1,1024,16,16384", help="B,S_q,H,N")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
-    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain,split,late]")
+    parser.add_argument("--configs", help=common.DECODE_CONFIG_HELP)
     parser.add_argument("--dump", help="folder for the last config's .ttgir, .ptx and .sass")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(jnp, args.dtype)
-    keys = ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late"]
-    cfgs = [None] if not args.configs else [dict(zip(keys, map(int, c.split(",")))) for c in args.configs.split(";")]
+    cfgs = common.parse_decode_configs(args.configs) if args.configs else [None]
     for cfg in cfgs:
         compiled, plan = compile_split_kernel(shape, dtype, cfg)
         options = {k: int(v) for k, v in plan.constexprs.items() if k in ("UNCHAIN_SCORES", "SPLIT_MASKED", "LATE_ROW_SUM")}

@@ -24,6 +24,7 @@ import triton.testing
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import benchmark  # noqa: E402
+import common  # noqa: E402
 from flashmla_jax.kernels import decode as kernels  # noqa: E402
 from flashmla_jax.ops import decode as decode_ops  # noqa: E402
 
@@ -117,8 +118,7 @@ def main():
     parser.add_argument("--splits", nargs="*", type=lambda v: None if v == "auto" else int(v), default=[None],
                         help="'auto' (mla_decode's default: a cap and the device-side schedule) or a count")
     parser.add_argument("--identity-table", action="store_true", help="paged rows: pages in order")
-    parser.add_argument("--configs", help="semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain,split,late] to try "
-                                          "(the last three 0/1: ops/decode.py's _wide_tile_options)")
+    parser.add_argument("--configs", help=common.DECODE_CONFIG_HELP + " to try")
     parser.add_argument("--waves", nargs="*", type=int, default=None, help="balanced schedule waves to try")
     parser.add_argument("--once", action="store_true", help="launch a few times only (for ncu)")
     args = parser.parse_args()
@@ -131,8 +131,7 @@ def main():
                     for bm, bn, w, s in itertools.product([32, 64], [32, 64], [4, 8], [1, 2, 3])
                     if bm <= max(16, row.s_q * row.heads)]
         if args.configs:
-            keys = ["BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late"]
-            cfgs = [dict(zip(keys, map(int, c.split(",")))) for c in args.configs.split(";")]
+            cfgs = common.parse_decode_configs(args.configs)
         if args.waves:
             cfgs = [dict(c, waves=w) for c in cfgs for w in args.waves]
         for cfg, ns in itertools.product(cfgs, args.splits):
