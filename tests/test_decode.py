@@ -126,6 +126,20 @@ def test_num_splits_heuristic():
     assert choose_num_splits(2, 1, 64, 64, 132) == 1          # never more splits than key blocks
 
 
+def test_tile_classes():
+    """Rows = S_q * H pick the tile class; float32 stops at 32-row tiles (a 64-row query tile and two key
+    tiles of it are 288 KB of shared memory, over the H100's 227 KB); the wide-tile options only at 64."""
+    from flashmla_jax.ops.decode import plan_decode
+
+    def plan(s_q, dtype):
+        return plan_decode((2, s_q, 16, 576), dtype, 512, True, (2, 1024, 576), None, None, 132).constexprs
+
+    assert plan(1, jnp.bfloat16)["BLOCK_M"] == 16 and not plan(1, jnp.bfloat16)["UNCHAIN_SCORES"]
+    wide = plan(8, jnp.bfloat16)
+    assert wide["BLOCK_M"] == 64 and wide["UNCHAIN_SCORES"] and wide["SPLIT_MASKED"] and wide["LATE_ROW_SUM"]
+    assert plan(8, jnp.float32)["BLOCK_M"] == 32 and not plan(8, jnp.float32)["LATE_ROW_SUM"]
+
+
 # ---------------------------------------------------------------- tier 2: kernels in the interpreter
 
 SMALL = dict(d=96, head_dim_v=64)                              # same kernel, 64 + 32 wide: fast to interpret
