@@ -6,6 +6,15 @@ The cache holds one latent row per token, `[c_kv ; k_pe]` (D = 576 for DeepSeek)
     cache = cache.append(kv_new)                                          # kv_new [B, S, D]
     out = cache.decode(q, softmax_scale=scale)                            # q [B, S_q, H, D]
 
+A whole model's cache is one stacked buffer (`num_layers=L`): every layer has its own rows and lengths,
+and `append(kv_new, layer=i)` / `decode(q, layer=i)` act on layer i exactly as L separate caches would,
+while the kernels read the layer in place (no slice is copied), also inside a `lax.scan` over layers:
+
+    cache = LatentCache.create(batch=8, max_len=4096, num_layers=27)
+    def layer_step(cache, i):                                             # scanned over i = 0 .. L-1
+        cache = cache.append(kv_new_i, layer=i)
+        return cache, cache.decode(q_i, layer=i)
+
 Lengths count the tokens already written, the newest included: append the step's tokens, then decode
 (query i of S_q sees keys < seqlen - S_q + i + 1, see `mla_decode`).
 
@@ -37,19 +46,23 @@ def _is_int(x) -> bool:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["kv", "seqlens", "block_table"], meta_fields=["page_size", "capacity"])
+                   data_fields=["kv", "seqlens", "block_table"],
+                   meta_fields=["page_size", "capacity", "num_layers"])
 @dataclasses.dataclass(frozen=True, eq=False)                    # eq on arrays has no single bool
 class LatentCache:
     """Latent rows, per-sequence lengths and (paged) the block table of B sequences.
 
     Fields (pytree leaves):
       kv: contiguous [B, capacity, D], or paged [num_blocks, page_size, D]; token t of sequence b lives at
-        kv[b, t] (contiguous) or kv[block_table[b, t // page_size], t % page_size] (paged).
-      seqlens: [B] int32, tokens written per sequence, in [0, capacity].
-      block_table: None (contiguous), or [B, max_blocks] int32 page indices (paged).
+        kv[b, t] (contiguous) or kv[block_table[b, t // page_size], t % page_size] (paged). Stacked
+        (num_layers L): [L, B, capacity, D] or [L, num_blocks, page_size, D], layer i at kv[i].
+      seqlens: [B] int32, tokens written per sequence, in [0, capacity]; stacked: [L, B], each layer's own.
+      block_table: None (contiguous), or [B, max_blocks] int32 page indices (paged; one table for all layers,
+        each layer having its own pool of num_blocks pages).
     Static fields (part of the tree structure, so a jitted function retraces when they change):
       page_size: None (contiguous), or a power of two in [16, 256].
       capacity: the most tokens a sequence holds (<= max_blocks * page_size when paged).
+      num_layers: None (one layer's cache), or L for a layer-stacked cache.
 
     Make one with `LatentCache.create`; it is immutable: `append` returns a new cache.
     """
@@ -59,12 +72,13 @@ class LatentCache:
     block_table: jax.Array | None
     page_size: int | None
     capacity: int
+    num_layers: int | None = None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def create(cls, batch: int, max_len: int, dim: int = 576, dtype=jnp.bfloat16, page_size: int | None = None,
-               num_blocks: int | None = None, block_table=None) -> "LatentCache":
+               num_blocks: int | None = None, block_table=None, num_layers: int | None = None) -> "LatentCache":
         """An empty cache (all lengths 0, latent rows zero) for `batch` sequences of up to `max_len` tokens.
 
         Args:
@@ -80,23 +94,29 @@ class LatentCache:
             or your own [B, max_blocks'] int32 table with max_blocks' * page_size >= max_len. Entries a
             sequence never reaches may hold anything (an out-of-range index is never read nor written);
             two sequences must not share a page they both append into.
+          num_layers: None for one layer's cache, or L: one stacked buffer for L layers (each with its own
+            lengths and, paged, its own pool of num_blocks pages under the one block table).
 
         Returns:
-          LatentCache with kv [B, max_len, D] or [num_blocks, page_size, D], seqlens zeros [B] int32,
-          block_table None or [B, max_blocks] int32.
+          LatentCache with kv [B, max_len, D] or [num_blocks, page_size, D] ([L, ...] when stacked),
+          seqlens zeros [B] ([L, B]) int32, block_table None or [B, max_blocks] int32.
         """
         for name, value in (("batch", batch), ("max_len", max_len), ("dim", dim)):
             if not _is_int(value) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if num_layers is not None and (not _is_int(num_layers) or num_layers < 1):
+            raise ValueError(f"num_layers must be None or a positive int, got {num_layers!r}")
+        num_layers = None if num_layers is None else int(num_layers)
+        lead = () if num_layers is None else (num_layers,)
         batch, max_len, dim = int(batch), int(max_len), int(dim)
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
-        seqlens = jnp.zeros((batch,), jnp.int32)
+        seqlens = jnp.zeros(lead + (batch,), jnp.int32)
         if page_size is None:
             if num_blocks is not None or block_table is not None:
                 raise ValueError("num_blocks and block_table need a paged cache: pass page_size")
-            return cls(jnp.zeros((batch, max_len, dim), dtype), seqlens, None, None, max_len)
+            return cls(jnp.zeros(lead + (batch, max_len, dim), dtype), seqlens, None, None, max_len, num_layers)
 
         if not _is_int(page_size) or page_size & (page_size - 1) or not _MIN_PAGE <= page_size <= _MAX_PAGE:
             raise ValueError(f"page_size must be None or a power of two in [{_MIN_PAGE}, {_MAX_PAGE}], "
@@ -123,15 +143,15 @@ class LatentCache:
                 num_blocks = batch * max_blocks
             if not _is_int(num_blocks) or num_blocks < 1:
                 raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        kv = jnp.zeros((int(num_blocks), page_size, dim), dtype)
-        return cls(kv, seqlens, block_table, page_size, max_len)
+        kv = jnp.zeros(lead + (int(num_blocks), page_size, dim), dtype)
+        return cls(kv, seqlens, block_table, page_size, max_len, num_layers)
 
     # ------------------------------------------------------------------ properties
 
     @property
     def batch(self) -> int:
         """B, the number of sequences."""
-        return self.seqlens.shape[0]
+        return self.seqlens.shape[-1]
 
     @property
     def dim(self) -> int:
@@ -146,9 +166,15 @@ class LatentCache:
     def paged(self) -> bool:
         return self.page_size is not None
 
+    @property
+    def stacked(self) -> bool:
+        """True for a layer-stacked cache (num_layers set)."""
+        return self.num_layers is not None
+
     # ------------------------------------------------------------------ update and attend
 
-    def append(self, kv_new: jax.Array, num_new: jax.Array | None = None) -> "LatentCache":
+    def append(self, kv_new: jax.Array, num_new: jax.Array | None = None,
+               layer: int | jax.Array | None = None) -> "LatentCache":
         """Writes new latent rows after each sequence's own length (ragged) and advances the lengths.
 
         Args:
@@ -156,16 +182,20 @@ class LatentCache:
             Cast to the cache's dtype.
           num_new: None (all S tokens are new), or [B] int: only the first num_new[b] tokens of sequence b
             are written (clamped to [0, S]), e.g. a ragged prefill padded to S.
+          layer: a stacked cache's layer to write (required there, refused otherwise): a Python int in
+            [0, L), or a traced integer scalar, clamped to [0, L - 1] as `mla_decode` clamps it. Only that
+            layer's rows and lengths change.
 
         Returns:
-          A new LatentCache; seqlens become min(seqlens + num_new, capacity).
+          A new LatentCache; seqlens (of that layer) become min(seqlens + num_new, capacity).
 
         Past capacity: tokens that do not fit are dropped and the length stops at capacity. A paged token
         whose block-table entry is out of range [0, num_blocks) is dropped too (its length still counts
         it: give every block a sequence reaches a valid page). Nothing is ever written out of bounds.
 
         jit-safe and usable inside `lax.scan` / `lax.while_loop`; under
-        `jax.jit(f, donate_argnums=...)` the cache buffer is updated in place (no full-cache copy).
+        `jax.jit(f, donate_argnums=...)` the cache buffer is updated in place (no full-cache copy), the
+        stacked buffer too (one scatter of the new rows into it).
         """
         if kv_new.ndim != 3 or kv_new.shape[0] != self.batch or kv_new.shape[2] != self.dim:
             raise ValueError(f"kv_new must be [B={self.batch}, S, D={self.dim}], got shape {kv_new.shape}")
@@ -180,28 +210,61 @@ class LatentCache:
             num_new = jnp.asarray(num_new)
             if num_new.shape != (self.batch,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
                 raise TypeError(f"num_new must be an int [B={self.batch}], got {num_new.dtype} {num_new.shape}")
-        return _append(self, kv_new.astype(self.dtype), num_new.astype(jnp.int32))
+        return _append(self, kv_new.astype(self.dtype), num_new.astype(jnp.int32), self._layer(layer))
 
-    def decode(self, q: jax.Array, **kwargs):
+    def decode(self, q: jax.Array, layer: int | jax.Array | None = None, **kwargs):
         """`mla_decode(q, self.kv, self.seqlens, self.block_table, **kwargs)`: attention against this cache.
 
         q: [B, S_q, H, D] in the cache's dtype; the S_q query tokens are the last S_q appended (causal).
+        layer: a stacked cache's layer (required there, refused otherwise; as in `append`), read in place.
         Keyword arguments as `mla_decode` (head_dim_v=512, softmax_scale, causal, num_splits, return_lse,
         implementation). Returns out [B, S_q, H, head_dim_v] (and lse [B, S_q, H] with return_lse=True).
         """
-        return mla_decode(q, self.kv, self.seqlens, self.block_table, **kwargs)
+        layer = self._layer(layer)
+        return mla_decode(q, self.kv, self.lengths(layer), self.block_table, layer=layer, **kwargs)
+
+    def lengths(self, layer: int | jax.Array | None = None) -> jax.Array:
+        """[B] int32: the tokens each sequence holds (in `layer`, for a stacked cache; as in `append`)."""
+        layer = self._layer(layer)
+        return self.seqlens if layer is None else _layer_lengths(self.seqlens, layer)
+
+    def _layer(self, layer) -> jax.Array | None:
+        """Checks `layer` against the cache's stacking: None for one layer's cache, a 0-d int32 else."""
+        if not self.stacked:
+            if layer is not None:
+                raise ValueError(f"layer={layer!r} needs a layer-stacked cache (LatentCache.create(num_layers=L))")
+            return None
+        if layer is None:
+            raise ValueError(f"this cache stacks {self.num_layers} layers: pass layer=")
+        if isinstance(layer, bool) or not (_is_int(layer) or hasattr(layer, "dtype")):
+            raise TypeError(f"layer must be an int or an integer scalar array, got {type(layer).__name__}")
+        if _is_int(layer) and not hasattr(layer, "shape"):
+            if not 0 <= layer < self.num_layers:
+                raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+            return jnp.asarray(layer, jnp.int32)
+        if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
+            raise TypeError(f"layer must be an integer scalar, got {layer.dtype} {layer.shape}")
+        return jnp.clip(layer.astype(jnp.int32), 0, self.num_layers - 1)
 
 
 # ---------------------------------------------------------------------- append internals
 
 
-def _target_rows(cache: LatentCache, s: int, num_new: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """[B, S] flat row index into kv.reshape(-1, D) for each new token, and the new [B] lengths.
+def _layer_lengths(seqlens: jax.Array, layer: jax.Array) -> jax.Array:
+    """seqlens [L, B], layer 0-d int32 in range -> [B], that layer's lengths."""
+    return jax.lax.dynamic_index_in_dim(seqlens, layer, 0, keepdims=False)
 
-    A dropped token gets a distinct index past the end (>= kv.shape[0] * kv.shape[1]), so the indices stay
-    unique and a scatter with mode="drop" skips it."""
-    total = cache.kv.shape[0] * cache.kv.shape[1]
-    start = jnp.clip(cache.seqlens, 0, cache.capacity)                      # [B]
+
+def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Array
+                 ) -> tuple[jax.Array, jax.Array]:
+    """[B, S] flat row index into one layer's kv.reshape(-1, D) for each new token, and the new [B] lengths.
+
+    seqlens: [B], the lengths of the layer written. A dropped token gets a distinct index past the end of
+    the whole buffer (>= kv.size / D), so the indices stay unique and a scatter with mode="drop" skips it."""
+    layer_shape = cache.kv.shape[-3:]
+    per_layer = layer_shape[0] * layer_shape[1]
+    total = per_layer * (cache.num_layers or 1)
+    start = jnp.clip(seqlens, 0, cache.capacity)                            # [B]
     count = jnp.clip(num_new, 0, s)
     pos = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]          # [B, S]
     keep = (jnp.arange(s)[None, :] < count[:, None]) & (pos < cache.capacity)
@@ -211,17 +274,24 @@ def _target_rows(cache: LatentCache, s: int, num_new: jax.Array) -> tuple[jax.Ar
         max_blocks = cache.block_table.shape[1]
         block = jnp.minimum(pos // cache.page_size, max_blocks - 1)        # in range where keep holds
         page = jnp.take_along_axis(cache.block_table, block, axis=1)
-        keep &= (page >= 0) & (page < cache.kv.shape[0])
+        keep &= (page >= 0) & (page < layer_shape[0])
         rows = page * cache.page_size + pos % cache.page_size
     rows = jnp.where(keep, rows, total + jnp.arange(cache.batch * s, dtype=jnp.int32).reshape(cache.batch, s))
     return rows, jnp.minimum(start + count, cache.capacity)
 
 
 @jax.jit
-def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array) -> LatentCache:
-    """kv_new [B, S, D] in the cache's dtype, num_new [B] int32 -> the updated cache (see `append`)."""
+def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: jax.Array | None) -> LatentCache:
+    """kv_new [B, S, D] in the cache's dtype, num_new [B] int32, layer None or a 0-d int32 in range ->
+    the updated cache (see `append`). A stacked cache gets one scatter into its whole buffer, offset to
+    the layer's rows, and one update of that layer's lengths."""
     b, s, d = kv_new.shape
-    rows, seqlens = _target_rows(cache, s, num_new)
+    seqlens = cache.seqlens if layer is None else _layer_lengths(cache.seqlens, layer)
+    rows, new_lengths = _target_rows(cache, seqlens, s, num_new)
+    if layer is not None:
+        per_layer = cache.kv.shape[1] * cache.kv.shape[2]
+        rows = jnp.where(rows < per_layer, rows + layer * per_layer, rows)    # dropped tokens stay past the end
+        new_lengths = jax.lax.dynamic_update_index_in_dim(cache.seqlens, new_lengths, layer, 0)
     flat = cache.kv.reshape(-1, d).at[rows.reshape(-1)].set(kv_new.reshape(-1, d), mode="drop",
                                                              unique_indices=True)
-    return dataclasses.replace(cache, kv=flat.reshape(cache.kv.shape), seqlens=seqlens)
+    return dataclasses.replace(cache, kv=flat.reshape(cache.kv.shape), seqlens=new_lengths)

@@ -355,19 +355,20 @@ def attend_expanded(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: ja
 
 def attend_absorbed(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: jax.Array, kv_cache: jax.Array,
                     cache_seqlens: jax.Array, block_table: jax.Array | None, config: MLAConfig,
-                    implementation: str | None = None) -> jax.Array:
+                    implementation: str | None = None, layer: int | jax.Array | None = None) -> jax.Array:
     """Absorbed attention of S new queries against a latent cache that already holds their latents.
 
     q_nope [B, S, H, Dn]; q_pe [B, S, H, R]; kv_cache [B, N, C+R] or pages [P, page_size, C+R] with
     block_table [B, max_blocks] int32; cache_seqlens [B] int32, the S new tokens included (query i sees
     keys < seqlen - S + i + 1). The absorbed query is cast to the cache's dtype for `mla_decode`.
+    layer: None, or the layer of a stacked kv_cache [L, ...] (read in place; see `mla_decode`).
     Returns [B, S, H, Dv] in q_nope's dtype.
     """
     w_uk, w_uv = split_wkv_b(params["wkv_b"], config.qk_nope_head_dim)
     q_abs = absorb_query(q_nope, q_pe, w_uk).astype(kv_cache.dtype)
     o_lat = flashmla_jax.mla_decode(q_abs, kv_cache, cache_seqlens, block_table, head_dim_v=config.kv_lora_rank,
                                     softmax_scale=config.softmax_scale, causal=True,
-                                    implementation=implementation)
+                                    implementation=implementation, layer=layer)
     return absorb_output(o_lat, w_uv.astype(q_nope.dtype)).astype(q_nope.dtype)
 
 
@@ -397,8 +398,8 @@ def _check_call(x, positions, cache, config: MLAConfig, cache_empty: bool, imple
     if kv.shape[-1] != config.latent_dim:
         raise ValueError(f"cache latent width {kv.shape[-1]} must be kv_lora_rank + qk_rope_head_dim = "
                          f"{config.latent_dim}")
-    if tuple(seqlens.shape) != (x.shape[0],):
-        raise ValueError(f"cache holds {seqlens.shape[0] if seqlens.ndim else '?'} sequences but x has batch "
+    if seqlens.ndim < 1 or seqlens.shape[-1] != x.shape[0]:
+        raise ValueError(f"cache holds {seqlens.shape[-1] if seqlens.ndim else '?'} sequences but x has batch "
                          f"{x.shape[0]}")
     if cache_empty and not isinstance(seqlens, jax.core.Tracer) and bool(np.any(np.asarray(seqlens) != 0)):
         raise ValueError("cache_empty=True but the cache already holds tokens")
@@ -406,7 +407,7 @@ def _check_call(x, positions, cache, config: MLAConfig, cache_empty: bool, imple
 
 def mla_attention(params: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array, cache=None, *,
                   config: MLAConfig, cache_empty: bool = False, dtype=None,
-                  implementation: str | None = None):
+                  implementation: str | None = None, layer: int | jax.Array | None = None):
     """DeepSeek-V2/V3 MLA as a pure function: the whole layer, projections included.
 
     Args:
@@ -426,6 +427,9 @@ def mla_attention(params: Mapping[str, jax.Array], x: jax.Array, positions: jax.
       dtype: computation dtype (x and params are cast to it); None means x's dtype.
       implementation: passed to `mla_prefill` / `mla_decode`: "triton", "xla", "interpret" or None (the
         default for the device).
+      layer: with a layer-stacked cache (`LatentCache.create(num_layers=L)`), this layer's index: a Python
+        int or a traced int32 scalar (e.g. the step of a `lax.scan` / `nnx.scan` over stacked layers).
+        The latents go into that layer's rows and attention reads them in place. None otherwise.
 
     Returns:
       (y [B, S, M] in the computation dtype, the cache with S more tokens per sequence, or None).
@@ -444,12 +448,12 @@ def mla_attention(params: Mapping[str, jax.Array], x: jax.Array, positions: jax.
         o = attend_expanded(params, q_nope, q_pe, latent, config, implementation)
     else:
         latent = latent.astype(cache.kv.dtype)
-        cache = cache.append(latent)
+        cache = cache.append(latent, layer=layer)
         if cache_empty:
             o = attend_expanded(params, q_nope, q_pe, latent.astype(dtype), config, implementation)
         else:
-            o = attend_absorbed(params, q_nope, q_pe, cache.kv, cache.seqlens, getattr(cache, "block_table", None),
-                                config, implementation)
+            o = attend_absorbed(params, q_nope, q_pe, cache.kv, cache.lengths(layer), cache.block_table, config,
+                                implementation, layer=layer)
     y = jnp.einsum("bshv,hvm->bsm", o.astype(dtype), params["wo"], preferred_element_type=jnp.float32)
     return y.astype(dtype), cache
 
@@ -465,8 +469,21 @@ class MultiHeadLatentAttention(nnx.Module):
     the parameters; implementation: passed to the attention ops ("triton", "xla", "interpret", None).
     Parameters are nnx.Param attributes named as in `param_shapes`.
 
-    `layer(x [B, S, M], positions [B, S] int32, cache=None, cache_empty=False)` -> (y [B, S, M], cache);
-    see `mla_attention` for what a cache changes.
+    `layer(x [B, S, M], positions [B, S] int32, cache=None, cache_empty=False, layer=None)` -> (y [B, S, M],
+    cache); see `mla_attention` for what a cache changes, and `layer` (a stacked cache's layer index).
+
+    A model of L layers is scanned with stacked parameters (built with `nnx.vmap`) and one stacked cache:
+
+        @nnx.split_rngs(splits=L)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs): return MultiHeadLatentAttention(hidden_size, num_heads, ..., rngs=rngs)
+        stack = make(nnx.Rngs(0))
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def run(attn, carry):
+            x, cache, i = carry
+            y, cache = attn(x, positions, cache, layer=i)
+            return x + y, cache, i + 1
+        x, cache, _ = run(stack, (x, cache, jnp.int32(0)))
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, q_lora_rank: int | None = None,
@@ -491,7 +508,9 @@ class MultiHeadLatentAttention(nnx.Module):
         """The current parameter values, as the dict `mla_attention` takes."""
         return {name: getattr(self, name)[...] for name in self._param_names}
 
-    def __call__(self, x: jax.Array, positions: jax.Array, cache=None, *, cache_empty: bool = False):
-        """x [B, S, M], positions [B, S] int32, cache None | LatentCache -> (y [B, S, M], cache)."""
+    def __call__(self, x: jax.Array, positions: jax.Array, cache=None, *, cache_empty: bool = False,
+                 layer: int | jax.Array | None = None):
+        """x [B, S, M], positions [B, S] int32, cache None | LatentCache, layer (stacked cache) ->
+        (y [B, S, M], cache)."""
         return mla_attention(self.params_dict(), x, positions, cache, config=self.config, cache_empty=cache_empty,
-                             dtype=self.dtype, implementation=self.implementation)
+                             dtype=self.dtype, implementation=self.implementation, layer=layer)

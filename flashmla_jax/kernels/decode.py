@@ -123,9 +123,9 @@ def _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale,
 
 @triton.jit
 def mla_decode_split_kernel(
-    q_ptr, kv_ptr, seqlens_ptr, table_ptr, scale,
+    q_ptr, kv_ptr, seqlens_ptr, table_ptr, layer_ptr, scale,
     o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr,
-    H: tl.constexpr, S_Q: tl.constexpr, N_MAX: tl.constexpr,
+    H: tl.constexpr, S_Q: tl.constexpr, N_MAX: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
     TABLE_POW2: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr, CAUSAL: tl.constexpr,
     CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr, UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr,
@@ -138,7 +138,9 @@ def mla_decode_split_kernel(
     slowest, so every sequence's first run starts in the first wave and the programs of splits a
     sequence does not take (empty: lo >= hi) come last and exit at once.
 
-    q_ptr:  [B, S_Q * H, D_V + D_R]        kv_ptr: [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D]
+    q_ptr:  [B, S_Q * H, D_V + D_R]        kv_ptr: [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D]; with
+      NUM_LAYERS > 0 a layer-stacked cache [NUM_LAYERS, ...] of LAYER_STRIDE elements per layer, read at
+      layer_ptr (a 0-d int32, clamped to [0, NUM_LAYERS)) in place: no slice of it exists
     seqlens_ptr: [B] int32 (clamped to [0, CAPACITY]; negative counts as 0)
     table_ptr: [B, MAX_BLOCKS] int32 when PAGED (indices clamped to [0, NUM_PAGES)); TABLE_POW2 >= MAX_BLOCKS
     o_ptr [B, S_Q * H, D_V] in q's dtype and lse_ptr [B, S_Q * H] float32: the result;
@@ -151,6 +153,9 @@ def mla_decode_split_kernel(
     """
     R: tl.constexpr = S_Q * H
     D: tl.constexpr = D_V + D_R
+    if NUM_LAYERS > 0:
+        layer = tl.minimum(tl.maximum(tl.load(layer_ptr), 0), NUM_LAYERS - 1)
+        kv_ptr += layer.to(tl.int64) * LAYER_STRIDE
     tile = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)

@@ -22,7 +22,7 @@ def _is_pow2(x: int) -> bool:
     return x > 0 and x & (x - 1) == 0
 
 
-def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits):
+def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, stacked):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S_q, H, D], got shape {q.shape}")
     b, s_q, h, d = q.shape
@@ -30,9 +30,12 @@ def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_split
         raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
     if kv_cache.dtype != q.dtype:
         raise TypeError(f"kv_cache dtype {kv_cache.dtype} must equal q's dtype {q.dtype}")
-    if kv_cache.ndim != 3 or kv_cache.shape[-1] != d:
-        raise ValueError(f"kv_cache must be [B, N, {d}] (or [num_blocks, page_size, {d}] with block_table), "
-                         f"got shape {kv_cache.shape}")
+    if kv_cache.ndim != 3 + stacked or kv_cache.shape[-1] != d:
+        lead = "L, " if stacked else ""
+        raise ValueError(f"kv_cache must be [{lead}B, N, {d}] (or [{lead}num_blocks, page_size, {d}] with block_table)"
+                         f"{' with layer' if stacked else ''}, got shape {kv_cache.shape}")
+    if stacked:
+        kv_cache = jax.ShapeDtypeStruct(kv_cache.shape[1:], kv_cache.dtype)     # one layer's shape
     if cache_seqlens.shape != (b,) or cache_seqlens.dtype != jnp.int32:
         raise TypeError(f"cache_seqlens must be int32 [{b}], got {cache_seqlens.dtype} {cache_seqlens.shape}")
     if not 0 < head_dim_v < d:
@@ -138,9 +141,10 @@ class DecodePlan:
 
 
 def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
-                num_splits: int | None, sms: int, config: dict | None = None) -> DecodePlan:
+                num_splits: int | None, sms: int, config: dict | None = None, num_layers: int = 0) -> DecodePlan:
     """q_shape [B, S_q, H, D]; kv_shape [B, N, D] (contiguous, table_shape None) or [num_pages,
-    page_size, D] with table_shape [B, max_blocks]. num_splits None: a cap chosen here and the
+    page_size, D] with table_shape [B, max_blocks]: one layer's cache. num_layers > 0: the cache is a
+    stack [num_layers, *kv_shape] read at a layer index in place. num_splits None: a cap chosen here and the
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
     splits per sequence. `config` overrides `_tile_config` (benchmarks/profile_decode.py sweeps it),
     and its optional "waves" the balanced schedule's."""
@@ -164,6 +168,7 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
     splits_pow2 = max(2, 1 << (num_splits - 1).bit_length())
     constexprs = dict(
         LAST_MERGES=last_merges, SPLITS_POW2=splits_pow2, H=heads, S_Q=s_q, N_MAX=0 if paged else capacity,
+        NUM_LAYERS=num_layers, LAYER_STRIDE=math.prod(kv_shape) if num_layers else 0,
         PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
         TABLE_POW2=max(2, 1 << (max_blocks - 1).bit_length()), D_V=head_dim_v, D_R=d - head_dim_v,
         CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **_wide_tile_options(cfg), **schedule)
@@ -186,18 +191,21 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
                       split_outputs, (5,) if last_merges else (), combine_grid, combine_constexprs)
 
 
-def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits,
+def _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
                    implementation, config=None):
     """The Triton path: the split kernel (which merges a few splits itself), then for many splits the
-    in-place combine."""
+    in-place combine. layer: None, or a 0-d int32 array indexing a stacked kv_cache [L, ...]."""
     b, s_q, h, d = q.shape
-    plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape,
-                       None if block_table is None else block_table.shape, num_splits, num_sms(), config)
+    stacked = layer is not None
+    plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
+                       None if block_table is None else block_table.shape, num_splits, num_sms(), config,
+                       num_layers=kv_cache.shape[0] if stacked else 0)
     from flashmla_jax.kernels import decode as kernels
 
     table = cache_seqlens if block_table is None else block_table      # unused pointer when contiguous
+    layer = cache_seqlens if layer is None else layer                   # unused pointer when not stacked
     out, lse, o_part, lse_part, splits_taken, _ = launch(
-        kernels.mla_decode_split_kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table,
+        kernels.mla_decode_split_kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table, layer,
         np.float32(scale), out_shape=plan.split_outputs, grid=plan.grid, implementation=implementation,
         num_warps=plan.num_warps, num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs,
         **plan.constexprs)
@@ -208,17 +216,17 @@ def _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, c
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
 
 
-@functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "num_splits",
-                                             "return_lse", "implementation"))
 def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, block_table: jax.Array | None = None,
                head_dim_v: int = 512, softmax_scale: float | None = None, causal: bool = True,
-               num_splits: int | None = None, return_lse: bool = False, implementation: str | None = None):
+               num_splits: int | None = None, return_lse: bool = False, implementation: str | None = None,
+               layer: int | jax.Array | None = None):
     """Absorbed MLA decode (multi-query attention over the latent cache; V = K[..., :head_dim_v]).
 
     Args:
       q: [B, S_q, H, D] absorbed queries ([q_nope · W_UKᵀ ; q_pe], D = 576 for DeepSeek), fp16/bf16/fp32.
       kv_cache: [B, N, D] contiguous, or [num_blocks, page_size, D] pages addressed by `block_table`;
-        same dtype as q.
+        same dtype as q. With `layer`: a layer-stacked cache [L, B, N, D] or [L, num_blocks, page_size, D]
+        (every layer its own page pool of the same shape, addressed by the one block table).
       cache_seqlens: [B] int32, valid tokens per sequence, the S_q new ones included. Values are clamped
         to [0, capacity] (capacity N, or max_blocks * page_size): a negative length counts as 0 and no
         value makes a kernel read outside the cache.
@@ -235,45 +243,88 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
       return_lse: also return the log-sum-exp of the scaled scores.
       implementation: "triton" (CUDA GPU), "xla" (the jnp reference) or "interpret" (the Triton kernels
         on the CPU through Triton's interpreter); None means "triton" on a CUDA device, else "xla".
+      layer: None (kv_cache is one layer's), or the layer of a stacked kv_cache to attend: a Python int
+        in [0, L) (ValueError otherwise), or a traced integer scalar, clamped to [0, L - 1]
+        (a negative one counts as 0). The kernels offset their cache pointer by the layer: no slice of the
+        stack is materialized, so a `lax.scan` over layers reads each layer's cache in place.
 
     Returns:
       out [B, S_q, H, head_dim_v] in q's dtype, and with return_lse lse [B, S_q, H] float32 (natural log).
       A row that sees no key gives out 0 and lse -inf.
     """
-    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits)
+    if layer is not None:
+        layer = _layer_index(layer, kv_cache)
+    return _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v=head_dim_v,
+                       softmax_scale=softmax_scale, causal=causal, num_splits=num_splits, return_lse=return_lse,
+                       implementation=implementation)
+
+
+def _layer_index(layer, kv_cache) -> jax.Array:
+    """`layer` -> a 0-d int32 array; a static int is checked against the stack's L (kv_cache.shape[0])."""
+    if isinstance(layer, bool) or not (isinstance(layer, (int, np.integer)) or hasattr(layer, "dtype")):
+        raise TypeError(f"layer must be None, an int or an integer scalar array, got {type(layer).__name__}")
+    if isinstance(layer, (int, np.integer)):
+        num_layers = kv_cache.shape[0] if getattr(kv_cache, "ndim", 0) == 4 else None
+        if num_layers is not None and not 0 <= layer < num_layers:
+            raise ValueError(f"layer must be in [0, {num_layers}) for kv_cache of shape {kv_cache.shape}, got {layer}")
+        return jnp.asarray(layer, jnp.int32)
+    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
+        raise TypeError(f"layer must be an integer scalar, got {layer.dtype} {layer.shape}")
+    return layer.astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "num_splits",
+                                             "return_lse", "implementation"))
+def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, softmax_scale, causal, num_splits,
+                return_lse, implementation):
+    """`mla_decode` under jit; layer: None or a 0-d int32 array."""
+    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None)
     impl = resolve_implementation(implementation)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
     if impl != "xla":
         _check_kernel_dims(q.shape[-1], head_dim_v)
 
-    def decode(q, kv_cache, cache_seqlens, block_table):
+    def decode(q, kv_cache, cache_seqlens, block_table, layer):
         if impl == "xla":
+            if layer is not None:    # fuses into the einsums: no copy of the layer
+                kv_cache = _index_layer(kv_cache, layer)
             return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
                                                   softmax_scale=scale, causal=causal)
-        return _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits, impl)
+        return _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
+                              impl)
 
-    out, lse = _inference_only(_fold_vmap_into_batch(decode))(q, kv_cache, cache_seqlens, block_table)
+    out, lse = _inference_only(_fold_vmap_into_batch(decode))(q, kv_cache, cache_seqlens, block_table, layer)
     return (out, lse) if return_lse else out
+
+
+def _index_layer(kv_stack: jax.Array, layer: jax.Array) -> jax.Array:
+    """kv_stack [L, ...], layer 0-d int -> kv_stack[clip(layer, 0, L - 1)], as the kernels clamp (a plain
+    dynamic index would wrap a negative layer around)."""
+    return jax.lax.dynamic_index_in_dim(kv_stack, jnp.clip(layer, 0, kv_stack.shape[0] - 1), 0, keepdims=False)
 
 
 def _fold_vmap_into_batch(decode):
     """`jax.vmap` support: jax-triton has no batching rule, so a vmapped axis V is folded into the
     kernel's batch (B -> V * B) and unfolded from the outputs. Pages of a batched paged cache are laid
     end to end and each member's block table is offset to its own pages (after clamping, so an
-    out-of-range index never reaches another member's pages)."""
+    out-of-range index never reaches another member's pages). A stacked cache is first indexed at each
+    member's layer (under vmap the layer's cache is copied)."""
 
     @jax.custom_batching.custom_vmap
-    def call(q, kv_cache, cache_seqlens, block_table):
-        return decode(q, kv_cache, cache_seqlens, block_table)
+    def call(q, kv_cache, cache_seqlens, block_table, layer):
+        return decode(q, kv_cache, cache_seqlens, block_table, layer)
 
     @call.def_vmap
-    def _rule(axis_size, in_batched, q, kv_cache, cache_seqlens, block_table):
-        q_b, kv_b, len_b, table_b = in_batched
+    def _rule(axis_size, in_batched, q, kv_cache, cache_seqlens, block_table, layer):
+        q_b, kv_b, len_b, table_b, layer_b = in_batched
         v = axis_size
 
         def batched(x, is_batched):
             return x if is_batched else jnp.broadcast_to(x, (v,) + x.shape)
 
+        if layer is not None:
+            kv_cache = jax.vmap(_index_layer)(batched(kv_cache, kv_b), batched(layer, layer_b))
+            kv_b = True
         q = batched(q, q_b)
         b = q.shape[1]
         seqlens = batched(cache_seqlens, len_b).reshape(v * b)
@@ -289,7 +340,7 @@ def _fold_vmap_into_batch(decode):
                 offsets = (jnp.arange(v, dtype=jnp.int32) * num_pages)[:, None, None]
                 table = jnp.clip(table, 0, num_pages - 1) + offsets
             table = table.reshape(v * b, -1)
-        out, lse = call(q.reshape((v * b,) + q.shape[2:]), kv, seqlens, table)
+        out, lse = call(q.reshape((v * b,) + q.shape[2:]), kv, seqlens, table, None)
         return (out.reshape((v, b) + out.shape[1:]), lse.reshape((v, b) + lse.shape[1:])), (True, True)
 
     return call
@@ -299,8 +350,8 @@ def _inference_only(decode):
     """Differentiating decode raises: it is an inference kernel (mla_prefill has gradients)."""
 
     @jax.custom_jvp
-    def call(q, kv_cache, cache_seqlens, block_table):
-        return decode(q, kv_cache, cache_seqlens, block_table)
+    def call(q, kv_cache, cache_seqlens, block_table, layer):
+        return decode(q, kv_cache, cache_seqlens, block_table, layer)
 
     @call.defjvp
     def _jvp(primals, tangents):
