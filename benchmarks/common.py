@@ -104,3 +104,39 @@ def write_json(name: str, payload: dict) -> str:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     return path
+
+
+def gpu_kernel_times(run: Callable[[], object]) -> list[tuple[str, float]] | None:
+    """[(kernel name, ms)] of every GPU kernel that `run()` launches, from CUPTI; None without a GPU.
+
+    The same CUPTI path as `jax.experimental.mosaic.gpu.profiler.measure`, driven around one call of a
+    closure: `measure` runs its function twice on the same arguments, which a step that donates its cache
+    cannot do. `run` is called once untimed (warm-up) and once under CUPTI."""
+    if jax.devices()[0].platform != "gpu":
+        return None
+    from jax._src.lib import mosaic_gpu as mosaic_gpu_lib
+
+    jax.block_until_ready(run())
+    ext = mosaic_gpu_lib._mosaic_gpu_ext
+    ext._cupti_init()
+    try:
+        jax.block_until_ready(run())
+    finally:
+        timings = ext._cupti_get_timings(True)
+    return list(timings or [])
+
+
+def plain_jnp_decode(q: jax.Array, kv: jax.Array, cache_seqlens: jax.Array, softmax_scale: float,
+                     head_dim_v: int = 512) -> jax.Array:
+    """The absorbed decode a JAX user writes by hand: two einsums and a masked softmax.
+
+    q [B, S_q, H, D], kv [B, N, D] (a paged cache gathered first), cache_seqlens [B] -> [B, S_q, H, head_dim_v].
+    Causal as `mla_decode`. Unlike the NaN-safe reference it trusts the cache past each length to hold
+    finite numbers (it masks scores, not the cache) and does not guard rows with no visible key: one pass
+    over the cache for the scores and one for the output, as fast as plain XLA gets."""
+    n, s_q = kv.shape[1], q.shape[1]
+    scores = jnp.einsum("bshd,bnd->bshn", q, kv, preferred_element_type=jnp.float32) * softmax_scale
+    limit = cache_seqlens[:, None] - s_q + 1 + jnp.arange(s_q)[None, :]                 # [B, S_q]
+    scores = jnp.where(jnp.arange(n)[None, None, None, :] < limit[:, :, None, None], scores, -jnp.inf)
+    p = jax.nn.softmax(scores, axis=-1).astype(kv.dtype)
+    return jnp.einsum("bshn,bnd->bshd", p, kv[..., :head_dim_v], preferred_element_type=jnp.float32).astype(q.dtype)

@@ -38,7 +38,7 @@ def compile_split_kernel(shape, dtype, cfg):
     b, s_q, h, n = shape
     plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, True, (b, n, 576), None, None, 132, cfg)
     t = _TRITON_TYPES[dtype]
-    pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", splits_ptr="i32",
+    pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32", splits_ptr="i32",
                          count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
     names = kernels.mla_decode_split_kernel.arg_names
     signature = {a: "*" + pointer_types[a] if a in pointer_types else ("fp32" if a == "scale" else "constexpr")

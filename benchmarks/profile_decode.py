@@ -66,7 +66,7 @@ def launcher(row, inputs, cfg, num_splits=None):
         for i in plan.zeroed_outputs:
             outs[i].zero_()     # as jax-triton's zeroed_outputs does before each launch
         return kernels.mla_decode_split_kernel[plan.grid](
-            q, kv, seqlens, tbl, benchmark.SCALE, *outs, num_warps=plan.num_warps, num_stages=plan.num_stages,
+            q, kv, seqlens, tbl, seqlens, benchmark.SCALE, *outs,   # seqlens: the unused layer pointer num_warps=plan.num_warps, num_stages=plan.num_stages,
             **plan.constexprs)
 
     def run():

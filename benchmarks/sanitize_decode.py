@@ -1,4 +1,4 @@
-"""One paged and one contiguous mla_decode call with adversarial lengths and block tables, small enough to
+"""Paged, contiguous and layer-stacked mla_decode calls with adversarial lengths and block tables, small enough to
 run under `compute-sanitizer --tool memcheck` (any out-of-bounds read in the kernels is reported there)."""
 import jax
 import jax.numpy as jnp
@@ -16,6 +16,10 @@ paged = fm.mla_decode(q, pages, lengths, table, num_splits=3, implementation="tr
 # num_splits=None: the device-side schedule (a ragged batch: per-sequence splits, in-place combine)
 scheduled = fm.mla_decode(q, kv, lengths, implementation="triton")
 scheduled_paged = fm.mla_decode(q, pages, lengths, table, implementation="triton")
-outs = (out, paged, scheduled, scheduled_paged)
+# A layer-stacked cache read at traced layers out of range (-1 and L): clamped, never read outside the stack.
+stack = jnp.stack([kv, -kv])
+at_layer = jax.jit(lambda i: fm.mla_decode(q, stack, lengths, layer=i, num_splits=2, implementation="triton"))
+stacked = [at_layer(jnp.int32(i)) for i in (-1, 2)]
+outs = (out, paged, scheduled, scheduled_paged, *stacked)
 jax.block_until_ready(outs)
 print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs))

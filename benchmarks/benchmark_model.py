@@ -1,0 +1,296 @@
+"""Model-step benchmark: the decode step of a stack of MLA layers, scanned over layers with one stacked latent
+cache, donated and jitted (rows M1 and M2 of the design card).
+
+    python benchmarks/benchmark_model.py                          # M1, M2-H128, M2-H16 at B 64 and 128
+    python benchmarks/benchmark_model.py --models M1 --batches 64 # a subset
+    python benchmarks/benchmark_model.py --smoke                  # tiny sizes (CPU: xla and plain jnp only)
+
+Two parts, each one decode step (one new token per sequence, every layer), the cache at --context tokens:
+- "attention": per layer, append the new latent and run absorbed decode attention (no projections: q and
+  the latent are given). Forms: `scan` (lax.scan over layers, the stacked cache read in place through
+  `layer=`), `separate` (the same layers over L separate cache buffers, unrolled in one jit: what the
+  kernel costs alone), `xla` (scan, implementation="xla") and `jnp` (scan, the plain-jnp einsum attention
+  of common.plain_jnp_decode over the layer's slice of the stacked cache).
+  Target: scan's per-layer time within 10% of separate's.
+- "model": the whole MLA layer, projections included (`flashmla_jax.flax.mla_attention`: q LoRA, kv LoRA,
+  RoPE, absorption, output projection; no MLP, no MoE, no embedding), with stacked random parameters and a
+  residual, scanned over layers. Forms: `triton`, `xla` and `jnp` (the same layer with the plain-jnp
+  attention). Target: triton's tokens/s at least 2x jnp's at D1-like sizes.
+
+Per form: wall ms per step, synced every step like a sampling loop (the host waits for each step); GPU ms
+per step from CUPTI (all kernels) and the attention kernels' share (names containing "mla_decode");
+tokens/s = B / wall. Writes benchmarks/results/model_<device>.json and a PNG beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+from flashmla_jax import LatentCache  # noqa: E402
+from flashmla_jax._backend import has_cuda_gpu  # noqa: E402
+from flashmla_jax import flax as fmx  # noqa: E402
+
+D, D_V = 576, 512
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDims:
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    q_lora_rank: int | None
+
+    def config(self) -> fmx.MLAConfig:
+        return fmx.MLAConfig(hidden_size=self.hidden, num_heads=self.heads, q_lora_rank=self.q_lora_rank)
+
+    def reduced(self) -> "ModelDims":
+        return dataclasses.replace(self, layers=3, hidden=256, heads=min(self.heads, 4),
+                                   q_lora_rank=self.q_lora_rank and 64)
+
+
+MODELS = {
+    "M1": ModelDims("M1", 27, 2048, 16, None),            # DeepSeek-V2-Lite
+    "M2-H128": ModelDims("M2-H128", 61, 7168, 128, 1536),  # DeepSeek-V3 attention
+    "M2-H16": ModelDims("M2-H16", 61, 7168, 16, 1536),     # DeepSeek-V3 attention, 16 heads as at TP 8
+}
+STEPS = 12            # timed steps per form (each appends one token per layer)
+
+
+def random_stack(key, layers: int, shape: tuple, dtype) -> jax.Array:
+    """[layers, *shape] normal values, made one layer at a time (no float32 copy of the whole stack)."""
+    return jax.lax.map(lambda k: jax.random.normal(k, shape, jnp.float32).astype(dtype),
+                       jax.random.split(key, layers))
+
+
+def filled_cache(dims: ModelDims, batch: int, context: int, dtype, separate: bool):
+    """A stacked cache (or a tuple of per-layer caches) holding context - STEPS - 1 random tokens per
+    sequence, so that the timed steps end at `context`."""
+    length = context - STEPS - 1
+    kv = jax.jit(random_stack, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), dims.layers, (batch, context, D),
+                                                          dtype)
+    seqlens = jnp.full((dims.layers, batch), length, jnp.int32)
+    if separate:
+        caches = tuple(LatentCache(kv[i], seqlens[i], None, None, context) for i in range(dims.layers))
+        del kv
+        return caches
+    return LatentCache(kv, seqlens, None, None, context, dims.layers)
+
+
+# ---------------------------------------------------------------- the attention step (no projections)
+
+
+def attention_step(form: str, scale: float):
+    """step(cache, q [L, B, 1, H, D], x [L, B, 1, D]) -> (cache, out [L, B, 1, H, D_V]), jitted and donated."""
+
+    def attend(cache, i, q):
+        if form == "jnp":
+            kv = jax.lax.dynamic_index_in_dim(cache.kv, i, 0, keepdims=False)
+            return common.plain_jnp_decode(q, kv, cache.lengths(i), scale)
+        return cache.decode(q, layer=i, softmax_scale=scale, implementation="xla" if form == "xla" else "triton")
+
+    def scanned(cache, qs, xs):
+        def layer(cache, inputs):
+            i, q, x = inputs
+            cache = cache.append(x, layer=i)
+            return cache, attend(cache, i, q)
+        return jax.lax.scan(layer, cache, (jnp.arange(qs.shape[0]), qs, xs))
+
+    def unrolled(caches, qs, xs):
+        caches, outs = list(caches), []
+        for i in range(qs.shape[0]):
+            caches[i] = caches[i].append(xs[i])
+            outs.append(caches[i].decode(qs[i], softmax_scale=scale, implementation="triton"))
+        return tuple(caches), jnp.stack(outs)
+
+    return jax.jit(unrolled if form == "separate" else scanned, donate_argnums=0)
+
+
+# ---------------------------------------------------------------- the model step (projections included)
+
+
+def model_step(form: str, config: fmx.MLAConfig):
+    """step(cache, params {name: [L, ...]}, x [B, 1, M]) -> (cache, y [B, 1, M]), jitted and donated."""
+
+    def layer_jnp(params, x, positions, cache, i):
+        # mla_attention's absorbed path with the attention itself written as plain jnp.
+        q_nope, q_pe = fmx.project_queries(params, x, positions, config)
+        cache = cache.append(fmx.project_latent(params, x, positions, config).astype(cache.dtype), layer=i)
+        w_uk, w_uv = fmx.split_wkv_b(params["wkv_b"], config.qk_nope_head_dim)
+        q = fmx.absorb_query(q_nope, q_pe, w_uk).astype(cache.dtype)
+        kv = jax.lax.dynamic_index_in_dim(cache.kv, i, 0, keepdims=False)
+        o = common.plain_jnp_decode(q, kv, cache.lengths(i), config.softmax_scale, config.kv_lora_rank)
+        o = fmx.absorb_output(o, w_uv)
+        return jnp.einsum("bshv,hvm->bsm", o, params["wo"], preferred_element_type=jnp.float32).astype(x.dtype), cache
+
+    def step(cache, params, x):
+        positions = cache.lengths(0)[:, None]
+
+        def layer(carry, inputs):
+            h, cache = carry
+            i, p = inputs
+            if form == "jnp":
+                y, cache = layer_jnp(p, h, positions, cache, i)
+            else:
+                y, cache = fmx.mla_attention(p, h, positions, cache, config=config, layer=i, implementation=form)
+            return (h + y, cache), None
+
+        (h, cache), _ = jax.lax.scan(layer, (x, cache), (jnp.arange(cache.num_layers), params))
+        return cache, h
+
+    return jax.jit(step, donate_argnums=0)
+
+
+# ---------------------------------------------------------------- timing
+
+
+def time_steps(step, state, args) -> tuple[float, object]:
+    """(median wall seconds per step, the state after them): each step waits for the previous one, as a
+    sampling loop that reads its token on the host."""
+    state, out = step(state, *args)               # compile and warm up
+    jax.block_until_ready(out)
+    samples = []
+    for _ in range(STEPS - 2):
+        t0 = time.perf_counter()
+        state, out = step(state, *args)
+        jax.block_until_ready(out)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples), state
+
+
+def gpu_times(step, state, args) -> tuple[float | None, float | None, object]:
+    """(GPU ms of all kernels, of the mla_decode kernels) for one step, from CUPTI; the state after."""
+    box = [state]
+
+    def run():
+        box[0], out = step(box[0], *args)
+        return out
+
+    kernels = common.gpu_kernel_times(run)
+    if kernels is None:
+        return None, None, box[0]
+    return sum(t for _, t in kernels), sum(t for n, t in kernels if "mla_decode" in n), box[0]
+
+
+def run_form(part: str, form: str, dims: ModelDims, batch: int, context: int, dtype, inputs) -> dict:
+    scale = dims.config().softmax_scale
+    if part == "attention":
+        step = attention_step(form, scale)
+        state = filled_cache(dims, batch, context, dtype, separate=form == "separate")
+    else:
+        step = model_step(form, dims.config())
+        state = filled_cache(dims, batch, context, dtype, separate=False)
+    t_compile = time.perf_counter()
+    step = step.lower(state, *inputs).compile()
+    t_compile = time.perf_counter() - t_compile
+    wall, state = time_steps(step, state, inputs)
+    gpu_ms, attn_ms, state = gpu_times(step, state, inputs)
+    del state
+    return dict(part=part, form=form, model=dims.name, layers=dims.layers, hidden=dims.hidden, heads=dims.heads,
+                batch=batch, context=context, compile_s=t_compile, wall_ms=wall * 1e3,
+                per_layer_wall_ms=wall * 1e3 / dims.layers, gpu_ms=gpu_ms, attention_gpu_ms=attn_ms,
+                per_layer_attention_gpu_ms=None if attn_ms is None else attn_ms / dims.layers,
+                tokens_per_s=batch / wall)
+
+
+def plot(results: list[dict], path: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, part, key, label in ((axes[0], "attention", "per_layer_wall_ms", "ms per layer (wall)"),
+                                 (axes[1], "model", "tokens_per_s", "tokens/s")):
+        rows = [r for r in results if r["part"] == part]
+        cases = list(dict.fromkeys(f"{r['model']} B{r['batch']}" for r in rows))
+        forms = list(dict.fromkeys(r["form"] for r in rows))
+        width = 0.8 / max(len(forms), 1)
+        for j, form in enumerate(forms):
+            vals = [next((r[key] for r in rows if f"{r['model']} B{r['batch']}" == c and r["form"] == form), 0)
+                    for c in cases]
+            ax.bar(np.arange(len(cases)) + j * width, vals, width, label=form)
+        ax.set_xticks(np.arange(len(cases)) + width * (len(forms) - 1) / 2, cases, rotation=20)
+        ax.set_ylabel(label)
+        ax.set_title(f"{part} step on {common.device_name()}")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--batches", nargs="*", type=int, default=[64, 128])
+    parser.add_argument("--context", type=int, default=4096)
+    parser.add_argument("--parts", nargs="*", default=["attention", "model"], choices=["attention", "model"])
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes (3 layers, B 2, 256 tokens)")
+    args = parser.parse_args(argv)
+    gpu = has_cuda_gpu()
+    dtype = jnp.bfloat16 if gpu else jnp.float32
+    models = [MODELS[m] for m in args.models]
+    batches, context = args.batches, args.context
+    if args.smoke or not gpu:
+        models, batches, context = [m.reduced() for m in models], [2], 256
+    forms = dict(attention=["scan", "separate", "xla", "jnp"] if gpu else ["xla", "jnp"],
+                 model=["triton", "xla", "jnp"] if gpu else ["xla", "jnp"])
+    results = []
+    for dims in models:
+        for batch in batches:
+            key = jax.random.PRNGKey(1)
+            for part in args.parts:
+                if part == "attention":
+                    inputs = (random_stack(key, dims.layers, (batch, 1, dims.heads, D), dtype),
+                              random_stack(jax.random.fold_in(key, 1), dims.layers, (batch, 1, D), dtype))
+                else:
+                    params = jax.jit(jax.vmap(lambda k: fmx.init_params(dims.config(), k, dtype)))(
+                        jax.random.split(key, dims.layers))
+                    inputs = (params, jax.random.normal(key, (batch, 1, dims.hidden), jnp.float32).astype(dtype))
+                for form in forms[part]:
+                    r = run_form(part, form, dims, batch, context, dtype, inputs)
+                    results.append(r)
+                    print(f"{part:9} {dims.name:8} B{batch:<4} {form:9} wall {r['wall_ms']:8.3f} ms "
+                          f"({r['per_layer_wall_ms']:.4f} ms/layer)  gpu {r['gpu_ms'] or float('nan'):8.3f} ms  "
+                          f"attention gpu {r['attention_gpu_ms'] or float('nan'):8.3f} ms  "
+                          f"{r['tokens_per_s']:10.0f} tokens/s", flush=True)
+                del inputs
+    summary = summarize(results)
+    for line in summary:
+        print(line)
+    payload = dict(device=common.device_name(), reduced_sizes=bool(args.smoke or not gpu), jax=jax.__version__,
+                   dtype=jnp.dtype(dtype).name, steps=STEPS, projections_in_model_part=True, results=results,
+                   summary=summary)
+    path = common.write_json("model", payload)
+    plot(results, path.replace(".json", ".png"))
+    print(f"wrote {path} and its .png")
+
+
+def summarize(results: list[dict]) -> list[str]:
+    """The two targets, per (model, batch): scan vs separate per-layer wall time; triton vs jnp tokens/s."""
+    lines = []
+    by = {(r["part"], r["model"], r["batch"], r["form"]): r for r in results}
+    for (part, model, batch, form), r in by.items():
+        if part == "attention" and form == "scan" and ("attention", model, batch, "separate") in by:
+            sep = by[("attention", model, batch, "separate")]
+            lines.append(f"{model} B{batch}: scanned/stacked {r['per_layer_wall_ms']:.4f} ms/layer vs separate "
+                         f"buffers {sep['per_layer_wall_ms']:.4f} ({100 * (r['wall_ms'] / sep['wall_ms'] - 1):+.1f}%, "
+                         f"target within 10%)")
+        if part == "model" and form == "triton" and ("model", model, batch, "jnp") in by:
+            jnp_r = by[("model", model, batch, "jnp")]
+            lines.append(f"{model} B{batch}: model step {r['tokens_per_s']:.0f} tokens/s vs plain jnp "
+                         f"{jnp_r['tokens_per_s']:.0f} ({r['tokens_per_s'] / jnp_r['tokens_per_s']:.2f}x, target >= 2x)")
+    return lines
+
+
+if __name__ == "__main__":
+    main()
