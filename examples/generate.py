@@ -1,14 +1,22 @@
 """Greedy generation with a small random-weight DeepSeek-like decoder built from the package's MLA layer.
 
 Each block is RMSNorm -> MultiHeadLatentAttention -> RMSNorm -> SwiGLU MLP, with DeepSeek's latent dims
-(kv_lora_rank 512, qk_nope 128, qk_rope 64, v 128). The prompt is prefilled in one jitted call (non-absorbed
-attention through `mla_prefill`, its latents written to one `LatentCache` per layer); then all N tokens are
+(kv_lora_rank 512, qk_nope 128, qk_rope 64, v 128). The blocks are one stack of parameters scanned over
+layers (`nnx.vmap` to build, `nnx.scan` to run, as large JAX models are written) and the latent cache is one
+layer-stacked `LatentCache` that every layer reads in place. The prompt is prefilled in one jitted call
+(non-absorbed attention through `mla_prefill`, its latents appended to the cache); then all N tokens are
 decoded greedily inside one jitted `lax.scan` (absorbed attention through `mla_decode`). The weights are
-random, so the text is meaningless: this measures speed, the cache's size against the K/V cache an MHA model
-of the same shape would need, and checks the cached decode against a cache-free recompute.
+random, so the text is meaningless: this measures speed (warm executions; the first execution of each
+kernel set is reported apart as start-up cost), the cache's size against the K/V cache an MHA model of the
+same shape would need, and checks the cached decode against a cache-free recompute.
 
     python examples/generate.py                                    # CPU (xla): 2 layers, 64 tokens
     python examples/generate.py --layers 4 --batch 16 --tokens 256 # GPU (triton kernels, bf16, paged cache)
+
+Start-up: the first execution of a Triton kernel has the driver compile its PTX and load the module. The
+driver keeps what it compiled in CUDA's compute cache (CUDA_CACHE_PATH, ~/.nv/ComputeCache by default), so a
+second process pays only the module load; `--compilation-cache DIR` also keeps XLA's executables (JAX's
+persistent compilation cache) across processes.
 """
 from __future__ import annotations
 
@@ -43,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--implementation", default=None, choices=["triton", "xla", "interpret"],
                    help="attention ops; default: triton on a CUDA GPU, else xla")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compilation-cache", default=None, metavar="DIR",
+                   help="JAX's persistent compilation cache directory (kept across processes)")
     args = p.parse_args(argv)
     for name in ("layers", "tokens", "batch", "prompt", "heads", "hidden", "vocab"):
         if getattr(args, name) < 1:
@@ -79,57 +89,86 @@ class Block(nnx.Module):
                                              implementation=args.implementation, rngs=rngs)
         self.mlp = SwiGLU(args.hidden, 2 * args.hidden, dtype, rngs)
 
-    def __call__(self, h, positions, cache, cache_empty):
-        """h [B, S, hidden], positions [B, S] -> (h, cache with S more tokens)."""
-        a, cache = self.attn(self.attn_norm(h), positions, cache, cache_empty=cache_empty)
-        h = h + a
-        return h + self.mlp(self.mlp_norm(h)), cache
 
 
 class Decoder(nnx.Module):
     def __init__(self, args, dtype, rngs: nnx.Rngs):
         self.embed = nnx.Embed(args.vocab, args.hidden, dtype=dtype, rngs=rngs)
-        self.blocks = nnx.List([Block(args, dtype, rngs) for _ in range(args.layers)])
+
+        @nnx.split_rngs(splits=args.layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def blocks(rngs):
+            return Block(args, dtype, rngs)
+
+        self.blocks = blocks(rngs)          # one Block whose parameters carry a leading [layers] axis
         self.norm = RMSNorm(args.hidden)
         self.head = nnx.Linear(args.hidden, args.vocab, use_bias=False, dtype=dtype, rngs=rngs)
 
-    def __call__(self, tokens, positions, caches=None, cache_empty=False):
-        """tokens [B, S] int32, positions [B, S] -> (logits [B, S, vocab] float32, caches: one per layer)."""
-        h = self.embed(tokens)
-        new_caches = []
-        for i, block in enumerate(self.blocks):
-            h, cache = block(h, positions, None if caches is None else caches[i], cache_empty)
-            new_caches.append(cache)
-        return self.head(self.norm(h)).astype(jnp.float32), (None if caches is None else tuple(new_caches))
+    def __call__(self, tokens, positions, cache=None, cache_empty=False):
+        """tokens [B, S] int32, positions [B, S], cache None or a layer-stacked LatentCache ->
+        (logits [B, S, vocab] float32, the cache with S more tokens in every layer)."""
+
+        # A lax.scan over the blocks' stacked state (nnx.scan does the same, but refuses modules merged
+        # outside an enclosing lax.scan, as the decode loop below has them).
+        block_def, block_state = nnx.split(self.blocks)
+
+        def run(carry, layer_state):
+            h, cache, layer = carry
+            block = nnx.merge(block_def, layer_state)
+            a, cache = block.attn(block.attn_norm(h), positions, cache, cache_empty=cache_empty,
+                                  layer=None if cache is None else layer)
+            h = h + a
+            return (h + block.mlp(block.mlp_norm(h)), cache, layer + 1), None
+
+        (h, cache, _), _ = jax.lax.scan(run, (self.embed(tokens), cache, jnp.int32(0)), block_state)
+        return self.head(self.norm(h)).astype(jnp.float32), cache
 
 
 # ---------------------------------------------------------------- generation
 
 def make_generate(graphdef, num_tokens: int, donate: bool):
-    """Jitted prefill(state, prompt, caches) and decode(state, first, caches) -> (tokens [B, N], logits, caches)."""
+    """Jitted prefill(state, prompt, cache) and decode(state, first, cache) -> (tokens [B, N], logits, cache)."""
 
     @jax.jit
-    def prefill(state, prompt, caches):
+    def prefill(state, prompt, cache):
         model = nnx.merge(graphdef, state)
         positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
-        logits, caches = model(prompt, positions, caches, cache_empty=True)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), logits[:, -1], caches
+        logits, cache = model(prompt, positions, cache, cache_empty=True)
+        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), logits[:, -1], cache
 
     @functools.partial(jax.jit, donate_argnums=(2,) if donate else ())
-    def decode(state, first, caches):
+    def decode(state, first, cache):
         model = nnx.merge(graphdef, state)
 
         def step(carry, _):
-            token, caches = carry
-            positions = caches[0].seqlens[:, None]            # the new token's position = tokens cached so far
-            logits, caches = model(token[:, None], positions, caches)
+            token, cache = carry
+            positions = cache.lengths(0)[:, None]            # the new token's position = tokens cached so far
+            logits, cache = model(token[:, None], positions, cache)
             nxt = jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-            return (nxt, caches), (token, logits[:, 0])
+            return (nxt, cache), (token, logits[:, 0])
 
-        (_, caches), (tokens, logits) = jax.lax.scan(step, (first, caches), None, length=num_tokens)
-        return tokens.T, jnp.swapaxes(logits, 0, 1), caches         # [B, N], [B, N, vocab]
+        (_, cache), (tokens, logits) = jax.lax.scan(step, (first, cache), None, length=num_tokens)
+        return tokens.T, jnp.swapaxes(logits, 0, 1), cache          # [B, N], [B, N, vocab]
 
     return prefill, decode
+
+
+def timed(fn, *args):
+    """(outputs, seconds) of one call, waited for."""
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn(*args))
+    return out, time.perf_counter() - t0
+
+
+def attention_kernel_ms(prefill, decode, state, prompt, empty_cache) -> dict[str, float] | None:
+    """GPU ms of the mla_decode and mla_prefill kernels in one generation (CUPTI); None without a GPU."""
+    if jax.devices()[0].platform != "gpu":
+        return None
+    from jax.experimental.mosaic.gpu import profiler
+
+    generate = jax.jit(lambda state, prompt: decode(state, *prefill(state, prompt, empty_cache())[::2]))
+    _, kernels = profiler.measure(generate, aggregate=False)(state, prompt)
+    return {name: sum(t for k, t in kernels or [] if name in k) for name in ("mla_decode", "mla_prefill")}
 
 
 def cache_report(args, capacity: int, itemsize: int) -> list[str]:
@@ -147,45 +186,50 @@ def cache_report(args, capacity: int, itemsize: int) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.compilation_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compilation_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     dtype = jnp.dtype(args.dtype)
     impl = args.implementation or ("triton" if has_cuda_gpu() else "xla")
     args.implementation = impl
     print(f"device: {jax.devices()[0].device_kind} ({jax.default_backend()}), implementation={impl}, "
-          f"dtype={dtype.name}, page_size={args.page_size or 'contiguous'}")
+          f"dtype={dtype.name}, page_size={args.page_size or 'contiguous'}, {args.layers} layers scanned")
 
     model = Decoder(args, dtype, nnx.Rngs(args.seed))
     graphdef, state = nnx.split(model)
     capacity = args.prompt + args.tokens
     prefill, decode = make_generate(graphdef, args.tokens, donate=jax.default_backend() != "cpu")
 
-    def empty_caches():
-        return tuple(fm.LatentCache.create(args.batch, capacity, dim=576, dtype=dtype, page_size=args.page_size or None)
-                     for _ in range(args.layers))
+    def empty_cache():
+        return fm.LatentCache.create(args.batch, capacity, dim=576, dtype=dtype, page_size=args.page_size or None,
+                                     num_layers=args.layers)
 
     prompt = jnp.asarray(np.random.default_rng(args.seed).integers(0, args.vocab, (args.batch, args.prompt)),
                          jnp.int32)
 
     # Compile ahead of time, so the timings below are execution only.
     t0 = time.perf_counter()
-    caches = empty_caches()
-    prefill_c = prefill.lower(state, prompt, caches).compile()
-    first, _, caches_sd = jax.eval_shape(prefill, state, prompt, caches)
-    decode_c = decode.lower(state, first, caches_sd).compile()
+    prefill_c = prefill.lower(state, prompt, empty_cache()).compile()
+    first, _, cache_sd = jax.eval_shape(prefill, state, prompt, empty_cache())
+    decode_c = decode.lower(state, first, cache_sd).compile()
     print(f"compiled prefill + {args.tokens}-step decode scan in {time.perf_counter() - t0:.1f} s")
 
-    t0 = time.perf_counter()
-    first, first_logits, caches = prefill_c(state, prompt, caches)
-    first.block_until_ready()
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    tokens, logits, caches = decode_c(state, first, caches)
-    tokens.block_until_ready()
-    t_decode = time.perf_counter() - t0
+    # The first execution of each kernel set (start-up), then warm executions (the speed).
+    (first, first_logits, cache), cold_prefill = timed(prefill_c, state, prompt, empty_cache())
+    (tokens, logits, cache), cold_decode = timed(decode_c, state, first, cache)
+    (first, first_logits, cache), t_prefill = timed(prefill_c, state, prompt, empty_cache())
+    (tokens, logits, cache), t_decode = timed(decode_c, state, first, cache)
 
     print(f"prefill: {args.batch} x {args.prompt} tokens in {1e3 * t_prefill:.1f} ms "
           f"({args.batch * args.prompt / t_prefill:,.0f} tokens/s)")
     print(f"decode:  {args.batch} x {args.tokens} tokens in {1e3 * t_decode:.1f} ms "
           f"({args.batch * args.tokens / t_decode:,.0f} tokens/s, {1e3 * t_decode / args.tokens:.2f} ms/step)")
+    print(f"start-up (first execution less a warm one): prefill {1e3 * (cold_prefill - t_prefill):.1f} ms, "
+          f"decode {1e3 * (cold_decode - t_decode):.1f} ms")
+    kernel_ms = attention_kernel_ms(prefill, decode, state, prompt, empty_cache)
+    if kernel_ms is not None:
+        print(f"attention kernels (CUPTI): decode {1e3 * kernel_ms['mla_decode'] / (args.tokens * args.layers):.1f} "
+              f"us per layer and step, prefill {kernel_ms['mla_prefill'] / args.layers:.3f} ms per layer")
     print(f"sequence 0, first tokens: {np.asarray(tokens[0, :16]).tolist()}")
     for line in cache_report(args, capacity, dtype.itemsize):
         print(line)
