@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
+import json
 import os
 import statistics
 import sys
@@ -235,6 +235,8 @@ def main(argv=None):
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--parts", nargs="*", default=["attention", "model"], choices=["attention", "model"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (3 layers, B 2, 256 tokens)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an earlier run's JSON that this run does not measure again")
     args = parser.parse_args(argv)
     gpu = has_cuda_gpu()
     dtype = jnp.bfloat16 if gpu else jnp.float32
@@ -253,7 +255,9 @@ def main(argv=None):
                     inputs = (random_stack(key, dims.layers, (batch, 1, dims.heads, D), dtype),
                               random_stack(jax.random.fold_in(key, 1), dims.layers, (batch, 1, D), dtype))
                 else:
-                    params = jax.jit(jax.vmap(lambda k: fmx.init_params(dims.config(), k, dtype)))(
+                    # lax.map, not vmap: init_params draws float32, and all 61 layers of that at once
+                    # would not fit beside the cache.
+                    params = jax.jit(lambda ks: jax.lax.map(lambda k: fmx.init_params(dims.config(), k, dtype), ks))(
                         jax.random.split(key, dims.layers))
                     inputs = (params, jax.random.normal(key, (batch, 1, dims.hidden), jnp.float32).astype(dtype))
                 for form in forms[part]:
@@ -264,6 +268,12 @@ def main(argv=None):
                           f"attention gpu {r['attention_gpu_ms'] or float('nan'):8.3f} ms  "
                           f"{r['tokens_per_s']:10.0f} tokens/s", flush=True)
                 del inputs
+    path = os.path.join(common.RESULTS_DIR, f"model_{common.device_slug()}.json")
+    if args.merge and os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)["results"]
+        fresh = {(r["part"], r["model"], r["batch"], r["form"]) for r in results}
+        results = [r for r in earlier if (r["part"], r["model"], r["batch"], r["form"]) not in fresh] + results
     summary = summarize(results)
     for line in summary:
         print(line)
