@@ -19,16 +19,20 @@ hyperparameters), `init_params`, and the absorption helpers `absorb_query` / `ab
 
 RoPE convention: interleaved pairs, as DeepSeek's own inference code. Within the R rotary features, the
 pair (x[2i], x[2i+1]) is rotated by the angle position · inv_freq[i], and the result keeps that layout.
-The Hugging Face DeepSeek code rotates the same pairs and then stores them de-interleaved; the two differ
-only by one fixed permutation of the R features applied to both q_pe and k_pe, which leaves every score
-unchanged, so checkpoints load as they are. (Only the k_pe part of this layer's cache is in the
-interleaved layout.)
+The Hugging Face DeepSeek code for interleaved checkpoints (`rope_interleave: true`, the default and what
+DeepSeek publishes) rotates the same pairs and then stores them de-interleaved; the two differ only by one
+fixed permutation of the R features applied to both q_pe and k_pe, which leaves every score unchanged, so
+those checkpoints load as they are. `rope_interleave: false` checkpoints rotate the pairs (x[i], x[i+R/2])
+instead; `flashmla_jax.checkpoint` permutes their rotary weight rows ([0, R/2, 1, R/2+1, …]) when it loads
+them. (Only the k_pe part of this layer's cache is in the interleaved layout.)
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
+import os
 from typing import Any, Mapping
 
 import jax
@@ -79,10 +83,19 @@ class YarnScaling:
 
     @classmethod
     def from_config(cls, rope_scaling: Mapping[str, Any]) -> "YarnScaling":
-        """A DeepSeek/Hugging Face `rope_scaling` dict -> YarnScaling ("type"/"rope_type" must be yarn)."""
+        """A DeepSeek/Hugging Face `rope_scaling` dict, or transformers v5's `rope_parameters` -> YarnScaling.
+
+        "type" / "rope_type" must be "yarn" when present. A `rope_theta` key (v5 keeps the RoPE base in this
+        dict) is ignored here: the base is `MLAConfig.rope_theta`, and `MLAConfig` checks that the two agree.
+        transformers' `truncate` key is accepted only as True (this layer floors/ceils the correction range,
+        as DeepSeek does). Any other key outside the dataclass fields is an error.
+        """
         if not isinstance(rope_scaling, Mapping):
             raise TypeError(f"rope_scaling must be None, a dict or a YarnScaling, got {type(rope_scaling).__name__}")
         d = dict(rope_scaling)
+        d.pop("rope_theta", None)
+        if not d.pop("truncate", True):
+            raise ValueError("rope_scaling['truncate'] = False is not supported (DeepSeek's YaRN truncates)")
         kinds = {d.pop("type", "yarn"), d.pop("rope_type", "yarn")}
         if kinds != {"yarn"}:
             kind = sorted(kinds - {"yarn"})[0]
@@ -103,7 +116,9 @@ class MLAConfig:
     hidden_size M; num_heads H; q_lora_rank: rank of the query LoRA (DeepSeek-V3: 1536), or None for a
     direct query projection (V2-Lite); kv_lora_rank C (512); qk_nope_head_dim Dn (128); qk_rope_head_dim R
     (64, even); v_head_dim Dv (128); rope_theta: RoPE base; rope_scaling: None, a YarnScaling, or
-    DeepSeek's `rope_scaling` dict; rms_norm_eps: epsilon of the latents' RMSNorms.
+    DeepSeek's `rope_scaling` dict (or transformers v5's `rope_parameters`: rope_type "default" means None,
+    and a `rope_theta` inside it must equal rope_theta); rms_norm_eps: epsilon of the latents' RMSNorms.
+    `MLAConfig.from_hf_config` reads a DeepSeek `config.json`.
     """
     hidden_size: int
     num_heads: int
@@ -131,8 +146,64 @@ class MLAConfig:
             raise ValueError(f"rope_theta must be > 1, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        rs = self.rope_scaling
+        if isinstance(rs, Mapping):
+            # A v5 `rope_parameters` dict carries the base too: two different bases would be silently lost.
+            if "rope_theta" in rs and float(rs["rope_theta"]) != float(self.rope_theta):
+                raise ValueError(f"rope_scaling['rope_theta'] = {rs['rope_theta']!r} differs from rope_theta = "
+                                 f"{self.rope_theta!r}")
+            if rs.get("rope_type", rs.get("type")) == "default":
+                extra = sorted(set(rs) - {"rope_type", "type", "rope_theta"})
+                if extra:
+                    raise ValueError(f"rope_scaling of rope_type 'default' has unexpected keys {extra}")
+                rs = None
+            object.__setattr__(self, "rope_scaling", rs)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnScaling):
             object.__setattr__(self, "rope_scaling", YarnScaling.from_config(self.rope_scaling))
+
+    @classmethod
+    def from_hf_config(cls, hf_config: Mapping[str, Any] | str | os.PathLike) -> "MLAConfig":
+        """The attention hyperparameters of a DeepSeek-V2/V3 `config.json` (a dict, or a path to the file).
+
+        Reads hidden_size, num_attention_heads, q_lora_rank (null: V2-Lite's direct query projection),
+        kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim (all required), rms_norm_eps (1e-6) and
+        the RoPE settings in either transformers layout: v4's top-level `rope_theta` + `rope_scaling`, or v5's
+        `rope_parameters` (rope_theta inside, rope_type "default" or "yarn" with the YaRN keys). A YaRN dict
+        without original_max_position_embeddings gets max_position_embeddings, as transformers does. Other
+        keys (MoE, vocab, num_hidden_layers, rope_interleave) are not this layer's: `flashmla_jax.checkpoint`
+        reads the last two. Raises ValueError naming a missing or inconsistent key.
+        """
+        if isinstance(hf_config, (str, os.PathLike)):
+            with open(hf_config) as f:
+                hf_config = json.load(f)
+        if not isinstance(hf_config, Mapping):
+            raise TypeError(f"hf_config must be a dict or a path to config.json, got {type(hf_config).__name__}")
+        required = ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
+                    "v_head_dim")
+        missing = [k for k in required if hf_config.get(k) is None]
+        if missing:
+            raise ValueError(f"hf_config lacks {missing} (needed for an MLA layer)")
+        if hf_config.get("attention_bias"):
+            raise ValueError("hf_config has attention_bias = true; this layer's projections have no biases")
+        rope = hf_config.get("rope_parameters")
+        if rope is None:
+            rope = hf_config.get("rope_scaling")
+        rope = dict(rope or {})
+        theta = rope.pop("rope_theta", None)
+        top_theta = hf_config.get("rope_theta")
+        if theta is not None and top_theta is not None and float(theta) != float(top_theta):
+            raise ValueError(f"hf_config's rope_theta {top_theta!r} and rope_parameters['rope_theta'] {theta!r} differ")
+        theta = float(theta if theta is not None else top_theta if top_theta is not None else 10000.0)
+        if not rope:
+            rope = None   # rope_type "default" dicts are left to __post_init__, which checks their keys
+        elif (rope.get("rope_type", rope.get("type")) != "default" and "original_max_position_embeddings" not in rope
+              and hf_config.get("max_position_embeddings")):
+            rope["original_max_position_embeddings"] = hf_config["max_position_embeddings"]
+        return cls(hidden_size=int(hf_config["hidden_size"]), num_heads=int(hf_config["num_attention_heads"]),
+                   q_lora_rank=None if hf_config.get("q_lora_rank") is None else int(hf_config["q_lora_rank"]),
+                   kv_lora_rank=int(hf_config["kv_lora_rank"]), qk_nope_head_dim=int(hf_config["qk_nope_head_dim"]),
+                   qk_rope_head_dim=int(hf_config["qk_rope_head_dim"]), v_head_dim=int(hf_config["v_head_dim"]),
+                   rope_theta=theta, rope_scaling=rope, rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)))
 
     @property
     def qk_head_dim(self) -> int:
