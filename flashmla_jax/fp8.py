@@ -13,8 +13,8 @@ names how a cache stores it:
 
   c_kv[i] = float(e4m3 byte i) * scale[i // 128]. The token rows are back to back (a token's byte 0 at
   656 * token), so `[num_blocks, page_size, 656]` is a paged cache. FlashMLA builds exactly this (its
-  tests/quant.py, `V32_FP8Sparse`: nope part, `.view(float32)` scales, `.view(bfloat16)` rope); its newer
-  dense-decode "V32_FP8" layout groups a page's bytes by part instead and is a different format.
+  tests/quant.py, `V32_FP8Sparse`: nope part, `.view(float32)` scales, `.view(bfloat16)` rope); the
+  "V32_FP8" layout some FlashMLA versions also define groups a page's bytes by part: a different format.
   `dequantize_latent` reads any positive float32 scale, so caches whose scales FlashMLA rounded up to a
   power of two (UE8M0) read the same.
 - `"fp8_pertensor"`: all 576 values as float8_e4m3fn, stored as uint8 `[..., 576]`, with one float32
@@ -22,13 +22,18 @@ names how a cache stores it:
   float8_e4m3fn storage because jax-triton and Triton's interpreter (via torch) take it as is.
 
 Quantization, the same for both formats: a group (128 c_kv values of one token, or the whole tensor) gets
-scale = max(amax / 448, 2^-126), where amax is the largest |value| in the group and 2^-126 is float32's
-smallest normal number. Values are divided by the scale in float32, clipped to [-448, 448] (float8_e4m3fn
-has no inf: an overflow would be NaN) and rounded to the nearest e4m3 value, ties to even.
+scale = max(amax · fl(1/448), 2^-126), where amax is the largest |value| in the group, fl(1/448) is 1/448
+rounded to float32, and 2^-126 is float32's smallest normal number. Values are multiplied by fl(1/scale)
+in float32, clipped to [-448, 448] (float8_e4m3fn has no inf: an overflow would be NaN) and rounded to
+the nearest e4m3 value, ties to even. Multiplications rather than divisions because XLA rewrites a
+division into one (on the CPU a float32 `x / y` gave x · fl(1/y), which differs from x / y in the last
+bit): written so, every backend computes the same bits (within a scale ulp of amax / 448, as FlashMLA's
+own quantizer divides). float32 subnormal inputs may be flushed to zero (XLA's CPU backend does).
 
 **All-zero groups**: scale 2^-126 and all-zero bytes, so they dequantize to exact zeros (never 0/0). The
-same floor keeps a group whose amax / 448 would underflow (|values| below about 5e-36) finite: its
-values are then quantized with absolute error below 2^-136. Inputs must be finite: NaN stays NaN.
+same floor keeps a group whose amax / 448 would underflow (|values| below about 5e-36) finite, its values
+quantized with absolute error below 2^-126. Inputs must be finite: a NaN or inf turns its group (the whole
+tensor, per tensor) into NaN and zeros.
 
 Everything here is pure `jax.numpy` with static shapes: it runs under `jax.jit`, inside `lax.scan`, and in
 a donated, jitted cache-append step (the kv_format string is static: a Python value, not traced).
@@ -43,10 +48,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["LatentFormat", "LATENT_FORMATS", "FP8_FORMATS", "E4M3_MAX", "SCALE_FLOOR", "latent_format",
-           "bytes_per_token", "quantize_latent", "dequantize_latent"]
+__all__ = ["LatentFormat", "LATENT_FORMATS", "FP8_FORMATS", "E4M3_MAX", "INV_E4M3_MAX", "SCALE_FLOOR",
+           "latent_format", "bytes_per_token", "quantize_latent", "dequantize_latent"]
 
 E4M3_MAX = 448.0          # largest finite float8_e4m3fn
+INV_E4M3_MAX = np.float32(1.0 / 448.0)   # scale = amax · this (what XLA makes of amax / 448 anyway)
 SCALE_FLOOR = 2.0 ** -126  # the smallest scale: all-zero (and underflowing) groups get it
 BLOCKSCALE_GROUP = 128    # c_kv values per float32 scale in "fp8_blockscale"
 FP8_FORMATS = ("fp8_blockscale", "fp8_pertensor")
@@ -161,14 +167,14 @@ def _check_scale(scale) -> jax.Array:
 
 
 def _scale_of(amax: jax.Array) -> jax.Array:
-    # The floor keeps 0/0 (all-zero group) and an underflowed amax / 448 out of the division.
-    return jnp.maximum(amax.astype(jnp.float32) / E4M3_MAX, SCALE_FLOOR)
+    # The floor keeps 0 · inf (an all-zero group) and an underflowed amax / 448 out of x · (1 / scale).
+    return jnp.maximum(amax.astype(jnp.float32) * INV_E4M3_MAX, jnp.float32(SCALE_FLOOR))
 
 
 def _to_e4m3_bytes(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """float32 x / scale as float8_e4m3fn bytes (uint8, same shape): clipped to ±448, then rounded to
-    nearest even (XLA's convert, checked against ml_dtypes in the tests)."""
-    y = jnp.clip(x / scale, -E4M3_MAX, E4M3_MAX)
+    """float32 x · fl(1 / scale) as float8_e4m3fn bytes (uint8, same shape): clipped to ±448, then
+    rounded to nearest even (XLA's convert, checked against ml_dtypes in the tests)."""
+    y = jnp.clip(x * (1.0 / scale), -E4M3_MAX, E4M3_MAX)
     return jax.lax.bitcast_convert_type(y.astype(jnp.float8_e4m3fn), jnp.uint8)
 
 
@@ -199,11 +205,11 @@ def quantize_latent(latent, kv_format: str, scale=None, *, d_r: int = 64):
         128 c_kv values of each token; k_pe is rounded to bfloat16 (exact for a bfloat16 latent). `scale`
         must be None: every token carries its own scales, so appends need nothing from the cache.
       "fp8_pertensor": returns (packed uint8 [..., d_v + d_r], scale float32 []). With scale=None the scale
-        is computed from this latent: max(amax / 448, 2^-126) over all its values. With a given scale (a
+        is computed from this latent: max(amax · fl(1/448), 2^-126) over all its values. With a given scale (a
         float32 scalar; e.g. the cache's, fixed when it was created), that scale is used and returned as a
         0-d float32 array: this is how an append quantizes new tokens into an existing cache. Values
-        beyond ±448 · scale saturate there. The scale must be positive and finite (not checked: it may be
-        traced).
+        beyond ±448 · scale saturate there. The scale must be a positive, finite, normal float32 (not
+        checked: it may be traced).
     Raises TypeError for a non-float latent or a scale of the wrong type, ValueError for an unknown
     kv_format, a last axis the format cannot split (blockscale: d_v a multiple of 128), or a blockscale
     scale.
