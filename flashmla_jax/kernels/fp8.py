@@ -21,6 +21,16 @@ the bit-arithmetic path is the one that matches float8_e4m3fn everywhere. Also s
 pointer casts from uint8 to float32 / bfloat16 pointers load correctly, and `.to(tl.bfloat16)` from
 float32 truncates where the GPU rounds to nearest even (so interpreted bfloat16 tiles can differ from
 `dequantize_latent(..., dtype=bfloat16)` by one bfloat16 ulp; float32 tiles are exact).
+
+How the decode kernel's tile step uses them (kv_rows, tokens, hi as in `_attend_tile`; kv_ptr a uint8
+pointer, already offset to the layer):
+
+    k_v, k_r = load_blockscale_tile(kv_ptr, kv_rows, tokens < hi, D_V, D_R, q_v.dtype, FP8_NATIVE, MASKED)
+    k_v, k_r = load_pertensor_tile(kv_ptr, kv_rows, tokens < hi, kv_scale, D_V, D_R, q_v.dtype, FP8_NATIVE,
+                                   MASKED)                       # kv_scale = tl.load(scale_ptr), once
+
+in place of the two `tl.load`s; the products and `p.to(k_v.dtype)` stay as they are. FP8_NATIVE=True has
+run here only in the interpreter; the GPU compile of it is still to be checked on the device.
 """
 import triton
 import triton.language as tl
