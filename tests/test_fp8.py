@@ -1,0 +1,412 @@
+"""The FP8 latent cache formats (issue 13): byte layouts, quantize / dequantize in JAX, and the device-side
+e4m3 decode and tile loaders run in Triton's interpreter. Every test draws fresh random data."""
+import dataclasses
+import zlib
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+import triton
+import triton.language as tl
+
+import flashmla_jax as fm
+from flashmla_jax import fp8
+from flashmla_jax.fp8 import (LATENT_FORMATS, SCALE_FLOOR, bytes_per_token, dequantize_latent, latent_format,
+                              quantize_latent)
+from flashmla_jax.kernels import fp8 as kfp8
+from flashmla_jax.ops._launch import launch
+
+E4M3 = ml_dtypes.float8_e4m3fn
+ALL_BYTES = np.arange(256, dtype=np.uint8)
+ALL_E4M3 = ALL_BYTES.view(E4M3).astype(np.float32)        # index = bit pattern; 0x7F / 0xFF are NaN
+
+
+def _rng(request) -> np.random.Generator:
+    """A generator seeded by the test's name: fresh data per test, reproducible across runs."""
+    return np.random.default_rng(zlib.crc32(request.node.nodeid.encode()))
+
+
+def _latents(rng, shape, dtype=np.float32) -> np.ndarray:
+    """Random latents [..., 576] whose 128-groups and k_pe span magnitudes 1e-3 .. 1e3."""
+    x = rng.standard_normal((*shape, 576)).astype(np.float32)
+    mags = 10.0 ** rng.uniform(-3, 3, (*shape, 5)).astype(np.float32)
+    x[..., :512] *= np.repeat(mags[..., :4], 128, axis=-1)
+    x[..., 512:] *= mags[..., 4:]
+    return x.astype(dtype)
+
+
+def _np_blockscale(x: np.ndarray) -> np.ndarray:
+    """The 656-byte tokens built by hand with NumPy: e4m3 c_kv bytes, 4 little-endian float32 scales,
+    64 little-endian bfloat16 k_pe values (scale = max(amax · fl(1/448), 2^-126), codes x · fl(1/scale))."""
+    x = np.asarray(x, np.float32)
+    groups = x[..., :512].reshape(*x.shape[:-1], 4, 128)
+    scales = np.maximum(np.abs(groups).max(-1) * np.float32(1 / 448), np.float32(SCALE_FLOOR)).astype(np.float32)
+    codes = np.clip(groups * (np.float32(1) / scales[..., None]), -448, 448).astype(E4M3).view(np.uint8)
+    scale_bytes = scales.astype("<f4").view(np.uint8)
+    rope_bytes = x[..., 512:].astype(ml_dtypes.bfloat16).view("<u2").view(np.uint8)
+    return np.concatenate([codes.reshape(*x.shape[:-1], 512), scale_bytes, rope_bytes], axis=-1)
+
+
+# ---- the formats as data ------------------------------------------------------------------------------
+
+def test_format_table():
+    b, p = LATENT_FORMATS["fp8_blockscale"], LATENT_FORMATS["fp8_pertensor"]
+    assert (b.bytes_per_token, b.c_kv_offset, b.scale_offset, b.rope_offset, b.group_size, b.num_scales) == \
+        (656, 0, 512, 528, 128, 4)
+    assert b.rope_dtype == jnp.bfloat16 and b.storage_dtype == np.uint8 and not b.per_tensor_scale
+    assert (p.bytes_per_token, p.rope_offset, p.group_size, p.num_scales, p.scale_offset) == (576, 512, None, 0, None)
+    assert p.rope_dtype == E4M3 and p.per_tensor_scale
+    assert [bytes_per_token(f) for f in (None, "fp8_blockscale", "fp8_pertensor")] == [1152, 656, 576]
+    assert bytes_per_token(None, jnp.float32) == 2304
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        b.bytes_per_token = 1
+
+
+def test_format_other_widths():
+    f = latent_format("fp8_blockscale", d_v=256, d_r=32)
+    assert (f.bytes_per_token, f.rope_offset, f.num_scales) == (256 + 8 + 64, 264, 2)
+    with pytest.raises(ValueError, match="d_v"):
+        latent_format("fp8_blockscale", d_v=500)
+    with pytest.raises(ValueError, match="d_r"):
+        latent_format("fp8_blockscale", d_r=63)
+    with pytest.raises(ValueError, match="kv_format"):
+        latent_format("fp8_e5m2")
+
+
+# ---- quantization: bytes ------------------------------------------------------------------------------
+
+def test_rounding_is_nearest_even_like_ml_dtypes(request):
+    """With scale 1, pertensor bytes are exactly ml_dtypes' e4m3 rounding: every finite value, every
+    midpoint between neighbours (ties to even) and its two float32 neighbours, random values."""
+    rng = _rng(request)
+    finite = np.unique(ALL_E4M3[np.isfinite(ALL_E4M3)])
+    mids = ((finite[1:] + finite[:-1]) / 2).astype(np.float32)
+    x = np.concatenate([finite, mids, np.nextafter(mids, np.float32(np.inf)), np.nextafter(mids, np.float32(-np.inf)),
+                        rng.uniform(-448, 448, 4000).astype(np.float32)]).astype(np.float32)
+    x = np.concatenate([x, rng.standard_normal(576 - x.size % 576).astype(np.float32)]).reshape(-1, 576)
+    packed, scale = quantize_latent(jnp.asarray(x), "fp8_pertensor", scale=1.0)
+    assert packed.dtype == jnp.uint8 and scale.dtype == jnp.float32 and scale.shape == ()
+    np.testing.assert_array_equal(np.asarray(packed), x.astype(E4M3).view(np.uint8))
+
+
+def test_blockscale_bytes_match_hand_built_tokens(request):
+    x = _latents(_rng(request), (3, 5))
+    packed = np.asarray(quantize_latent(jnp.asarray(x), "fp8_blockscale"))
+    assert packed.shape == (3, 5, 656) and packed.dtype == np.uint8
+    np.testing.assert_array_equal(packed, _np_blockscale(x))
+    # The parts where the layout says: scales at [512, 528), little-endian float32 ≈ amax / 448.
+    scales = packed[..., 512:528].copy().view("<f4")
+    amax = np.abs(x[..., :512].reshape(3, 5, 4, 128)).max(-1)
+    np.testing.assert_allclose(scales, amax / 448, rtol=2.0 ** -22)   # within 2 ulp of amax / 448
+    np.testing.assert_array_equal(packed[..., 528:].copy().view("<u2"),
+                                  x[..., 512:].astype(ml_dtypes.bfloat16).view(np.uint16))
+
+
+def test_dequantize_reads_a_flashmla_buffer(request):
+    """A FlashMLA V3.2 style paged cache [num_blocks, page, 656] assembled byte by byte, with arbitrary
+    (non-NaN) e4m3 bytes, positive scales (some powers of two, as FlashMLA's UE8M0 rounding makes) and
+    bfloat16 k_pe, reads as e4m3 * scale and the bfloat16 values."""
+    rng = _rng(request)
+    codes = rng.integers(0, 256, (2, 8, 512), dtype=np.uint8)
+    codes[(codes & 0x7F) == 0x7F] = 0x11
+    scales = (10.0 ** rng.uniform(-4, 2, (2, 8, 4))).astype(np.float32)
+    scales[:, ::2] = 2.0 ** np.ceil(np.log2(scales[:, ::2]))
+    rope = (rng.standard_normal((2, 8, 64)) * 3).astype(ml_dtypes.bfloat16)
+    buf = np.concatenate([codes, scales.astype("<f4").view(np.uint8), rope.view("<u2").view(np.uint8)], -1)
+    assert buf.shape == (2, 8, 656)
+    out = np.asarray(dequantize_latent(jnp.asarray(buf), "fp8_blockscale", dtype=jnp.float32))
+    want_v = (codes.view(E4M3).astype(np.float32).reshape(2, 8, 4, 128) * scales[..., None]).reshape(2, 8, 512)
+    np.testing.assert_array_equal(out[..., :512], want_v)
+    np.testing.assert_array_equal(out[..., 512:], rope.astype(np.float32))
+    out_bf16 = dequantize_latent(jnp.asarray(buf), "fp8_blockscale")          # default dtype bfloat16
+    assert out_bf16.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(out_bf16), np.concatenate([want_v, rope.astype(np.float32)], -1)
+                                  .astype(ml_dtypes.bfloat16))
+
+
+# ---- quantization: accuracy -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_blockscale_round_trip_error(request, dtype):
+    """Per element: |x - x̂| ≤ 2^-4 |x| (3 mantissa bits, rounded) + 2^-10 scale (e4m3 subnormal spacing
+    2^-9, halved), hence ≤ 2^-4 amax of its group. k_pe: exact for bfloat16 input, bfloat16 rounding else."""
+    x = jnp.asarray(_latents(_rng(request), (4, 16)), dtype)
+    xf = np.asarray(x, np.float32)
+    out = np.asarray(dequantize_latent(quantize_latent(x, "fp8_blockscale"), "fp8_blockscale", dtype=jnp.float32))
+    groups, got = xf[..., :512].reshape(4, 16, 4, 128), out[..., :512].reshape(4, 16, 4, 128)
+    amax = np.abs(groups).max(-1, keepdims=True)
+    err = np.abs(got - groups)
+    assert np.all(err <= 2.0 ** -4 * np.abs(groups) + 2.0 ** -10 * amax / 448 * (1 + 1e-6))
+    assert np.all(err <= 2.0 ** -4 * amax)
+    assert np.max(err / amax) > 2.0 ** -7          # the bound is not vacuous: rounding happened
+    np.testing.assert_allclose(out[..., 512:], xf[..., 512:], rtol=2.0 ** -8, atol=0)
+    if dtype == jnp.bfloat16:
+        np.testing.assert_array_equal(out[..., 512:], xf[..., 512:])
+
+
+def test_pertensor_round_trip_error(request):
+    x = jnp.asarray(_latents(_rng(request), (3, 7)) / 100)
+    packed, scale = quantize_latent(x, "fp8_pertensor")
+    assert packed.shape == (3, 7, 576) and float(scale) == pytest.approx(float(jnp.max(jnp.abs(x))) / 448, rel=1e-6)
+    out = np.asarray(dequantize_latent(packed, "fp8_pertensor", scale, dtype=jnp.float32))
+    xf = np.asarray(x)
+    assert np.all(np.abs(out - xf) <= 2.0 ** -4 * np.abs(xf) + 2.0 ** -10 * float(scale) * (1 + 1e-6))
+    assert np.abs(out).max() == pytest.approx(np.abs(xf).max(), rel=2.0 ** -4)
+
+
+def test_pertensor_append_with_the_cache_scale(request):
+    """An append quantizes with the cache's fixed scale: returned unchanged, and the same bytes as the
+    tokens quantized together with the first ones."""
+    rng = _rng(request)
+    first, later = jnp.asarray(_latents(rng, (2, 6)) / 10), jnp.asarray(_latents(rng, (2, 1)) / 1e4)
+    _, cache_scale = quantize_latent(first, "fp8_pertensor")
+    packed, scale = quantize_latent(later, "fp8_pertensor", scale=cache_scale)
+    assert float(scale) == float(cache_scale)
+    both, _ = quantize_latent(jnp.concatenate([first, later], 1), "fp8_pertensor", scale=cache_scale)
+    np.testing.assert_array_equal(np.asarray(packed), np.asarray(both)[:, 6:])
+    for given in (float(cache_scale), np.float32(cache_scale), np.asarray([float(cache_scale)], np.float32)):
+        np.testing.assert_array_equal(np.asarray(quantize_latent(later, "fp8_pertensor", scale=given)[0]),
+                                      np.asarray(packed))
+
+
+def test_saturation_at_448(request):
+    """Values beyond ±448 · scale become exactly ±448 (bytes 0x7E / 0xFE), never NaN (0x7F / 0xFF)."""
+    x = jnp.asarray(_latents(_rng(request), (2, 9)))
+    scale = float(jnp.max(jnp.abs(x))) / 448 / 8            # an 8x too small cache scale
+    packed, _ = quantize_latent(x, "fp8_pertensor", scale=scale)
+    b = np.asarray(packed)
+    big = np.abs(np.asarray(x)) / np.float32(scale) > 464   # past the midpoint to the would-be 480
+    assert big.sum() > 10
+    assert np.all((b[big] & 0x7F) == 0x7E) and not np.any((b & 0x7F) == 0x7F)
+    out = np.asarray(dequantize_latent(packed, "fp8_pertensor", scale, dtype=jnp.float32))
+    np.testing.assert_allclose(np.abs(out[big]), 448 * np.float32(scale), rtol=1e-6)
+    # blockscale: each group's largest |value| lands on ±448 exactly
+    codes = np.asarray(quantize_latent(x, "fp8_blockscale"))[..., :512].copy().view(E4M3).astype(np.float32)
+    np.testing.assert_array_equal(np.abs(codes.reshape(2, 9, 4, 128)).max(-1), 448)
+
+
+def test_zero_groups_get_the_floor_scale(request):
+    """An all-zero group gets scale 2^-126 and zero bytes, and dequantizes to exact zeros; so do the
+    whole tensor (pertensor) and groups whose amax / 448 would underflow; nothing is NaN or inf."""
+    x = _latents(_rng(request), (3, 4))
+    x[0, 1, 128:256] = 0.0
+    x[1, :, :512] = 0.0
+    x[2, 2, 384:512] = 1e-39                                 # a float32 subnormal group
+    packed = np.asarray(quantize_latent(jnp.asarray(x), "fp8_blockscale"))
+    scales = packed[..., 512:528].copy().view("<f4")
+    assert scales[0, 1, 1] == np.float32(SCALE_FLOOR) and np.all(scales[1] == np.float32(SCALE_FLOOR))
+    assert np.all(packed[0, 1, 128:256] == 0) and np.all(packed[1, :, :512] == 0)
+    assert np.all(scales > 0) and np.all(np.isfinite(scales))
+    out = np.asarray(dequantize_latent(jnp.asarray(packed), "fp8_blockscale", dtype=jnp.float32))
+    assert np.all(np.isfinite(out))
+    assert np.all(out[0, 1, 128:256] == 0) and np.all(out[1, :, :512] == 0)
+    assert np.all(np.abs(out[2, 2, 384:512]) < 2.0 ** -130)
+    x[2, 2, 384:512] = 0.0                  # XLA's CPU flushes the subnormals, NumPy does not: compare the rest
+    np.testing.assert_array_equal(np.delete(packed, 2, axis=0), np.delete(_np_blockscale(x), 2, axis=0))
+    zeros, scale = quantize_latent(jnp.zeros((2, 3, 576), jnp.bfloat16), "fp8_pertensor")
+    assert float(scale) == SCALE_FLOOR and not np.any(np.asarray(zeros))
+    assert not np.any(np.asarray(dequantize_latent(zeros, "fp8_pertensor", scale)))
+
+
+def test_nan_free_over_wide_magnitudes(request):
+    rng = _rng(request)
+    x = rng.standard_normal((4, 8, 576)) * (10.0 ** rng.uniform(-30, 30, (4, 8, 1)))
+    x = jnp.asarray(x, jnp.float32)
+    block = quantize_latent(x, "fp8_blockscale")
+    per, scale = quantize_latent(x, "fp8_pertensor")
+    for codes in (np.asarray(block)[..., :512], np.asarray(per)):
+        assert not np.any((codes & 0x7F) == 0x7F)                           # no e4m3 NaN byte
+    assert np.all(np.isfinite(np.asarray(dequantize_latent(block, "fp8_blockscale", dtype=jnp.float32))))
+    assert np.all(np.isfinite(np.asarray(dequantize_latent(per, "fp8_pertensor", scale, dtype=jnp.float32))))
+
+
+def test_other_widths_round_trip(request):
+    x = jnp.asarray(_rng(request).standard_normal((5, 256 + 32)), jnp.float32)
+    packed = quantize_latent(x, "fp8_blockscale", d_r=32)
+    assert packed.shape == (5, 328)
+    out = dequantize_latent(packed, "fp8_blockscale", dtype=jnp.float32, d_r=32)
+    assert out.shape == (5, 288)
+    assert float(jnp.max(jnp.abs(out - x))) <= 2.0 ** -4 * float(jnp.max(jnp.abs(x)))
+
+
+# ---- jit ----------------------------------------------------------------------------------------------
+
+def test_jit_and_a_donated_append_step(request):
+    rng = _rng(request)
+    x = jnp.asarray(_latents(rng, (2, 3)), jnp.bfloat16)
+    eager = quantize_latent(x, "fp8_blockscale")
+    np.testing.assert_array_equal(np.asarray(jax.jit(quantize_latent, static_argnums=1)(x, "fp8_blockscale")),
+                                  np.asarray(eager))
+
+    @jax.jit
+    def dq(p):
+        return dequantize_latent(p, "fp8_blockscale")
+    np.testing.assert_array_equal(np.asarray(dq(eager)), np.asarray(dequantize_latent(eager, "fp8_blockscale")))
+
+    # An append into a preallocated cache, in place, at a traced position, with a traced pertensor scale.
+    @jax.jit
+    def append(cache, new, pos, scale):
+        block = quantize_latent(new, "fp8_blockscale")
+        packed, _ = quantize_latent(new, "fp8_pertensor", scale=scale)
+        return (jax.lax.dynamic_update_slice_in_dim(cache[0], block, pos, axis=1),
+                jax.lax.dynamic_update_slice_in_dim(cache[1], packed, pos, axis=1))
+    append = jax.jit(append, donate_argnums=0)
+    cache = (jnp.zeros((2, 8, 656), jnp.uint8), jnp.zeros((2, 8, 576), jnp.uint8))
+    scale = jnp.float32(float(jnp.max(jnp.abs(x.astype(jnp.float32)))) / 448)
+    cache = append(cache, x, jnp.int32(4), scale)
+    np.testing.assert_array_equal(np.asarray(cache[0][:, 4:7]), np.asarray(eager))
+    np.testing.assert_array_equal(np.asarray(cache[1][:, 4:7]),
+                                  np.asarray(quantize_latent(x, "fp8_pertensor", scale=scale)[0]))
+    assert not np.any(np.asarray(cache[0][:, :4]))
+
+
+# ---- errors -------------------------------------------------------------------------------------------
+
+def test_errors(request):
+    x = jnp.asarray(_latents(_rng(request), (2,)))
+    packed = quantize_latent(x, "fp8_blockscale")
+    with pytest.raises(ValueError, match="kv_format"):
+        quantize_latent(x, "fp8")
+    with pytest.raises(ValueError, match="kv_format"):
+        quantize_latent(x, None)
+    with pytest.raises(ValueError, match="kv_format"):
+        dequantize_latent(packed, "int8")
+    with pytest.raises(TypeError, match="latent"):
+        quantize_latent(x.astype(jnp.int32), "fp8_blockscale")
+    with pytest.raises(TypeError, match="latent"):
+        quantize_latent([1.0] * 576, "fp8_blockscale")
+    with pytest.raises(ValueError, match="d_v"):
+        quantize_latent(x[:, :570], "fp8_blockscale")
+    with pytest.raises(ValueError, match="last axis"):
+        quantize_latent(x[:, :64], "fp8_pertensor")
+    with pytest.raises(ValueError, match="scale"):
+        quantize_latent(x, "fp8_blockscale", scale=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        quantize_latent(x, "fp8_pertensor", scale=jnp.ones(2))
+    with pytest.raises(TypeError, match="scale"):
+        quantize_latent(x, "fp8_pertensor", scale="1.0")
+    with pytest.raises(TypeError, match="scale"):
+        quantize_latent(x, "fp8_pertensor", scale=jnp.int32(1))
+    with pytest.raises(TypeError, match="packed"):
+        dequantize_latent(packed.astype(jnp.int8), "fp8_blockscale")
+    with pytest.raises(TypeError, match="packed"):
+        dequantize_latent(np.zeros((2, 656), np.float32), "fp8_blockscale")
+    with pytest.raises(ValueError, match="packed"):
+        dequantize_latent(packed[:, :655], "fp8_blockscale")
+    with pytest.raises(ValueError, match="scale"):
+        dequantize_latent(packed, "fp8_blockscale", scale=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        dequantize_latent(packed[:, :576], "fp8_pertensor")
+    with pytest.raises(TypeError, match="dtype"):
+        dequantize_latent(packed, "fp8_blockscale", dtype=jnp.int32)
+
+
+def test_exported_from_the_package():
+    assert fm.quantize_latent is quantize_latent and fm.dequantize_latent is dequantize_latent
+    assert {"quantize_latent", "dequantize_latent"} <= set(fm.__all__)
+    assert fp8.E4M3_MAX == 448.0
+
+
+# ---- device side, in Triton's interpreter -------------------------------------------------------------
+
+
+@triton.jit
+def _decode_kernel(x_ptr, o_ptr, N: tl.constexpr, FP8_NATIVE: tl.constexpr):
+    offs = tl.arange(0, N)
+    tl.store(o_ptr + offs, kfp8.e4m3_to_float32(tl.load(x_ptr + offs), FP8_NATIVE))
+
+
+@triton.jit
+def _tile_kernel(kv_ptr, rows_ptr, scale_ptr, n_valid, kv_out, kr_out, BLOCK_N: tl.constexpr, D_V: tl.constexpr,
+                 D_R: tl.constexpr, PERTENSOR: tl.constexpr, OUT_DTYPE: tl.constexpr, FP8_NATIVE: tl.constexpr,
+                 MASKED: tl.constexpr):
+    """Loads tokens rows[0:BLOCK_N] (the first n_valid valid) into kv_out [BLOCK_N, D_V], kr_out [BLOCK_N, D_R]."""
+    offs_n = tl.arange(0, BLOCK_N)
+    rows = tl.load(rows_ptr + offs_n).to(tl.int64)
+    valid = offs_n < n_valid
+    if PERTENSOR:
+        k_v, k_r = kfp8.load_pertensor_tile(kv_ptr, rows, valid, tl.load(scale_ptr), D_V, D_R, OUT_DTYPE,
+                                            FP8_NATIVE, MASKED)
+    else:
+        k_v, k_r = kfp8.load_blockscale_tile(kv_ptr, rows, valid, D_V, D_R, OUT_DTYPE, FP8_NATIVE, MASKED)
+    tl.store(kv_out + offs_n[:, None] * D_V + tl.arange(0, D_V)[None, :], k_v)
+    tl.store(kr_out + offs_n[:, None] * D_R + tl.arange(0, D_R)[None, :], k_r)
+
+
+def _decode_all_bytes(native: bool) -> np.ndarray:
+    out, = launch(_decode_kernel, jnp.asarray(ALL_BYTES), out_shape=[jax.ShapeDtypeStruct((256,), jnp.float32)],
+                  grid=(1,), implementation="interpret", N=256, FP8_NATIVE=native)
+    return np.asarray(out)
+
+
+def test_bit_decode_matches_ml_dtypes_on_all_256_patterns():
+    out = _decode_all_bytes(native=False)
+    np.testing.assert_array_equal(out, ALL_E4M3)                              # NaN == NaN here
+    np.testing.assert_array_equal(np.signbit(out), np.signbit(ALL_E4M3))      # -0.0, the NaNs' signs
+    assert np.isnan(out[0x7F]) and np.isnan(out[0xFF]) and out[0x7E] == 448 and out[0x01] == 2.0 ** -9
+
+
+def test_native_decode_in_the_interpreter():
+    """The float8e4nv conversion runs in the interpreter and gives every finite pattern exactly; its
+    0x7F / 0xFF (NaN in float8_e4m3fn) are not checked: Triton 3.6's interpreter gives ±480 there."""
+    out = _decode_all_bytes(native=True)
+    finite = np.isfinite(ALL_E4M3)
+    np.testing.assert_array_equal(out[finite], ALL_E4M3[finite])
+    np.testing.assert_array_equal(np.signbit(out[finite]), np.signbit(ALL_E4M3[finite]))
+
+
+def _run_tile(packed, rows, scale, n_valid, pertensor, out_dtype, native, masked, d_v=512, d_r=64):
+    outs = launch(_tile_kernel, packed, jnp.asarray(rows, jnp.int32), jnp.asarray(scale, jnp.float32), n_valid,
+                  out_shape=[jax.ShapeDtypeStruct((len(rows), d_v), out_dtype),
+                             jax.ShapeDtypeStruct((len(rows), d_r), out_dtype)],
+                  grid=(1,), implementation="interpret", BLOCK_N=len(rows), D_V=d_v, D_R=d_r, PERTENSOR=pertensor,
+                  OUT_DTYPE=tl.float32 if out_dtype == jnp.float32 else tl.bfloat16, FP8_NATIVE=native,
+                  MASKED=masked)
+    return np.concatenate([np.asarray(o, np.float32) for o in outs], axis=-1)
+
+
+def _poisoned_cache(rng, pertensor, tokens=24):
+    """A random cache [tokens, bytes] and its float32 dequantization; the last 4 tokens hold poison (NaN
+    bytes, infinite scales, NaN k_pe) and must never be read by a masked load."""
+    x = jnp.asarray(_latents(rng, (tokens,)))
+    fmt = "fp8_pertensor" if pertensor else "fp8_blockscale"
+    if pertensor:
+        packed, scale = quantize_latent(x, fmt)
+        ref = dequantize_latent(packed, fmt, scale, dtype=jnp.float32)
+    else:
+        packed, scale = quantize_latent(x, fmt), jnp.float32(1.0)
+        ref = dequantize_latent(packed, fmt, dtype=jnp.float32)
+    poison = np.asarray(packed).copy()
+    poison[-4:] = 0xFF
+    if not pertensor:
+        poison[-4:, 512:528] = np.full((4, 4), np.inf, "<f4").view(np.uint8)
+    return jnp.asarray(poison), scale, np.asarray(ref)
+
+
+@pytest.mark.parametrize("pertensor", [False, True], ids=["blockscale", "pertensor"])
+@pytest.mark.parametrize("native", [False, True], ids=["bits", "native"])
+def test_tile_loader_matches_dequantize(request, pertensor, native):
+    """Scattered rows (as a paged table gives them), float32 tiles: exactly dequantize_latent's values;
+    masked rows read as zeros though their bytes are poison."""
+    rng = _rng(request)
+    packed, scale, ref = _poisoned_cache(rng, pertensor)
+    rows = np.concatenate([rng.permutation(20)[:6], [20, 23]])             # 6 valid, then 2 poisoned
+    got = _run_tile(packed, rows, scale, 6, pertensor, jnp.float32, native, masked=True)
+    np.testing.assert_array_equal(got[:6], ref[rows[:6]])
+    np.testing.assert_array_equal(got[6:], 0.0)
+    got = _run_tile(packed, rows[:4], scale, 4, pertensor, jnp.float32, native, masked=False)
+    np.testing.assert_array_equal(got, ref[rows[:4]])
+
+
+@pytest.mark.parametrize("pertensor", [False, True], ids=["blockscale", "pertensor"])
+def test_tile_loader_bfloat16(request, pertensor):
+    """bfloat16 tiles: within one bfloat16 ulp of the float32 values (the interpreter truncates where the
+    GPU rounds to nearest)."""
+    rng = _rng(request)
+    packed, scale, ref = _poisoned_cache(rng, pertensor, tokens=12)
+    rows = rng.permutation(8)[:4]
+    got = _run_tile(packed, rows, scale, 4, pertensor, jnp.bfloat16, False, masked=True)
+    want = ref[rows]
+    assert np.all(np.abs(got - want) <= 2.0 ** -7 * np.abs(want))
