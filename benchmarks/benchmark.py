@@ -1,9 +1,13 @@
-"""Decode benchmark: rows D1-D6 of the design card, "triton" beside "xla", against measured ceilings.
+"""Decode benchmark: rows D1-D6 of the design card, against measured ceilings and two XLA baselines.
 
     python benchmarks/benchmark.py                 # every row; on a CPU-only machine: xla at reduced sizes
     python benchmarks/benchmark.py --rows D1 D3    # a subset
 
-Prints a table (ms, TB/s, TFLOP/s, % of the binding ceiling, speed-up over xla), writes
+Implementations per row: "triton" (our kernels), "jnp" (the fastest plain-jnp formulation a JAX user writes,
+common.plain_jnp_decode: two einsums and a masked softmax, pages gathered first) and "xla" (our NaN-safe
+reference, which also zeroes the cache past each length: one more pass over it). Speed-ups are against
+"jnp". Each row reports the steady-state wall time per call and the kernels' GPU time per call (CUPTI).
+Prints a table (ms, TB/s, TFLOP/s, % of the binding ceiling, speed-ups), writes
 benchmarks/results/decode_<device>.json and a PNG plot beside it.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import flashmla_jax as fm  # noqa: E402
+from flashmla_jax import reference  # noqa: E402
 from flashmla_jax._backend import has_cuda_gpu  # noqa: E402
 
 D, D_V = 576, 512
@@ -81,17 +86,34 @@ def cost(row: Row, seqlens: np.ndarray) -> tuple[float, float]:
     return tokens * D * 2 + q_out, 2.0 * row.s_q * row.heads * tokens * (D + D_V)
 
 
+def plain_jnp(q, kv, seqlens, table):
+    """common.plain_jnp_decode, a paged cache gathered first (as a JAX user would)."""
+    if table is not None:
+        kv = reference.gather_pages(kv, table)
+    return common.plain_jnp_decode(q, kv, seqlens, SCALE)
+
+
+def decode_fn(implementation: str):
+    if implementation == "jnp":
+        return plain_jnp
+    return functools.partial(fm.mla_decode, softmax_scale=SCALE, implementation=implementation)
+
+
 def run_row(row: Row, implementation: str, bandwidth: float, flops_rate: float) -> dict:
     sets = [make_inputs(row, seed) for seed in range(CALLS_PER_DISPATCH)]
-    fn = functools.partial(fm.mla_decode, softmax_scale=SCALE, implementation=implementation)
+    fn = decode_fn(implementation)
     seconds = common.time_call_in_one_dispatch(fn, sets, repeats=10, calls_per_repeat=4)
+    many = jax.jit(lambda sets: [fn(*s) for s in sets])
+    kernels = common.gpu_kernel_times(lambda: many(sets))
+    gpu_ms = None if kernels is None else sum(t for _, t in kernels) / len(sets)
     nbytes, flops = cost(row, np.asarray(sets[0][2]))
     floor = max(nbytes / bandwidth, flops / flops_rate)
     return dict(row=row.name, implementation=implementation, batch=row.batch, seqlen=row.seqlen,
                 heads=row.heads, s_q=row.s_q, ragged=row.ragged, paged=row.paged, ms=seconds * 1e3,
-                tb_s=nbytes / seconds / 1e12, tflop_s=flops / seconds / 1e12,
+                gpu_ms=gpu_ms, tb_s=nbytes / seconds / 1e12, tflop_s=flops / seconds / 1e12,
                 bound="memory" if nbytes / bandwidth >= flops / flops_rate else "compute",
-                pct_of_ceiling=100 * floor / seconds)
+                pct_of_ceiling=100 * floor / seconds,
+                gpu_pct_of_ceiling=None if gpu_ms is None else 100 * floor / (gpu_ms * 1e-3))
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -124,7 +146,7 @@ def main(argv=None):
 
     gpu = has_cuda_gpu()
     rows = [r for r in ROWS if not args.rows or r.name in args.rows]
-    impls = ["triton", "xla"] if gpu else ["xla"]
+    impls = ["triton", "jnp", "xla"] if gpu else ["jnp", "xla"]
     if not gpu:
         rows = [r.reduced() for r in rows]
         print("No CUDA GPU: running the xla rows only, at reduced sizes (batch <= 4, cache <= 1024).")
@@ -135,14 +157,18 @@ def main(argv=None):
     results = []
     for row, impl in tqdm([(r, i) for r in rows for i in impls], desc="decode sweep"):
         results.append(run_row(row, impl, bandwidth, flops_rate))
-    xla_ms = {r["row"]: r["ms"] for r in results if r["implementation"] == "xla"}
-    for r in results:
-        r["speedup_vs_xla"] = xla_ms[r["row"]] / r["ms"] if r["row"] in xla_ms else None
+    for base in ("jnp", "xla"):
+        base_ms = {r["row"]: r["ms"] for r in results if r["implementation"] == base}
+        for r in results:
+            r[f"speedup_vs_{base}"] = base_ms[r["row"]] / r["ms"] if r["row"] in base_ms else None
 
-    print(f"\n{'row':9} {'impl':7} {'ms':>9} {'TB/s':>6} {'TFLOP/s':>8} {'bound':>7} {'% ceil':>7} {'vs xla':>7}")
+    print(f"\n{'row':9} {'impl':7} {'ms':>9} {'gpu ms':>9} {'TB/s':>6} {'TFLOP/s':>8} {'bound':>7} {'% ceil':>7} "
+          f"{'gpu %':>7} {'vs jnp':>7} {'vs xla':>7}")
+    nan = float("nan")
     for r in results:
-        print(f"{r['row']:9} {r['implementation']:7} {r['ms']:9.4f} {r['tb_s']:6.2f} {r['tflop_s']:8.1f} "
-              f"{r['bound']:>7} {r['pct_of_ceiling']:6.1f}% {r['speedup_vs_xla'] or float('nan'):6.2f}x")
+        print(f"{r['row']:9} {r['implementation']:7} {r['ms']:9.4f} {r['gpu_ms'] or nan:9.4f} {r['tb_s']:6.2f} "
+              f"{r['tflop_s']:8.1f} {r['bound']:>7} {r['pct_of_ceiling']:6.1f}% {r['gpu_pct_of_ceiling'] or nan:6.1f}% "
+              f"{r['speedup_vs_jnp'] or nan:6.2f}x {r['speedup_vs_xla'] or nan:6.2f}x")
     payload = dict(device=common.device_name(), reduced_sizes=not gpu, jax=jax.__version__,
                    read_bandwidth_tb_s=bandwidth / 1e12, matmul_tflop_s=flops_rate / 1e12, results=results)
     path = common.write_json("decode", payload)
