@@ -33,6 +33,9 @@ def launch(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple
     if implementation == "triton":
         import jax_triton  # imported here: it cannot be imported without a GPU build of JAX
 
+        from flashmla_jax.ops import _jax_triton_scratch
+
+        _jax_triton_scratch.install()           # global scratch for device-side tensor descriptors
         outs = jax_triton.triton_call(
             *args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
             num_stages=num_stages, zeroed_outputs=tuple(zeroed_outputs), input_output_aliases=aliases,
