@@ -18,22 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
 
+from flashmla_jax import _checks
 from flashmla_jax.ops.decode import mla_decode
-
-_MIN_PAGE, _MAX_PAGE = 16, 256
-
-
-def _is_int(x) -> bool:
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return not isinstance(x, bool)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -85,10 +75,8 @@ class LatentCache:
           LatentCache with kv [B, max_len, D] or [num_blocks, page_size, D], seqlens zeros [B] int32,
           block_table None or [B, max_blocks] int32.
         """
-        for name, value in (("batch", batch), ("max_len", max_len), ("dim", dim)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        batch, max_len, dim = int(batch), int(max_len), int(dim)
+        batch, max_len, dim = (_checks.integer(name, value, lo=1)
+                               for name, value in (("batch", batch), ("max_len", max_len), ("dim", dim)))
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -98,18 +86,14 @@ class LatentCache:
                 raise ValueError("num_blocks and block_table need a paged cache: pass page_size")
             return cls(jnp.zeros((batch, max_len, dim), dtype), seqlens, None, None, max_len)
 
-        if not _is_int(page_size) or page_size & (page_size - 1) or not _MIN_PAGE <= page_size <= _MAX_PAGE:
-            raise ValueError(f"page_size must be None or a power of two in [{_MIN_PAGE}, {_MAX_PAGE}], "
-                             f"got {page_size!r}")
-        page_size = int(page_size)
+        page_size = _checks.page_size("page_size", page_size)
         max_blocks = -(-max_len // page_size)
         if block_table is None:
             needed = batch * max_blocks
             if num_blocks is None:
                 num_blocks = needed
-            if not _is_int(num_blocks) or num_blocks < needed:
-                raise ValueError(f"num_blocks must be an int >= batch * ceil(max_len / page_size) = {needed} for "
-                                 f"the default block table, got {num_blocks!r}")
+            num_blocks = _checks.integer("num_blocks (for the default block table: >= batch * ceil(max_len / "
+                                         "page_size))", num_blocks, lo=needed)
             block_table = jnp.arange(needed, dtype=jnp.int32).reshape(batch, max_blocks)
         else:
             dtype_in = getattr(block_table, "dtype", None)                   # before jnp narrows int64
@@ -121,9 +105,8 @@ class LatentCache:
                                  f"{max_len} tokens in pages of {page_size}, got shape {block_table.shape}")
             if num_blocks is None:
                 num_blocks = batch * max_blocks
-            if not _is_int(num_blocks) or num_blocks < 1:
-                raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        kv = jnp.zeros((int(num_blocks), page_size, dim), dtype)
+            num_blocks = _checks.integer("num_blocks", num_blocks, lo=1)
+        kv = jnp.zeros((num_blocks, page_size, dim), dtype)
         return cls(kv, seqlens, block_table, page_size, max_len)
 
     # ------------------------------------------------------------------ properties
@@ -178,8 +161,10 @@ class LatentCache:
             num_new = jnp.full((self.batch,), s, jnp.int32)
         else:
             num_new = jnp.asarray(num_new)
-            if num_new.shape != (self.batch,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
-                raise TypeError(f"num_new must be an int [B={self.batch}], got {num_new.dtype} {num_new.shape}")
+            if num_new.shape != (self.batch,):
+                raise ValueError(f"num_new must be an int [B={self.batch}], got shape {num_new.shape}")
+            if not jnp.issubdtype(num_new.dtype, jnp.integer):
+                raise TypeError(f"num_new must be an integer array, got {num_new.dtype}")
         return _append(self, kv_new.astype(self.dtype), num_new.astype(jnp.int32))
 
     def decode(self, q: jax.Array, **kwargs):
