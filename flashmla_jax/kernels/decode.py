@@ -24,15 +24,15 @@ import triton.language as tl
 def _sequence_splits(seqlens_ptr, b, CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr,
                      UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr, BATCH: tl.constexpr,
                      BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, UNIFORM_NUM: tl.constexpr, UNIFORM_DEN: tl.constexpr):
     """(seqlen, splits) of sequence b: the schedule, computed alike by every split program.
 
     Lengths are clamped to [0, CAPACITY]. Without BALANCE every sequence takes NUM_SPLITS equal runs.
     With BALANCE, NUM_SPLITS is a cap and the lengths decide: a batch of (nearly) equal lengths keeps
     UNIFORM_SPLITS (the static choice, exact for it); a ragged batch has its key blocks, times the row
     tiles, cut into runs of about work / SLOTS blocks, so that a long sequence gets more splits than a
-    short one and the GPU fills evenly.
-    (tl.cdiv is a @triton.jit helper that Triton's interpreter cannot call: written out here.)
+    short one and the GPU fills evenly. A batch counts as uniform when its mean key blocks reach
+    UNIFORM_NUM / UNIFORM_DEN of its longest.
     """
     seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), CAPACITY)
     if BALANCE:
@@ -40,7 +40,7 @@ def _sequence_splits(seqlens_ptr, b, CAPACITY: tl.constexpr, NUM_SPLITS: tl.cons
         lens = tl.minimum(tl.maximum(tl.load(seqlens_ptr + offs_b, mask=offs_b < BATCH, other=0), 0), CAPACITY)
         blocks_b = (lens + BLOCK_N - 1) // BLOCK_N
         total = tl.sum(blocks_b, 0)
-        ragged = tl.max(blocks_b, 0) * BATCH * 10 > total * 11        # mean below ~91% of the longest
+        ragged = tl.max(blocks_b, 0) * BATCH * UNIFORM_NUM > total * UNIFORM_DEN
         run = tl.maximum((total * ROW_TILES + SLOTS - 1) // SLOTS, 1)  # key blocks per program
         blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
         balanced = tl.minimum(tl.maximum((blocks + run - 1) // run, 1), NUM_SPLITS)
@@ -130,6 +130,7 @@ def mla_decode_split_kernel(
     TABLE_POW2: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr, CAUSAL: tl.constexpr,
     CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr, UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr,
     BATCH: tl.constexpr, BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
+    UNIFORM_NUM: tl.constexpr, UNIFORM_DEN: tl.constexpr,
     LAST_MERGES: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNCHAIN_SCORES: tl.constexpr, SPLIT_MASKED: tl.constexpr, LATE_ROW_SUM: tl.constexpr,
 ):
@@ -156,7 +157,7 @@ def mla_decode_split_kernel(
     split = tl.program_id(2)
 
     seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
-                                           BATCH_POW2, SLOTS, ROW_TILES, BLOCK_N)
+                                           BATCH_POW2, SLOTS, ROW_TILES, BLOCK_N, UNIFORM_NUM, UNIFORM_DEN)
     # Each split covers a run of whole BLOCK_N tiles; a split past the last run is empty (lo >= hi).
     blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
     split_len = (blocks + splits_here - 1) // splits_here * BLOCK_N
