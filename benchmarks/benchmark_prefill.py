@@ -18,6 +18,7 @@ Times: median seconds per call inside jit after warm-up (benchmarks/common.time_
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -63,38 +64,25 @@ def timed(fn, args, reps=10, calls=3):
 # ------------------------------------------------------------------ the functions timed
 
 
-def triton_fns(tiles=None):
-    """Fresh jitted (fwd, fwd+bwd, bwd-only) functions; `tiles` overrides the static tile table while they
-    trace."""
+def triton_fns(tiles=None, implementation="triton"):
+    """Jitted (fwd, fwd+bwd, bwd-only, fwd with its vjp) functions of the Triton kernels; `tiles` (a
+    PrefillTiles) replaces the static tile table. bwd takes the vjp function fwd_vjp returns and runs the
+    backward kernels alone. implementation "interpret" runs them on a CPU (tiny shapes only)."""
     def fwd(q, k, v):
-        return prefill_ops._mla_prefill(q, k, v, True, SCALE, None, False, "triton")
+        plan = prefill_ops.plan_prefill(q.shape, k.shape, v.shape, q.dtype, True, False, implementation, tiles)
+        return prefill_ops.prefill_with_plan(plan, q, k, v, SCALE)[0]
 
     def fwd_bwd(q, k, v, do):
         out, vjp = jax.vjp(fwd, q, k, v)
         return out, vjp(do)
 
-    def bwd(q, k, v, out, lse, do):
-        t = tiles or prefill_ops.tile_config("triton", q.dtype, D_QK, D_V)
-        dlse = jnp.zeros(lse.shape, jnp.float32)
-        return prefill_ops._backward(q, k, v, None, out, lse, do, dlse, True, SCALE, "triton", t)
+    def fwd_vjp(q, k, v):
+        return jax.vjp(fwd, q, k, v)
 
-    def fwd_lse(q, k, v):
-        t = tiles or prefill_ops.tile_config("triton", q.dtype, D_QK, D_V)
-        return prefill_ops._forward(q, k, v, None, True, SCALE, "triton", t)
+    def bwd(vjp, do):
+        return vjp(do)
 
-    fns = [jax.jit(f) for f in (fwd, fwd_bwd, bwd, fwd_lse)]
-    if tiles is None:
-        return fns
-
-    def traced_with(f):
-        def g(*a):
-            prefill_ops._TILE_OVERRIDE = tiles
-            try:
-                return f(*a)
-            finally:
-                prefill_ops._TILE_OVERRIDE = None
-        return g
-    return [traced_with(f) for f in fns]
+    return [jax.jit(f) for f in (fwd, fwd_bwd, bwd, fwd_vjp)]
 
 
 def dpa_fns(implementation):
@@ -144,7 +132,7 @@ SWEEP = dict(
 def sweep(row, budget_s, log):
     b, s, h = ROWS[row]["b"], ROWS[row]["s"], ROWS[row]["h"]
     q, k, v, do = inputs(b, s, h)
-    best = dict(prefill_ops.tile_config("triton", jnp.bfloat16, D_QK, D_V))
+    best = prefill_ops.prefill_tiles("triton", jnp.bfloat16, D_QK, D_V)
     results = []
     t_start = time.time()
     for kind in ("fwd", "dkdv", "dq"):
@@ -153,15 +141,15 @@ def sweep(row, budget_s, log):
             if time.time() - t_start > budget_s:
                 log(f"sweep: budget spent, stopping at {kind} {cfg}")
                 break
-            tiles = {**best, kind: cfg}
+            tiles = dataclasses.replace(best, **{kind: prefill_ops.KernelTiles(*cfg)})
             try:
-                fwd, _, bwd, fwd_lse = triton_fns(tiles)
+                fwd, _, bwd, fwd_vjp = triton_fns(tiles)
                 if kind == "fwd":
                     t = timed(fwd, (q, k, v), reps=8, calls=2)
                     tflops = fwd_flops(b, s, h) / t / 1e12
                 else:
-                    out, lse = fwd_lse(q, k, v)
-                    t = timed(bwd, (q, k, v, out, lse, do), reps=6, calls=2)
+                    _, vjp = fwd_vjp(q, k, v)
+                    t = timed(bwd, (vjp, do), reps=6, calls=2)
                     tflops = bwd_flops(b, s, h) / t / 1e12
             except Exception as e:  # noqa: BLE001 — shared-memory overflow etc. show up only here
                 log(f"sweep {row} {kind} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
@@ -170,7 +158,7 @@ def sweep(row, budget_s, log):
             log(f"sweep {row} {kind} {cfg}: {t * 1e3:.3f} ms  {tflops:.1f} TFLOP/s")
             results.append(dict(kind=kind, config=cfg, ms=t * 1e3, tflops=tflops))
             if best_t is None or t < best_t:
-                best_t, best[kind] = t, cfg
+                best_t, best = t, tiles
     log(f"sweep best: {best}")
     return best, results
 
@@ -214,29 +202,29 @@ def main():
     tiles = None
     if args.sweep:
         tiles, payload["sweep"] = sweep("P1", args.sweep_budget_s, log)
-        payload["tiles_used"] = {k: list(v) for k, v in tiles.items()}
-        save()
     else:
-        payload["tiles_used"] = {k: list(v) for k, v in
-                                 prefill_ops.tile_config("triton", jnp.bfloat16, D_QK, D_V).items()}
+        tiles = prefill_ops.prefill_tiles("triton", jnp.bfloat16, D_QK, D_V)
+    payload["tiles_used"] = {kind: list(dataclasses.astuple(getattr(tiles, kind))) for kind in ("fwd", "dkdv", "dq")}
+    if args.sweep:
+        save()
 
     for row in args.rows:
         b, s, h = ROWS[row]["b"], ROWS[row]["s"], ROWS[row]["h"]
         q, k, v, do = inputs(b, s, h)
         ff, bf = fwd_flops(b, s, h), bwd_flops(b, s, h)
         res = dict(B=b, S=s, H=h, d_qk=D_QK, d_v=D_V, fwd_gflop=ff / 1e9, bwd_gflop=bf / 1e9)
-        fwd, fwd_bwd, bwd, fwd_lse = triton_fns(tiles)
+        fwd, fwd_bwd, bwd, fwd_vjp = triton_fns(tiles)
         res["check"] = check(fwd_bwd, q, k, v, do)
         log(f"{row} check vs reference (4 heads, fp32 reference): {res['check']}")
         t_f = timed(fwd, (q, k, v))
         t_fb = timed(fwd_bwd, (q, k, v, do))
-        out, lse = fwd_lse(q, k, v)
-        t_b = timed(bwd, (q, k, v, out, lse, do))
+        out, vjp = fwd_vjp(q, k, v)
+        t_b = timed(bwd, (vjp, do))
         res["triton"] = dict(fwd_ms=t_f * 1e3, fwd_bwd_ms=t_fb * 1e3, bwd_ms=t_b * 1e3,
                              fwd_tflops=ff / t_f / 1e12, bwd_tflops=bf / t_b / 1e12,
                              fwd_bwd_tflops=(ff + bf) / t_fb / 1e12,
                              fwd_pct_matmul=100 * ff / t_f / matmul, bwd_pct_matmul=100 * bf / t_b / matmul)
-        del out, lse
+        del out, vjp
         if not args.no_baselines:
             for impl in ("xla", "cudnn"):
                 try:

@@ -13,17 +13,24 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 
+from flashmla_jax.ops.decode import DecodeTiles
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-DECODE_CONFIG_KEYS = ("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "unchain", "split", "late")
+DECODE_OPTIONS = ("unchain_scores", "split_masked", "late_row_sum")
 DECODE_CONFIG_HELP = ("semicolon-separated BLOCK_M,BLOCK_N,warps,stages[,unchain,split,late] "
-                      "(the last three 0/1: ops/decode.py's _wide_tile_options)")
+                      "(the last three 0/1, on for 64-row tiles when left out: ops/decode.py's DecodeTiles)")
 
 
-def parse_decode_configs(text: str) -> list[dict]:
-    """"64,64,8,2,1,1,1;16,64,8,3" -> configs for ops/decode.py's plan_decode (`config`)."""
-    return [dict(zip(DECODE_CONFIG_KEYS, map(int, c.split(",")))) for c in text.split(";")]
+def parse_decode_configs(text: str) -> list[DecodeTiles]:
+    """"64,64,8,2,1,1,1;16,64,8,3" -> tiles for ops/decode.py's plan_decode (`tiles`)."""
+    tiles = []
+    for config in text.split(";"):
+        values = [int(v) for v in config.split(",")]
+        options = dict(zip(DECODE_OPTIONS, (bool(v) for v in values[4:])))
+        tiles.append(DecodeTiles.with_defaults(*values[:4], **options))
+    return tiles
 
 
 def device_name() -> str:

@@ -29,14 +29,16 @@ import common  # noqa: E402
 from flashmla_jax.kernels import decode as kernels  # noqa: E402
 from flashmla_jax.ops import decode as decode_ops  # noqa: E402
 
+H100_SMS = 132         # the schedule is planned for an H100 SXM: this machine has no GPU to ask
 _TRITON_TYPES = {jnp.bfloat16: "bf16", jnp.float16: "fp16", jnp.float32: "fp32"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_split_kernel(shape, dtype, cfg):
-    """(compiled kernel, plan) of mla_decode's split kernel for shape (B, S_q, H, N), as mla_decode plans it."""
+def compile_split_kernel(shape, dtype, tiles):
+    """(compiled kernel, plan) of mla_decode's split kernel for shape (B, S_q, H, N), as mla_decode plans it
+    (`tiles` None: its own choice)."""
     b, s_q, h, n = shape
-    plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, True, (b, n, 576), None, None, 132, cfg)
+    plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, True, (b, n, 576), None, None, H100_SMS, tiles)
     t = _TRITON_TYPES[dtype]
     pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32", splits_ptr="i32",
                          count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
@@ -81,9 +83,8 @@ def main():
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(jnp, args.dtype)
-    cfgs = common.parse_decode_configs(args.configs) if args.configs else [None]
-    for cfg in cfgs:
-        compiled, plan = compile_split_kernel(shape, dtype, cfg)
+    for tiles in common.parse_decode_configs(args.configs) if args.configs else [None]:
+        compiled, plan = compile_split_kernel(shape, dtype, tiles)
         options = {k: int(v) for k, v in plan.constexprs.items() if k in ("UNCHAIN_SCORES", "SPLIT_MASKED", "LATE_ROW_SUM")}
         label = (f"BM {plan.constexprs['BLOCK_M']} BN {plan.constexprs['BLOCK_N']} warps {plan.num_warps} "
                  f"stages {plan.num_stages} {options}")

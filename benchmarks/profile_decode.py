@@ -12,6 +12,7 @@ passed in (--bandwidth TB/s, --matmul TFLOP/s) from a benchmark.py run on the sa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -49,14 +50,14 @@ def make_inputs(row, seed=0):
     return q, kv, seqlens, table
 
 
-def launcher(row, inputs, cfg, num_splits=None):
+def launcher(row, inputs, tiles, num_splits=None):
     """A zero-argument callable running split (+ combine) once, one running the split kernel alone,
     the compiled split kernel, and the plan (ops/decode.py's `plan_decode`, as mla_decode launches)."""
     q, kv, seqlens, table = inputs
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     plan = decode_ops.plan_decode((row.batch, row.s_q, row.heads, q.shape[-1]), jnp.bfloat16, benchmark.D_V, True,
                                   tuple(kv.shape), None if table is None else tuple(table.shape), num_splits, sms,
-                                  cfg)
+                                  tiles)
     outs = [torch.empty(o.shape, device="cuda", dtype=getattr(torch, np.dtype(o.dtype).name))
             for o in plan.split_outputs]
     out, out_lse, o, lse, taken, _ = outs
@@ -79,21 +80,26 @@ def launcher(row, inputs, cfg, num_splits=None):
     return run, split, compiled, plan
 
 
+def label(tiles) -> str:
+    """BLOCK_M,BLOCK_N,warps,stages,unchain,split,late: the --configs syntax."""
+    return ",".join(str(int(v)) for v in dataclasses.astuple(tiles)[:7])
+
+
 def efficiency(row, seqlens, ms, bandwidth, matmul):
     nbytes, flops = benchmark.cost(row, seqlens.cpu().numpy())
     floor = max(nbytes / (bandwidth * 1e12), flops / (matmul * 1e12))
     return 100 * floor / (ms * 1e-3)
 
 
-def report(row, cfg, args, num_splits=None):
+def report(row, tiles, args, num_splits=None):
     inputs = make_inputs(row)
     if row.paged and args.identity_table:
         q, kv, seqlens, table = inputs
         inputs = q, kv, seqlens, torch.arange(table.numel(), device="cuda", dtype=torch.int32).reshape(table.shape)
-    run, split, compiled, plan = launcher(row, inputs, cfg, num_splits)
+    run, split, compiled, plan = launcher(row, inputs, tiles, num_splits)
     splits = f"{plan.num_splits}{'b' if plan.constexprs['BALANCE'] else ''}"
-    if cfg.get("waves"):
-        splits += f"w{cfg['waves']}"
+    if tiles.waves != decode_ops.BALANCE_WAVES:
+        splits += f"w{tiles.waves}"
     torch.cuda.synchronize()
     if args.once:
         for _ in range(3):
@@ -103,7 +109,7 @@ def report(row, cfg, args, num_splits=None):
     ms = triton.testing.do_bench(run, warmup=25, rep=200)
     split_ms = triton.testing.do_bench(split, warmup=25, rep=200)
     eff = efficiency(row, inputs[2], ms, args.bandwidth, args.matmul)
-    print(f"{row.name:9} {str(cfg):75} splits {splits:>4} regs {compiled.n_regs:3d} spills {compiled.n_spills:4d} "
+    print(f"{row.name:9} {label(tiles):75} splits {splits:>4} regs {compiled.n_regs:3d} spills {compiled.n_spills:4d} "
           f"smem {compiled.metadata.shared // 1024:3d}K  total {ms * 1e3:8.1f} us (split {split_ms * 1e3:8.1f})  "
           f"{eff:5.1f}% of floor", flush=True)
     return ms
@@ -124,21 +130,21 @@ def main():
     args = parser.parse_args()
     rows = [r for r in benchmark.ROWS + EXTRA_ROWS if r.name in args.rows]
     for row in rows:
-        base = decode_ops._tile_config(row.s_q * row.heads, jnp.bfloat16, benchmark.PAGE_SIZE if row.paged else None)
-        cfgs = [base]
+        base = decode_ops.decode_tiles(row.s_q * row.heads, jnp.bfloat16, benchmark.PAGE_SIZE if row.paged else None)
+        candidates = [base]
         if args.sweep:
-            cfgs = [dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=w, num_stages=s)
-                    for bm, bn, w, s in itertools.product([32, 64], [32, 64], [4, 8], [1, 2, 3])
-                    if bm <= max(16, row.s_q * row.heads)]
+            candidates = [decode_ops.DecodeTiles.with_defaults(bm, bn, w, s)
+                          for bm, bn, w, s in itertools.product([32, 64], [32, 64], [4, 8], [1, 2, 3])
+                          if bm <= max(16, row.s_q * row.heads)]
         if args.configs:
-            cfgs = common.parse_decode_configs(args.configs)
+            candidates = common.parse_decode_configs(args.configs)
         if args.waves:
-            cfgs = [dict(c, waves=w) for c in cfgs for w in args.waves]
-        for cfg, ns in itertools.product(cfgs, args.splits):
+            candidates = [dataclasses.replace(t, waves=w) for t in candidates for w in args.waves]
+        for tiles, ns in itertools.product(candidates, args.splits):
             try:
-                report(row, cfg, args, ns)
+                report(row, tiles, args, ns)
             except Exception as e:  # noqa: BLE001 - a config that does not fit is reported
-                print(f"{row.name:9} {str(cfg):75} failed: {str(e).splitlines()[0][:90]}", flush=True)
+                print(f"{row.name:9} {label(tiles):75} failed: {str(e).splitlines()[0][:90]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,12 @@ import functools
 
 import jax
 
-IMPLEMENTATIONS = ("triton", "xla", "interpret")
+from flashmla_jax import _checks
+from flashmla_jax._checks import IMPLEMENTATIONS
+
+# Triton's interpreter has no SMs; plans made for it assume an H100 SXM's 132 so that the interpreted kernels
+# run the schedule the GPU would (tests set their own count where the schedule is the point).
+INTERPRETER_SMS = 132
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,21 +29,26 @@ def resolve_implementation(implementation: str | None) -> str:
     None means "triton" on a CUDA device and "xla" elsewhere. Asking for "triton" without a CUDA device
     is an error, never a silent fallback.
     """
-    if implementation is None:
+    if _checks.implementation(implementation) is None:
         return "triton" if has_cuda_gpu() else "xla"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
     if implementation == "triton" and not has_cuda_gpu():
         raise ValueError('implementation="triton" needs a CUDA GPU as JAX\'s default backend; '
                          'use "interpret" to run the Triton kernels on the CPU, or "xla"')
     return implementation
 
 
+def num_sms(implementation: str) -> int:
+    """Streaming multiprocessors the split-KV schedule plans for: the CUDA device's own count for
+    "triton", INTERPRETER_SMS for "interpret"."""
+    if implementation == "interpret":
+        return INTERPRETER_SMS
+    return _device_sms()
+
+
 @functools.lru_cache(maxsize=None)
-def num_sms() -> int:
-    """Streaming multiprocessors of the default GPU (132 on an H100 SXM when JAX does not say)."""
-    if has_cuda_gpu():
-        count = getattr(jax.devices()[0], "core_count", None)
-        if count:
-            return int(count)
-    return 132
+def _device_sms() -> int:
+    count = getattr(jax.devices()[0], "core_count", None) if has_cuda_gpu() else None
+    if not count:
+        raise RuntimeError("the default JAX device reports no SM count (core_count): the Triton decode "
+                           "schedule needs a CUDA GPU")
+    return int(count)

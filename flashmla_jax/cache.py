@@ -27,22 +27,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import operator
 
 import jax
 import jax.numpy as jnp
 
+from flashmla_jax import _checks
 from flashmla_jax.ops.decode import mla_decode
-
-_MIN_PAGE, _MAX_PAGE = 16, 256
-
-
-def _is_int(x) -> bool:
-    try:
-        operator.index(x)
-    except TypeError:
-        return False
-    return not isinstance(x, bool)
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -101,14 +91,10 @@ class LatentCache:
           LatentCache with kv [B, max_len, D] or [num_blocks, page_size, D] ([L, ...] when stacked),
           seqlens zeros [B] ([L, B]) int32, block_table None or [B, max_blocks] int32.
         """
-        for name, value in (("batch", batch), ("max_len", max_len), ("dim", dim)):
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if num_layers is not None and (not _is_int(num_layers) or num_layers < 1):
-            raise ValueError(f"num_layers must be None or a positive int, got {num_layers!r}")
-        num_layers = None if num_layers is None else int(num_layers)
+        batch, max_len, dim = (_checks.integer(name, value, lo=1)
+                               for name, value in (("batch", batch), ("max_len", max_len), ("dim", dim)))
+        num_layers = _checks.optional_integer("num_layers", num_layers, lo=1)
         lead = () if num_layers is None else (num_layers,)
-        batch, max_len, dim = int(batch), int(max_len), int(dim)
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
@@ -118,18 +104,14 @@ class LatentCache:
                 raise ValueError("num_blocks and block_table need a paged cache: pass page_size")
             return cls(jnp.zeros(lead + (batch, max_len, dim), dtype), seqlens, None, None, max_len, num_layers)
 
-        if not _is_int(page_size) or page_size & (page_size - 1) or not _MIN_PAGE <= page_size <= _MAX_PAGE:
-            raise ValueError(f"page_size must be None or a power of two in [{_MIN_PAGE}, {_MAX_PAGE}], "
-                             f"got {page_size!r}")
-        page_size = int(page_size)
+        page_size = _checks.page_size("page_size", page_size)
         max_blocks = -(-max_len // page_size)
         if block_table is None:
             needed = batch * max_blocks
             if num_blocks is None:
                 num_blocks = needed
-            if not _is_int(num_blocks) or num_blocks < needed:
-                raise ValueError(f"num_blocks must be an int >= batch * ceil(max_len / page_size) = {needed} for "
-                                 f"the default block table, got {num_blocks!r}")
+            num_blocks = _checks.integer("num_blocks (for the default block table: >= batch * ceil(max_len / "
+                                         "page_size))", num_blocks, lo=needed)
             block_table = jnp.arange(needed, dtype=jnp.int32).reshape(batch, max_blocks)
         else:
             dtype_in = getattr(block_table, "dtype", None)                   # before jnp narrows int64
@@ -141,9 +123,8 @@ class LatentCache:
                                  f"{max_len} tokens in pages of {page_size}, got shape {block_table.shape}")
             if num_blocks is None:
                 num_blocks = batch * max_blocks
-            if not _is_int(num_blocks) or num_blocks < 1:
-                raise ValueError(f"num_blocks must be a positive int, got {num_blocks!r}")
-        kv = jnp.zeros(lead + (int(num_blocks), page_size, dim), dtype)
+            num_blocks = _checks.integer("num_blocks", num_blocks, lo=1)
+        kv = jnp.zeros(lead + (num_blocks, page_size, dim), dtype)
         return cls(kv, seqlens, block_table, page_size, max_len, num_layers)
 
     # ------------------------------------------------------------------ properties
@@ -208,8 +189,10 @@ class LatentCache:
             num_new = jnp.full((self.batch,), s, jnp.int32)
         else:
             num_new = jnp.asarray(num_new)
-            if num_new.shape != (self.batch,) or not jnp.issubdtype(num_new.dtype, jnp.integer):
-                raise TypeError(f"num_new must be an int [B={self.batch}], got {num_new.dtype} {num_new.shape}")
+            if num_new.shape != (self.batch,):
+                raise ValueError(f"num_new must be an int [B={self.batch}], got shape {num_new.shape}")
+            if not jnp.issubdtype(num_new.dtype, jnp.integer):
+                raise TypeError(f"num_new must be an integer array, got {num_new.dtype}")
         return _append(self, kv_new.astype(self.dtype), num_new.astype(jnp.int32), self._layer(layer))
 
     def decode(self, q: jax.Array, layer: int | jax.Array | None = None, **kwargs):
@@ -236,15 +219,7 @@ class LatentCache:
             return None
         if layer is None:
             raise ValueError(f"this cache stacks {self.num_layers} layers: pass layer=")
-        if isinstance(layer, bool) or not (_is_int(layer) or hasattr(layer, "dtype")):
-            raise TypeError(f"layer must be an int or an integer scalar array, got {type(layer).__name__}")
-        if _is_int(layer) and not hasattr(layer, "shape"):
-            if not 0 <= layer < self.num_layers:
-                raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-            return jnp.asarray(layer, jnp.int32)
-        if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
-            raise TypeError(f"layer must be an integer scalar, got {layer.dtype} {layer.shape}")
-        return jnp.clip(layer.astype(jnp.int32), 0, self.num_layers - 1)
+        return _checks.layer_index("layer", layer, self.num_layers)
 
 
 # ---------------------------------------------------------------------- append internals

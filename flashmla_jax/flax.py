@@ -40,8 +40,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-import flashmla_jax
-from flashmla_jax._backend import IMPLEMENTATIONS
+from flashmla_jax import _checks
+from flashmla_jax.cache import LatentCache
+from flashmla_jax.ops.decode import mla_decode
+from flashmla_jax.ops.prefill import mla_prefill
 
 __all__ = ["MLAConfig", "YarnScaling", "MultiHeadLatentAttention", "mla_attention", "init_params",
            "param_shapes", "absorb_query", "absorb_output", "split_wkv_b", "apply_rope", "rms_norm",
@@ -134,12 +136,8 @@ class MLAConfig:
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
                      "v_head_dim"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if self.q_lora_rank is not None and (not isinstance(self.q_lora_rank, (int, np.integer))
-                                             or isinstance(self.q_lora_rank, bool) or self.q_lora_rank <= 0):
-            raise ValueError(f"q_lora_rank must be None or a positive int, got {self.q_lora_rank!r}")
+            _checks.integer(name, getattr(self, name), lo=1)
+        _checks.optional_integer("q_lora_rank", self.q_lora_rank, lo=1)
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
         if not self.rope_theta > 1:
@@ -395,14 +393,6 @@ def project_latent(params: Mapping[str, jax.Array], x: jax.Array, positions: jax
     return jnp.concatenate([c_kv, k_pe], axis=-1)
 
 
-def _mla_prefill():
-    fn = getattr(flashmla_jax, "mla_prefill", None)
-    if fn is None:
-        raise NotImplementedError("flashmla_jax.mla_prefill is not available in this build; the non-absorbed "
-                                  "(no cache / cache_empty) path needs it")
-    return fn
-
-
 def attend_expanded(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: jax.Array, latent: jax.Array,
                     config: MLAConfig, implementation: str | None = None) -> jax.Array:
     """Non-absorbed causal self-attention over the S tokens of this call (through `mla_prefill`).
@@ -420,8 +410,7 @@ def attend_expanded(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: ja
     k_pe = jnp.broadcast_to(k_pe[:, :, None, :].astype(dtype), (b, s, h, config.qk_rope_head_dim))
     q = jnp.concatenate([q_nope, q_pe.astype(dtype)], axis=-1)
     k = jnp.concatenate([k_nope, k_pe], axis=-1)
-    return _mla_prefill()(q, k, v, causal=True, softmax_scale=config.softmax_scale,
-                          implementation=implementation)
+    return mla_prefill(q, k, v, causal=True, softmax_scale=config.softmax_scale, implementation=implementation)
 
 
 def attend_absorbed(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: jax.Array, kv_cache: jax.Array,
@@ -437,9 +426,8 @@ def attend_absorbed(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: ja
     """
     w_uk, w_uv = split_wkv_b(params["wkv_b"], config.qk_nope_head_dim)
     q_abs = absorb_query(q_nope, q_pe, w_uk).astype(kv_cache.dtype)
-    o_lat = flashmla_jax.mla_decode(q_abs, kv_cache, cache_seqlens, block_table, head_dim_v=config.kv_lora_rank,
-                                    softmax_scale=config.softmax_scale, causal=True,
-                                    implementation=implementation, layer=layer)
+    o_lat = mla_decode(q_abs, kv_cache, cache_seqlens, block_table, head_dim_v=config.kv_lora_rank,
+                       softmax_scale=config.softmax_scale, causal=True, implementation=implementation, layer=layer)
     return absorb_output(o_lat, w_uv.astype(q_nope.dtype)).astype(q_nope.dtype)
 
 
@@ -456,16 +444,14 @@ def _check_call(x, positions, cache, config: MLAConfig, cache_empty: bool, imple
                          f"{getattr(positions, 'shape', type(positions).__name__)}")
     if not jnp.issubdtype(positions.dtype, jnp.integer):
         raise TypeError(f"positions must be an integer array (int32), got {positions.dtype}")
-    if implementation is not None and implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+    _checks.implementation(implementation)
     if cache is None:
         if cache_empty:
             raise ValueError("cache_empty=True needs a cache")
         return
-    kv = getattr(cache, "kv", None)
-    seqlens = getattr(cache, "seqlens", None)
-    if kv is None or seqlens is None or not hasattr(cache, "append"):
+    if not isinstance(cache, LatentCache):
         raise TypeError(f"cache must be a flashmla_jax.LatentCache (or None), got {type(cache).__name__}")
+    kv, seqlens = cache.kv, cache.seqlens
     if kv.shape[-1] != config.latent_dim:
         raise ValueError(f"cache latent width {kv.shape[-1]} must be kv_lora_rank + qk_rope_head_dim = "
                          f"{config.latent_dim}")
@@ -562,8 +548,7 @@ class MultiHeadLatentAttention(nnx.Module):
                  v_head_dim: int = 128, rope_theta: float = 10000.0,
                  rope_scaling: Mapping[str, Any] | YarnScaling | None = None, rms_norm_eps: float = 1e-6,
                  dtype=None, param_dtype=jnp.float32, implementation: str | None = None, rngs: nnx.Rngs):
-        if implementation is not None and implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {implementation!r}")
+        _checks.implementation(implementation)
         self.config = MLAConfig(hidden_size=hidden_size, num_heads=num_heads, q_lora_rank=q_lora_rank,
                                 kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
                                 qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, rope_theta=rope_theta,

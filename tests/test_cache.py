@@ -86,7 +86,10 @@ def test_create_shapes_and_pytree():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(batch=0), ValueError, "batch"),
-    (dict(max_len=2.5), ValueError, "max_len"),
+    (dict(max_len=2.5), TypeError, "max_len"),
+    (dict(batch=True), TypeError, "batch"),
+    (dict(page_size=16.0), TypeError, "page_size"),
+    (dict(page_size=16, num_blocks=8.0), TypeError, "num_blocks"),
     (dict(dtype=jnp.int32), TypeError, "dtype"),
     (dict(page_size=48), ValueError, "page_size"),
     (dict(page_size=8), ValueError, "page_size"),
@@ -104,6 +107,13 @@ def test_create_bad_arguments(kwargs, error, match):
         fm.LatentCache.create(**args)
 
 
+def test_create_takes_numpy_integers():
+    cache = fm.LatentCache.create(np.int64(2), np.int32(64), dim=np.int64(D), page_size=np.int64(16),
+                                  num_blocks=np.int64(9))
+    assert cache.kv.shape == (9, 16, D) and cache.page_size == 16 and type(cache.page_size) is int
+    assert cache.capacity == 64 and type(cache.capacity) is int
+
+
 def test_append_bad_arguments():
     cache = fm.LatentCache.create(2, 32, dim=D, dtype=jnp.float32)
     with pytest.raises(ValueError, match="kv_new"):
@@ -114,8 +124,10 @@ def test_append_bad_arguments():
         cache.append(jnp.ones((2, 0, D)))
     with pytest.raises(TypeError, match="kv_new"):
         cache.append(jnp.ones((2, 1, D), jnp.int32))
-    with pytest.raises(TypeError, match="num_new"):
+    with pytest.raises(ValueError, match="num_new"):
         cache.append(jnp.ones((2, 1, D)), num_new=jnp.ones((3,), jnp.int32))
+    with pytest.raises(TypeError, match="num_new"):
+        cache.append(jnp.ones((2, 1, D)), num_new=jnp.ones((2,), jnp.float32))
 
 
 # ---------------------------------------------------------------- append

@@ -100,16 +100,21 @@ def test_default_implementation_on_cpu_is_xla():
     (lambda a: {**a, "kv_cache": a["kv_cache"][..., :64]}, ValueError, "kv_cache must be"),
     (lambda a: {**a, "kv_cache": a["kv_cache"][:1]}, ValueError, "contiguous kv_cache"),
     (lambda a: {**a, "cache_seqlens": a["cache_seqlens"].astype(jnp.float32)}, TypeError, "cache_seqlens"),
-    (lambda a: {**a, "cache_seqlens": a["cache_seqlens"][:1]}, TypeError, "cache_seqlens"),
+    (lambda a: {**a, "cache_seqlens": a["cache_seqlens"][:1]}, ValueError, "cache_seqlens"),
     (lambda a: {**a, "head_dim_v": 96}, ValueError, "head_dim_v"),
     (lambda a: {**a, "num_splits": 0}, ValueError, "num_splits"),
-    (lambda a: {**a, "num_splits": 2.0}, ValueError, "num_splits"),
+    (lambda a: {**a, "num_splits": 2.0}, TypeError, "num_splits"),
+    (lambda a: {**a, "num_splits": True}, TypeError, "num_splits"),
+    (lambda a: {**a, "head_dim_v": 64.0}, TypeError, "head_dim_v"),
+    (lambda a: {**a, "softmax_scale": "0.1"}, TypeError, "softmax_scale"),
+    (lambda a: {**a, "implementation": 1}, TypeError, "implementation must be"),
     (lambda a: {**a, "num_splits": 257}, ValueError, "num_splits"),
     (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
     (lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU"),
     (lambda a: {**a, "block_table": jnp.zeros((2, 2), jnp.int32), "kv_cache": a["kv_cache"].reshape(4, 16, 96)[:, :12]},
      ValueError, "page_size"),
-    (lambda a: {**a, "block_table": jnp.zeros((3, 2), jnp.int32)}, TypeError, "block_table"),
+    (lambda a: {**a, "block_table": jnp.zeros((3, 2), jnp.int32)}, ValueError, "block_table"),
+    (lambda a: {**a, "block_table": jnp.zeros((2, 2), jnp.int16)}, TypeError, "block_table"),
     (lambda a: {**a, "head_dim_v": 48, "implementation": "interpret"}, ValueError, "powers of two"),
 ])
 def test_bad_input_raises(mutate, error, match):
@@ -117,6 +122,14 @@ def test_bad_input_raises(mutate, error, match):
     args = mutate(dict(q=q, kv_cache=kv, cache_seqlens=sl, head_dim_v=64))
     with pytest.raises(error, match=match):
         fm.mla_decode(**args)
+
+
+def test_numpy_integer_arguments_are_accepted():
+    q, kv, sl = make_inputs(5, 2, 1, 4, 96, 64, jnp.float32, [7, 64])
+    want = fm.mla_decode(q, kv, sl, head_dim_v=64, num_splits=2, implementation="interpret")
+    got = fm.mla_decode(q, kv, sl, head_dim_v=np.int64(64), num_splits=np.int64(2), softmax_scale=np.float32(96 ** -0.5),
+                        implementation="interpret")
+    np.testing.assert_array_equal(got, want)
 
 
 def test_num_splits_heuristic():
@@ -213,7 +226,7 @@ def test_interpret_device_schedule(monkeypatch, seqlens, paged):
     split each, written by the split kernel, which the combine leaves alone."""
     from flashmla_jax.ops import decode as decode_ops
 
-    monkeypatch.setattr(decode_ops, "num_sms", lambda: 12)
+    monkeypatch.setattr(decode_ops, "num_sms", lambda implementation: 12)
     plan = decode_ops.plan_decode((9, 1, 4, SMALL["d"]), jnp.float32, 64, True, (9, 256, SMALL["d"]), None,
                                   None, 12)
     assert plan.constexprs["BALANCE"] and plan.num_splits > 1 == plan.constexprs["UNIFORM_SPLITS"]

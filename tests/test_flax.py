@@ -16,8 +16,6 @@ import flashmla_jax as fm  # noqa: E402
 from flashmla_jax import flax as fmx  # noqa: E402
 from conftest import rel_err  # noqa: E402
 
-needs_prefill = pytest.mark.skipif(not hasattr(fm, "mla_prefill"), reason="flashmla_jax.mla_prefill not built yet")
-needs_cache = pytest.mark.skipif(not hasattr(fm, "LatentCache"), reason="flashmla_jax.LatentCache not built yet")
 
 # Small dims; RoPE theta and YaRN's original context are small too, so that positions < 40 turn the
 # frequencies enough to matter.
@@ -201,8 +199,6 @@ def test_absorbed_attention_on_raw_cache_matches_numpy():
     assert rel_err(y, mla_numpy(params, x, pos, cfg)) < TOL
 
 
-@needs_prefill
-@needs_cache
 def test_layer_with_interpreted_kernels_matches_xla():
     """The layer on the real Triton kernels (interpreter): a 6-token prefill (cache_empty: the prefill kernel),
     then a 2-token absorbed step (the decode kernel); kernel-friendly dims (64 + 16 latent, heads 32 / 32)."""
@@ -222,7 +218,6 @@ def test_layer_with_interpreted_kernels_matches_xla():
 
 # ---------------------------------------------------------------- the layer
 
-@needs_prefill
 @pytest.mark.parametrize("q_lora_rank,rope_scaling", [(None, None), (24, YARN)])
 def test_layer_without_cache_matches_numpy(q_lora_rank, rope_scaling):
     layer = make_layer(3, q_lora_rank=q_lora_rank, rope_scaling=rope_scaling)
@@ -232,8 +227,6 @@ def test_layer_without_cache_matches_numpy(q_lora_rank, rope_scaling):
     assert rel_err(y, mla_numpy(layer.params_dict(), x, pos, layer.config)) < TOL
 
 
-@needs_prefill
-@needs_cache
 @pytest.mark.parametrize("page_size", [None, 16])
 def test_absorbed_decode_equals_non_absorbed(page_size):
     """Same layer, same tokens: the cache path (absorbed mla_decode), all S at once and token by token, equals
@@ -255,8 +248,6 @@ def test_absorbed_decode_equals_non_absorbed(page_size):
     assert rel_err(jnp.concatenate(ys, axis=1), y_ref) < TOL
 
 
-@needs_prefill
-@needs_cache
 @pytest.mark.parametrize("q_lora_rank", [None, 24])
 def test_prefill_then_decode_equals_one_long_prefill(q_lora_rank):
     """Prompt through the cache with cache_empty=True (non-absorbed), then 1, 3, 1, ... tokens absorbed."""
@@ -277,8 +268,6 @@ def test_prefill_then_decode_equals_one_long_prefill(q_lora_rank):
     assert rel_err(jnp.concatenate(ys, axis=1), y_ref) < TOL
 
 
-@needs_prefill
-@needs_cache
 def test_functional_form_equals_module_and_bf16_is_close():
     layer = make_layer(6, q_lora_rank=24)
     x, pos = make_tokens(16, 2, 6, layer.config.hidden_size)
@@ -294,7 +283,6 @@ def test_functional_form_equals_module_and_bf16_is_close():
     assert rel_err(y16, y_mod) < 3e-2
 
 
-@needs_prefill
 def test_gradients_flow_through_the_prefill_path():
     layer = make_layer(7, q_lora_rank=24)
     x, pos = make_tokens(17, 1, 5, layer.config.hidden_size)
@@ -325,6 +313,11 @@ def test_config_errors():
         fmx.MLAConfig(64, 4, qk_rope_head_dim=7)
     with pytest.raises(ValueError, match="num_heads"):
         fmx.MLAConfig(64, 0)
+    with pytest.raises(TypeError, match="num_heads"):
+        fmx.MLAConfig(64, 4.0)
+    with pytest.raises(TypeError, match="hidden_size"):
+        fmx.MLAConfig(True, 4)
+    assert fmx.MLAConfig(np.int64(64), np.int32(4)).num_heads == 4
     with pytest.raises(ValueError, match="q_lora_rank"):
         fmx.MLAConfig(64, 4, q_lora_rank=-1)
     with pytest.raises(ValueError, match="type"):
@@ -363,7 +356,6 @@ def test_call_errors():
         fmx.mla_attention(params, x, pos, config=dict(hidden_size=48))
 
 
-@needs_cache
 def test_cache_errors():
     layer = make_layer(10)
     x, pos = make_tokens(19, 2, 4, layer.config.hidden_size)
@@ -376,8 +368,6 @@ def test_cache_errors():
         layer(x, pos + 4, cache, cache_empty=True)
 
 
-@needs_prefill
-@needs_cache
 @pytest.mark.parametrize("extra", [[], ["--page-size", "16", "--q-lora-rank", "32"]])
 def test_generate_example_runs(extra, capsys):
     """examples/generate.py end to end at toy size: the cached greedy decode reproduces a cache-free recompute."""

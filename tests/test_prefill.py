@@ -109,7 +109,8 @@ def test_split_head_dim():
     (lambda a: {**a, "k": a["k"][:, :5]}, ValueError, "k must be"),
     (lambda a: {**a, "v": a["v"][:, :, :2]}, ValueError, "v must be"),
     (lambda a: {**a, "segment_ids": jnp.zeros((2, 8), jnp.float32)}, TypeError, "segment_ids"),
-    (lambda a: {**a, "segment_ids": jnp.zeros((2, 7), jnp.int32)}, TypeError, "segment_ids"),
+    (lambda a: {**a, "segment_ids": jnp.zeros((2, 7), jnp.int32)}, ValueError, "segment_ids"),
+    (lambda a: {**a, "softmax_scale": True}, TypeError, "softmax_scale"),
     (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
     (lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU"),
     (lambda a: {**a, "v": a["v"][..., :24], "implementation": "interpret"}, ValueError, "d_v"),
@@ -123,6 +124,44 @@ def test_bad_input_raises(mutate, error, match):
         pytest.skip("there is a GPU")
     with pytest.raises(error, match=match):
         fm.mla_prefill(**args)
+
+
+def test_plan_prefill():
+    """The launch layout from static shapes alone: grids, warps, stages and constexprs of the four kernels,
+    the tile table's choice, a `tiles` override of one kernel, and the interpreter's tiles."""
+    import dataclasses
+
+    from flashmla_jax.ops import prefill as prefill_ops
+
+    shapes = ((2, 300, 16, 192), (2, 300, 4, 192), (2, 300, 4, 128))
+    plan = prefill_ops.plan_prefill(*shapes, jnp.bfloat16, True, False, "triton")
+    assert plan == prefill_ops.plan_prefill(*shapes, jnp.bfloat16, True, False, "triton")     # pure
+    assert plan.implementation == "triton"
+    assert (plan.fwd.grid, plan.fwd.num_warps, plan.fwd.num_stages) == ((3, 32), 8, 3)
+    assert plan.fwd.constexprs == dict(S=300, H=16, H_KV=4, D_QK=192, QA=128, QB=64, QK_MASK_B=False, D_V=128,
+                                       VA=64, VB=64, V_MASK_B=False, CAUSAL=True, HAS_SEG=False, PRECISE=False,
+                                       BLOCK_M=128, BLOCK_N=64)
+    assert plan.dkdv.grid == (3, 8) and plan.dkdv.constexprs["BLOCK_M"] == 64 and plan.dkdv.constexprs["BLOCK_N"] == 128
+    assert plan.dq.grid == (3, 32) and plan.dq.constexprs["BLOCK_M"] == 128
+    assert (plan.preprocess.grid, plan.preprocess.num_warps, plan.preprocess.num_stages) == ((5, 32), 4, 1)
+    assert plan.preprocess.constexprs == dict(S=300, H=16, D_V=128, VA=64, VB=64, V_MASK_B=False, BLOCK_M=64)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        plan.fwd = plan.dq
+
+    tiles = dataclasses.replace(prefill_ops.prefill_tiles("triton", jnp.bfloat16, 192, 128),
+                                fwd=prefill_ops.KernelTiles(64, 32, 4, 2))
+    own = prefill_ops.plan_prefill(*shapes, jnp.bfloat16, True, False, "triton", tiles=tiles)
+    assert (own.fwd.grid, own.fwd.num_warps, own.fwd.num_stages) == ((5, 32), 4, 2)
+    assert own.dkdv == plan.dkdv and own.dq == plan.dq and own.preprocess == plan.preprocess
+
+    interp = prefill_ops.plan_prefill(*shapes, jnp.float32, False, True, "interpret")
+    assert interp.fwd.constexprs["BLOCK_M"] == 32 and interp.preprocess.constexprs["BLOCK_M"] == 16
+    assert interp.fwd.constexprs["PRECISE"] and interp.fwd.constexprs["HAS_SEG"] and not interp.fwd.constexprs["CAUSAL"]
+    # float32 at 256 wide: the table's tiles trimmed to fit shared memory
+    wide = prefill_ops.prefill_tiles("triton", jnp.float32, 256, 256)
+    for kind in ("fwd", "dkdv", "dq"):
+        t = getattr(wide, kind)
+        assert prefill_ops._smem_bytes(kind, t.block_m, t.block_n, t.num_stages, 256, 256, 6) <= prefill_ops.SMEM_BUDGET
 
 
 # ---------------------------------------------------------------- tier 2: kernels in the interpreter

@@ -20,30 +20,33 @@ and LATE_ROW_SUM (row sums kept per column and reduced once, after the loop).
 import triton
 import triton.language as tl
 
+from flashmla_jax.kernels._common import LOG2E, row_divisor, row_lse
+
+
 @triton.jit
 def _sequence_splits(seqlens_ptr, b, CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr,
                      UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr, BATCH: tl.constexpr,
                      BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
-                     BLOCK_N: tl.constexpr):
+                     BLOCK_N: tl.constexpr, UNIFORM_NUM: tl.constexpr, UNIFORM_DEN: tl.constexpr):
     """(seqlen, splits) of sequence b: the schedule, computed alike by every split program.
 
     Lengths are clamped to [0, CAPACITY]. Without BALANCE every sequence takes NUM_SPLITS equal runs.
     With BALANCE, NUM_SPLITS is a cap and the lengths decide: a batch of (nearly) equal lengths keeps
     UNIFORM_SPLITS (the static choice, exact for it); a ragged batch has its key blocks, times the row
     tiles, cut into runs of about work / SLOTS blocks, so that a long sequence gets more splits than a
-    short one and the GPU fills evenly.
-    (tl.cdiv is a @triton.jit helper that Triton's interpreter cannot call: written out here.)
+    short one and the GPU fills evenly. A batch counts as uniform when its mean key blocks reach
+    UNIFORM_NUM / UNIFORM_DEN of its longest.
     """
     seqlen = tl.minimum(tl.maximum(tl.load(seqlens_ptr + b), 0), CAPACITY)
     if BALANCE:
         offs_b = tl.arange(0, BATCH_POW2)
         lens = tl.minimum(tl.maximum(tl.load(seqlens_ptr + offs_b, mask=offs_b < BATCH, other=0), 0), CAPACITY)
-        blocks_b = (lens + BLOCK_N - 1) // BLOCK_N
+        blocks_b = tl.cdiv(lens, BLOCK_N)
         total = tl.sum(blocks_b, 0)
-        ragged = tl.max(blocks_b, 0) * BATCH * 10 > total * 11        # mean below ~91% of the longest
-        run = tl.maximum((total * ROW_TILES + SLOTS - 1) // SLOTS, 1)  # key blocks per program
-        blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
-        balanced = tl.minimum(tl.maximum((blocks + run - 1) // run, 1), NUM_SPLITS)
+        ragged = tl.max(blocks_b, 0) * BATCH * UNIFORM_NUM > total * UNIFORM_DEN
+        run = tl.maximum(tl.cdiv(total * ROW_TILES, SLOTS), 1)       # key blocks per program
+        blocks = tl.cdiv(seqlen, BLOCK_N)
+        balanced = tl.minimum(tl.maximum(tl.cdiv(blocks, run), 1), NUM_SPLITS)
         splits = tl.where(ragged, balanced, UNIFORM_SPLITS)
     else:
         splits = tl.zeros_like(seqlen) + NUM_SPLITS
@@ -130,6 +133,7 @@ def mla_decode_split_kernel(
     TABLE_POW2: tl.constexpr, D_V: tl.constexpr, D_R: tl.constexpr, CAUSAL: tl.constexpr,
     CAPACITY: tl.constexpr, NUM_SPLITS: tl.constexpr, UNIFORM_SPLITS: tl.constexpr, BALANCE: tl.constexpr,
     BATCH: tl.constexpr, BATCH_POW2: tl.constexpr, SLOTS: tl.constexpr, ROW_TILES: tl.constexpr,
+    UNIFORM_NUM: tl.constexpr, UNIFORM_DEN: tl.constexpr,
     LAST_MERGES: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNCHAIN_SCORES: tl.constexpr, SPLIT_MASKED: tl.constexpr, LATE_ROW_SUM: tl.constexpr,
 ):
@@ -152,7 +156,6 @@ def mla_decode_split_kernel(
     LSE is natural-log; a row that sees no key in its range gets lse -inf and output 0.
     """
     R: tl.constexpr = S_Q * H
-    D: tl.constexpr = D_V + D_R
     if NUM_LAYERS > 0:
         layer = tl.minimum(tl.maximum(tl.load(layer_ptr), 0), NUM_LAYERS - 1)
         kv_ptr += layer.to(tl.int64) * LAYER_STRIDE
@@ -161,29 +164,13 @@ def mla_decode_split_kernel(
     split = tl.program_id(2)
 
     seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
-                                           BATCH_POW2, SLOTS, ROW_TILES, BLOCK_N)
-    # Each split covers a run of whole BLOCK_N tiles; a split past the last run is empty (lo >= hi).
-    blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
-    split_len = (blocks + splits_here - 1) // splits_here * BLOCK_N
-    lo = split * split_len
-    hi = tl.minimum(lo + split_len, seqlen)
-
-    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+                                           BATCH_POW2, SLOTS, ROW_TILES, BLOCK_N, UNIFORM_NUM, UNIFORM_DEN)
+    lo, hi, offs_m, limit = _split_keys(seqlen, splits_here, split, tile, H, S_Q, CAUSAL, BLOCK_M, BLOCK_N)
     row_ok = offs_m < R
-    if CAUSAL:
-        limit = seqlen - S_Q + 1 + offs_m // H          # query s = r // H sees keys < limit
-        # Keys past the tile's last query are masked for every row: not visited.
-        hi = tl.minimum(hi, seqlen - S_Q + 1 + (tl.minimum(tile * BLOCK_M + BLOCK_M, R) - 1) // H)
-    else:
-        limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
     offs_v = tl.arange(0, D_V)
     offs_r = tl.arange(0, D_R)
-
-    q_base = q_ptr + (b.to(tl.int64) * R + offs_m[:, None]) * D
-    q_ok = row_ok[:, None] & (lo < hi)
-    q_v = tl.load(q_base + offs_v[None, :], mask=q_ok, other=0.0)
-    q_r = tl.load(q_base + D_V + offs_r[None, :], mask=q_ok, other=0.0)
-    qk_scale = scale * 1.4426950408889634               # softmax in base 2
+    q_v, q_r = _load_queries(q_ptr, b, offs_m, row_ok, lo < hi, offs_v, offs_r, R, D_V, D_R)
+    qk_scale = scale * LOG2E                             # softmax in base 2
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     if LATE_ROW_SUM:
@@ -191,16 +178,7 @@ def mla_decode_split_kernel(
     else:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
-    if PAGED:
-        # The sequence's row of the block table, in registers: each tile's address is then a function
-        # of the loop index alone, which Triton's pipeliner stages ahead like a contiguous load (a table
-        # load inside the loop it does not pipeline). A tile lies in one page (BLOCK_N <= PAGE_SIZE).
-        offs_t = tl.arange(0, TABLE_POW2)
-        pages = tl.load(table_ptr + b * MAX_BLOCKS + offs_t, mask=offs_t < MAX_BLOCKS, other=0)
-        pages = tl.minimum(tl.maximum(pages, 0), NUM_PAGES - 1)
-    else:
-        offs_t = tl.arange(0, 2)                        # unused without a block table
-        pages = offs_t
+    pages, offs_t = _table_row(table_ptr, b, PAGED, MAX_BLOCKS, NUM_PAGES, TABLE_POW2)
     mid = lo
     if SPLIT_MASKED:
         # Tiles below every row's causal limit and wholly inside [lo, hi) run without masks; the rest
@@ -218,10 +196,68 @@ def mla_decode_split_kernel(
 
     if LATE_ROW_SUM:
         l_i = tl.sum(l_i, 1)
-    has_keys = l_i > 0
-    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
-    lse = tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * 0.6931471805599453,
-                   float("-inf"))
+    _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, acc, m_i, l_i, b, tile, split,
+                 splits_here, lo < hi, offs_m, offs_v, row_ok, R, D_V, NUM_SPLITS, SPLITS_POW2, ROW_TILES, LAST_MERGES)
+
+
+@triton.jit
+def _split_keys(seqlen, splits_here, split, tile, H: tl.constexpr, S_Q: tl.constexpr, CAUSAL: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(lo, hi, offs_m, limit): keys [lo, hi) of this split for the rows offs_m [BLOCK_M] of row tile
+    `tile`, and each row's causal limit [BLOCK_M] (query s = r // H sees keys < limit)."""
+    # Each split covers a run of whole BLOCK_N tiles; a split past the last run is empty (lo >= hi).
+    split_len = tl.cdiv(tl.cdiv(seqlen, BLOCK_N), splits_here) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seqlen)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    if CAUSAL:
+        limit = seqlen - S_Q + 1 + offs_m // H
+        # Keys past the tile's last query are masked for every row: not visited.
+        hi = tl.minimum(hi, seqlen - S_Q + 1 + (tl.minimum(tile * BLOCK_M + BLOCK_M, S_Q * H) - 1) // H)
+    else:
+        limit = tl.zeros([BLOCK_M], dtype=tl.int32) + seqlen
+    return lo, hi, offs_m, limit
+
+
+@triton.jit
+def _load_queries(q_ptr, b, offs_m, row_ok, nonempty, offs_v, offs_r, R: tl.constexpr, D_V: tl.constexpr,
+                  D_R: tl.constexpr):
+    """Rows offs_m of sequence b's queries, columns offs_v and D_V + offs_r: q_v [BLOCK_M, D_V] and
+    q_r [BLOCK_M, D_R]; zeros where row_ok is false or the split is empty (not `nonempty`)."""
+    D: tl.constexpr = D_V + D_R
+    q_base = q_ptr + (b.to(tl.int64) * R + offs_m[:, None]) * D
+    q_ok = row_ok[:, None] & nonempty
+    q_v = tl.load(q_base + offs_v[None, :], mask=q_ok, other=0.0)
+    q_r = tl.load(q_base + D_V + offs_r[None, :], mask=q_ok, other=0.0)
+    return q_v, q_r
+
+
+@triton.jit
+def _table_row(table_ptr, b, PAGED: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
+               TABLE_POW2: tl.constexpr):
+    """(pages, offs_t): sequence b's row of the block table [TABLE_POW2], indices clamped to the pool."""
+    if PAGED:
+        # In registers: each tile's address is then a function of the loop index alone, which Triton's
+        # pipeliner stages ahead like a contiguous load (a table load inside the loop it does not
+        # pipeline). A tile lies in one page (BLOCK_N <= PAGE_SIZE).
+        offs_t = tl.arange(0, TABLE_POW2)
+        pages = tl.load(table_ptr + b * MAX_BLOCKS + offs_t, mask=offs_t < MAX_BLOCKS, other=0)
+        pages = tl.minimum(tl.maximum(pages, 0), NUM_PAGES - 1)
+    else:
+        offs_t = tl.arange(0, 2)                        # unused without a block table
+        pages = offs_t
+    return pages, offs_t
+
+
+@triton.jit
+def _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, acc, m_i, l_i, b, tile, split,
+                 splits_here, nonempty, offs_m, offs_v, row_ok, R: tl.constexpr, D_V: tl.constexpr,
+                 NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, ROW_TILES: tl.constexpr,
+                 LAST_MERGES: tl.constexpr):
+    """The split kernel's epilogue: a sequence's only split writes the result; a split one writes its
+    partial (skipped when empty) and LSE, and with LAST_MERGES the last of them to arrive merges all."""
+    out = acc / row_divisor(l_i)[:, None]
+    lse = row_lse(m_i, l_i)
     offs_m64 = offs_m.to(tl.int64)
     final = row_ok & (splits_here == 1) & (split == 0)
     row = b.to(tl.int64) * R + offs_m64
@@ -232,7 +268,7 @@ def mla_decode_split_kernel(
         partial = row_ok & taken
         row = (b.to(tl.int64) * NUM_SPLITS + split) * R + offs_m64
         # An empty split (lse -inf) is never read by a merge: skip its 0 partial.
-        tl.store(o_part_ptr + row[:, None] * D_V + offs_v[None, :], out, mask=(partial & (lo < hi))[:, None])
+        tl.store(o_part_ptr + row[:, None] * D_V + offs_v[None, :], out, mask=(partial & nonempty)[:, None])
         tl.store(lse_part_ptr + row, lse, mask=partial)
         if LAST_MERGES:
             # The last split of a (sequence, row tile) to finish merges all of them: no combine launch.

@@ -24,8 +24,7 @@ over the query heads of its group: no atomics) and `mla_prefill_bwd_dq_kernel`.
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+from flashmla_jax.kernels._common import LOG2E, row_divisor, row_lse
 
 
 @triton.jit
@@ -57,6 +56,13 @@ def _mm(a, b, acc, PRECISE: tl.constexpr):
 
 
 @triton.jit
+def _offsets(BLOCK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr):
+    """arange(BLOCK) for the streamed rows, and the column offsets of the A / B chunks of q·k and v."""
+    return (tl.arange(0, BLOCK), tl.arange(0, QA), QA + tl.arange(0, QB), tl.arange(0, VA),
+            VA + tl.arange(0, VB))
+
+
+@triton.jit
 def _store_tile(ptr, row_off, row_ok, offs_d, x, D: tl.constexpr, MASK_COLS: tl.constexpr):
     ptrs = ptr + row_off[:, None] + offs_d[None, :]
     if MASK_COLS:
@@ -66,14 +72,39 @@ def _store_tile(ptr, row_off, row_ok, offs_d, x, D: tl.constexpr, MASK_COLS: tl.
 
 
 @triton.jit
-def _key_scores(q_a, q_b, k_ptr, k_rows, col_ok, offs_qa, offs_qb, D_QK: tl.constexpr,
-                QK_MASK_B: tl.constexpr, BOUNDARY: tl.constexpr, PRECISE: tl.constexpr):
-    """Loads the key tile at k_rows (element offsets) in its two column chunks and returns the unscaled
-    scores q · kᵀ [BLOCK_M, BLOCK_N] with the chunks k_a, k_b. BOUNDARY: keys with col_ok False read 0."""
+def _key_scores(q_a, q_b, k_ptr, start_n, offs_n, offs_qa, offs_qb, S: tl.constexpr, STRIDE_K: tl.constexpr,
+                D_QK: tl.constexpr, QK_MASK_B: tl.constexpr, BOUNDARY: tl.constexpr, PRECISE: tl.constexpr):
+    """The key block at start_n: (cols [BLOCK_N], col_ok = cols < S, the unscaled scores q · kᵀ
+    [BLOCK_M, BLOCK_N], the key chunks k_a, k_b). BOUNDARY: keys >= S read 0."""
+    cols = start_n + offs_n
+    col_ok = cols < S
+    k_rows = cols.to(tl.int64) * STRIDE_K
     k_a = _load_tile(k_ptr, k_rows, col_ok, offs_qa, D_QK, BOUNDARY, False)
     k_b = _load_tile(k_ptr, k_rows, col_ok, offs_qb, D_QK, BOUNDARY, QK_MASK_B)
     s = _mm(q_a, tl.trans(k_a), None, PRECISE)
-    return _mm(q_b, tl.trans(k_b), s, PRECISE), k_a, k_b
+    return cols, col_ok, _mm(q_b, tl.trans(k_b), s, PRECISE), k_a, k_b
+
+
+@triton.jit
+def _value_tiles(v_ptr, cols64, col_ok, offs_va, offs_vb, STRIDE_V: tl.constexpr, D_V: tl.constexpr,
+                 V_MASK_B: tl.constexpr, BOUNDARY: tl.constexpr):
+    """The values cols64 [BLOCK_N] in their two column chunks v_a, v_b. BOUNDARY: col_ok False reads 0."""
+    v_a = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_va, D_V, BOUNDARY, False)
+    v_b = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_vb, D_V, BOUNDARY, V_MASK_B)
+    return v_a, v_b
+
+
+@triton.jit
+def _key_ranges(start_m, S: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(mid, hi) for query block start_m: keys [0, mid) need no mask; [mid, hi) are the diagonal blocks
+    (causal) or the partial last block (mid == hi when there is none). Above the diagonal: skipped."""
+    if CAUSAL:
+        mid = start_m * BLOCK_M
+        hi = tl.minimum(mid + BLOCK_M, S)
+    else:
+        mid = S // BLOCK_N * BLOCK_N
+        hi = S
+    return mid, hi
 
 
 # ------------------------------------------------------------------------------------------------ forward
@@ -82,17 +113,14 @@ def _key_scores(q_a, q_b, k_ptr, k_rows, col_ok, offs_qa, offs_qb, D_QK: tl.cons
 @triton.jit
 def _fwd_inner(acc_a, acc_b, l_i, m_i, q_a, q_b, k_ptr, v_ptr, seg_ptr, seg_q, offs_m, offs_n,
                offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
-               S: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr,
-               D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
-               DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr,
-               PRECISE: tl.constexpr):
-    """Online softmax over key blocks [lo, hi). DIAG: apply the causal mask; BOUNDARY: keys may be >= S."""
+               KEYS: tl.constexpr, DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr,
+               BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+    """Online softmax over key blocks [lo, hi). KEYS: the constexpr key/value layout (S, STRIDE_K, STRIDE_V,
+    D_QK, D_V, QK_MASK_B, V_MASK_B). DIAG: apply the causal mask; BOUNDARY: keys may be >= S."""
+    S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B = KEYS
     for start_n in tl.range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S
-        cols64 = cols.to(tl.int64)
-        s, _, _ = _key_scores(q_a, q_b, k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, offs_qb, D_QK, QK_MASK_B,
-                              BOUNDARY, PRECISE)
+        cols, col_ok, s, _, _ = _key_scores(q_a, q_b, k_ptr, start_n, offs_n, offs_qa, offs_qb, S, STRIDE_K, D_QK,
+                                            QK_MASK_B, BOUNDARY, PRECISE)
         if DIAG or BOUNDARY or HAS_SEG:
             s = s * qk_scale
             if DIAG:
@@ -112,8 +140,7 @@ def _fwd_inner(acc_a, acc_b, l_i, m_i, q_a, q_b, k_ptr, v_ptr, seg_ptr, seg_q, o
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v_a = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_va, D_V, BOUNDARY, False)
-        v_b = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_vb, D_V, BOUNDARY, V_MASK_B)
+        v_a, v_b = _value_tiles(v_ptr, cols.to(tl.int64), col_ok, offs_va, offs_vb, STRIDE_V, D_V, V_MASK_B, BOUNDARY)
         p = p.to(v_a.dtype)
         acc_a = _mm(p, v_a, acc_a * alpha[:, None], PRECISE)
         acc_b = _mm(p, v_b, acc_b * alpha[:, None], PRECISE)
@@ -132,8 +159,7 @@ def _query_block(q_ptr, k_ptr, v_ptr, seg_ptr, S: tl.constexpr, H: tl.constexpr,
     q_a [BLOCK_M, QA], q_b [BLOCK_M, QB], the k / v bases of KV head h // (H // H_KV) in sequence b,
     the segment base and this block's segment ids.
     """
-    NUM_M: tl.constexpr = (S + BLOCK_M - 1) // BLOCK_M
-    start_m = NUM_M - 1 - tl.program_id(0)
+    start_m = tl.cdiv(S, BLOCK_M) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
@@ -171,49 +197,31 @@ def mla_prefill_fwd_kernel(
     """
     start_m, bh, b, h, offs_m, row_ok, q_rows, q_a, q_b, k_base, v_base, seg_base, seg_q = _query_block(
         q_ptr, k_ptr, v_ptr, seg_ptr, S, H, H_KV, D_QK, QA, QB, QK_MASK_B, D_V, HAS_SEG, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_qa = tl.arange(0, QA)
-    offs_qb = QA + tl.arange(0, QB)
-    offs_va = tl.arange(0, VA)
-    offs_vb = VA + tl.arange(0, VB)
-    qk_scale = scale * 1.4426950408889634
+    offs_n, offs_qa, offs_qb, offs_va, offs_vb = _offsets(BLOCK_N, QA, QB, VA, VB)
+    qk_scale = scale * LOG2E
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc_a = tl.zeros([BLOCK_M, VA], dtype=tl.float32)
     acc_b = tl.zeros([BLOCK_M, VB], dtype=tl.float32)
-    STRIDE_K: tl.constexpr = H_KV * D_QK
-    STRIDE_V: tl.constexpr = H_KV * D_V
-    if CAUSAL:
-        # Blocks left of the diagonal: no mask. Then the diagonal blocks (the only ones masked).
-        diag_lo = start_m * BLOCK_M
+    KEYS: tl.constexpr = (S, H_KV * D_QK, H_KV * D_V, D_QK, D_V, QK_MASK_B, V_MASK_B)
+    mid, hi = _key_ranges(start_m, S, CAUSAL, BLOCK_M, BLOCK_N)
+    acc_a, acc_b, l_i, m_i = _fwd_inner(
+        acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+        offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, mid,
+        KEYS, False, False, HAS_SEG, BLOCK_N, PRECISE)
+    if CAUSAL or S % BLOCK_N != 0:
         acc_a, acc_b, l_i, m_i = _fwd_inner(
             acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, diag_lo,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
-        acc_a, acc_b, l_i, m_i = _fwd_inner(
-            acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, diag_lo, tl.minimum(diag_lo + BLOCK_M, S),
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N, PRECISE)
-    else:
-        FULL: tl.constexpr = S // BLOCK_N * BLOCK_N
-        acc_a, acc_b, l_i, m_i = _fwd_inner(
-            acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, FULL,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
-        if FULL < S:
-            acc_a, acc_b, l_i, m_i = _fwd_inner(
-                acc_a, acc_b, l_i, m_i, q_a, q_b, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-                offs_qa, offs_qb, offs_va, offs_vb, qk_scale, FULL, S,
-                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N, PRECISE)
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, mid, hi,
+            KEYS, CAUSAL, True, HAS_SEG, BLOCK_N, PRECISE)
 
-    has_keys = l_i > 0
-    l_safe = tl.where(has_keys, l_i, 1.0)
+    l_safe = row_divisor(l_i)
     o_rows = (b.to(tl.int64) * S + offs_m) * (H * D_V) + h * D_V
     _store_tile(o_ptr, o_rows, row_ok, offs_va, (acc_a / l_safe[:, None]).to(o_ptr.dtype.element_ty), D_V, False)
     _store_tile(o_ptr, o_rows, row_ok, offs_vb, (acc_b / l_safe[:, None]).to(o_ptr.dtype.element_ty), D_V,
                 V_MASK_B)
-    lse = tl.where(has_keys, (m_i + tl.log2(l_safe)) * 0.6931471805599453, float("-inf"))
+    lse = row_lse(m_i, l_i)
     tl.store(lse_ptr + bh.to(tl.int64) * S + offs_m, lse, mask=row_ok)
 
 
@@ -263,7 +271,7 @@ def _dkdv_inner(dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_ptr, do_ptr, lse_p
         rows64 = rows.to(tl.int64)
         q_a = _load_tile(q_ptr, rows64 * STRIDE_Q, row_ok, offs_qa, D_QK, True, False)
         q_b = _load_tile(q_ptr, rows64 * STRIDE_Q, row_ok, offs_qb, D_QK, True, QK_MASK_B)
-        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0) * LOG2E
         s_t = _mm(k_a, tl.trans(q_a), None, PRECISE)
         s_t = _mm(k_b, tl.trans(q_b), s_t, PRECISE)
         p_t = tl.exp2(s_t * qk_scale - lse[None, :])
@@ -310,11 +318,7 @@ def mla_prefill_bwd_dkdv_kernel(
 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     n_ok = offs_n < S
-    offs_mb = tl.arange(0, BLOCK_M)
-    offs_qa = tl.arange(0, QA)
-    offs_qb = QA + tl.arange(0, QB)
-    offs_va = tl.arange(0, VA)
-    offs_vb = VA + tl.arange(0, VB)
+    offs_mb, offs_qa, offs_qb, offs_va, offs_vb = _offsets(BLOCK_M, QA, QB, VA, VB)
 
     k_rows = (b.to(tl.int64) * S + offs_n) * (H_KV * D_QK) + hk * D_QK
     v_rows = (b.to(tl.int64) * S + offs_n) * (H_KV * D_V) + hk * D_V
@@ -327,7 +331,7 @@ def mla_prefill_bwd_dkdv_kernel(
         seg_k = tl.load(seg_base + offs_n, mask=n_ok, other=-2)
     else:
         seg_k = offs_n  # unused
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
 
     dk_a = tl.zeros([BLOCK_N, QA], dtype=tl.float32)
     dk_b = tl.zeros([BLOCK_N, QB], dtype=tl.float32)
@@ -341,6 +345,7 @@ def mla_prefill_bwd_dkdv_kernel(
         do_base = do_ptr + b.to(tl.int64) * S * STRIDE_O + h * D_V
         lse_base = lse_ptr + (b.to(tl.int64) * H + h) * S
         delta_base = delta_ptr + (b.to(tl.int64) * H + h) * S
+        lo = 0
         if CAUSAL:
             # Query blocks on the diagonal (masked), then those below it; those above are skipped.
             dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
@@ -348,15 +353,11 @@ def mla_prefill_bwd_dkdv_kernel(
                 seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale,
                 start_n, tl.minimum(start_n + BLOCK_N, S),
                 S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, True, HAS_SEG, BLOCK_M, PRECISE)
-            dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
-                dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
-                seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, start_n + BLOCK_N, S,
-                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M, PRECISE)
-        else:
-            dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
-                dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
-                seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, S,
-                S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M, PRECISE)
+            lo = start_n + BLOCK_N
+        dk_a, dk_b, dv_a, dv_b = _dkdv_inner(
+            dk_a, dk_b, dv_a, dv_b, k_a, k_b, v_a, v_b, q_base, do_base, lse_base, delta_base, seg_base,
+            seg_k, offs_n, offs_mb, offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, S,
+            S, STRIDE_Q, STRIDE_O, D_QK, D_V, QK_MASK_B, V_MASK_B, False, HAS_SEG, BLOCK_M, PRECISE)
 
     dk_a = dk_a * scale
     dk_b = dk_b * scale
@@ -369,25 +370,21 @@ def mla_prefill_bwd_dkdv_kernel(
 @triton.jit
 def _dq_inner(dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_ptr, v_ptr, seg_ptr, seg_q, offs_m, offs_n,
               offs_qa, offs_qb, offs_va, offs_vb, qk_scale, lo, hi,
-              S: tl.constexpr, STRIDE_K: tl.constexpr, STRIDE_V: tl.constexpr,
-              D_QK: tl.constexpr, D_V: tl.constexpr, QK_MASK_B: tl.constexpr, V_MASK_B: tl.constexpr,
-              DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr, BLOCK_N: tl.constexpr,
-              PRECISE: tl.constexpr):
-    """Accumulates dQ of one query block over key blocks [lo, hi). Keys >= S read k = v = 0 and add 0."""
+              KEYS: tl.constexpr, DIAG: tl.constexpr, BOUNDARY: tl.constexpr, HAS_SEG: tl.constexpr,
+              BLOCK_N: tl.constexpr, PRECISE: tl.constexpr):
+    """Accumulates dQ of one query block over key blocks [lo, hi) (KEYS, DIAG, BOUNDARY as `_fwd_inner`'s).
+    Keys >= S read k = v = 0 and add 0."""
+    S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B = KEYS
     for start_n in tl.range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
-        col_ok = cols < S
-        cols64 = cols.to(tl.int64)
-        s, k_a, k_b = _key_scores(q_a, q_b, k_ptr, cols64 * STRIDE_K, col_ok, offs_qa, offs_qb, D_QK,
-                                  QK_MASK_B, BOUNDARY, PRECISE)
+        cols, col_ok, s, k_a, k_b = _key_scores(q_a, q_b, k_ptr, start_n, offs_n, offs_qa, offs_qb, S, STRIDE_K,
+                                                D_QK, QK_MASK_B, BOUNDARY, PRECISE)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if DIAG:
             p = tl.where(offs_m[:, None] >= cols[None, :], p, 0.0)
         if HAS_SEG:
             seg_k = tl.load(seg_ptr + cols, mask=col_ok, other=-2)
             p = tl.where(seg_q[:, None] == seg_k[None, :], p, 0.0)
-        v_a = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_va, D_V, BOUNDARY, False)
-        v_b = _load_tile(v_ptr, cols64 * STRIDE_V, col_ok, offs_vb, D_V, BOUNDARY, V_MASK_B)
+        v_a, v_b = _value_tiles(v_ptr, cols.to(tl.int64), col_ok, offs_va, offs_vb, STRIDE_V, D_V, V_MASK_B, BOUNDARY)
         dp = _mm(do_a, tl.trans(v_a), None, PRECISE)
         dp = _mm(do_b, tl.trans(v_b), dp, PRECISE)
         ds = (p * (dp - delta[:, None])).to(k_a.dtype)
@@ -410,43 +407,27 @@ def mla_prefill_bwd_dq_kernel(
     -> dq_ptr [B, S, H, D_QK] (q's dtype)."""
     start_m, bh, b, h, offs_m, row_ok, q_rows, q_a, q_b, k_base, v_base, seg_base, seg_q = _query_block(
         q_ptr, k_ptr, v_ptr, seg_ptr, S, H, H_KV, D_QK, QA, QB, QK_MASK_B, D_V, HAS_SEG, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_qa = tl.arange(0, QA)
-    offs_qb = QA + tl.arange(0, QB)
-    offs_va = tl.arange(0, VA)
-    offs_vb = VA + tl.arange(0, VB)
+    offs_n, offs_qa, offs_qb, offs_va, offs_vb = _offsets(BLOCK_N, QA, QB, VA, VB)
     o_rows = (b.to(tl.int64) * S + offs_m) * (H * D_V) + h * D_V
     do_a = _load_tile(do_ptr, o_rows, row_ok, offs_va, D_V, True, False)
     do_b = _load_tile(do_ptr, o_rows, row_ok, offs_vb, D_V, True, V_MASK_B)
-    lse = tl.load(lse_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse = tl.load(lse_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(delta_ptr + bh.to(tl.int64) * S + offs_m, mask=row_ok, other=0.0)
-    qk_scale = scale * 1.4426950408889634
+    qk_scale = scale * LOG2E
 
     dq_a = tl.zeros([BLOCK_M, QA], dtype=tl.float32)
     dq_b = tl.zeros([BLOCK_M, QB], dtype=tl.float32)
-    STRIDE_K: tl.constexpr = H_KV * D_QK
-    STRIDE_V: tl.constexpr = H_KV * D_V
-    if CAUSAL:
-        diag_lo = start_m * BLOCK_M
+    KEYS: tl.constexpr = (S, H_KV * D_QK, H_KV * D_V, D_QK, D_V, QK_MASK_B, V_MASK_B)
+    mid, hi = _key_ranges(start_m, S, CAUSAL, BLOCK_M, BLOCK_N)
+    dq_a, dq_b = _dq_inner(
+        dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
+        offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, mid,
+        KEYS, False, False, HAS_SEG, BLOCK_N, PRECISE)
+    if CAUSAL or S % BLOCK_N != 0:
         dq_a, dq_b = _dq_inner(
             dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, diag_lo,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
-        dq_a, dq_b = _dq_inner(
-            dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, diag_lo, tl.minimum(diag_lo + BLOCK_M, S),
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, True, True, HAS_SEG, BLOCK_N, PRECISE)
-    else:
-        FULL: tl.constexpr = S // BLOCK_N * BLOCK_N
-        dq_a, dq_b = _dq_inner(
-            dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, 0, FULL,
-            S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, False, HAS_SEG, BLOCK_N, PRECISE)
-        if FULL < S:
-            dq_a, dq_b = _dq_inner(
-                dq_a, dq_b, q_a, q_b, do_a, do_b, lse, delta, k_base, v_base, seg_base, seg_q, offs_m, offs_n,
-                offs_qa, offs_qb, offs_va, offs_vb, qk_scale, FULL, S,
-                S, STRIDE_K, STRIDE_V, D_QK, D_V, QK_MASK_B, V_MASK_B, False, True, HAS_SEG, BLOCK_N, PRECISE)
+            offs_qa, offs_qb, offs_va, offs_vb, qk_scale, mid, hi,
+            KEYS, CAUSAL, True, HAS_SEG, BLOCK_N, PRECISE)
 
     _store_tile(dq_ptr, q_rows, row_ok, offs_qa, (dq_a * scale).to(dq_ptr.dtype.element_ty), D_QK, False)
     _store_tile(dq_ptr, q_rows, row_ok, offs_qb, (dq_b * scale).to(dq_ptr.dtype.element_ty), D_QK, QK_MASK_B)

@@ -9,60 +9,86 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashmla_jax import reference
+from flashmla_jax import _checks, reference
 from flashmla_jax._backend import num_sms, resolve_implementation
 from flashmla_jax.ops._launch import launch
 
-_FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 MAX_SPLITS = 256
 MAX_SPLITS_MERGED_IN_KERNEL = 16   # more splits than this are merged by the combine kernel
-
-
-def _is_pow2(x: int) -> bool:
-    return x > 0 and x & (x - 1) == 0
 
 
 def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, stacked):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S_q, H, D], got shape {q.shape}")
     b, s_q, h, d = q.shape
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
-    if kv_cache.dtype != q.dtype:
-        raise TypeError(f"kv_cache dtype {kv_cache.dtype} must equal q's dtype {q.dtype}")
+    _checks.float_dtype("q", q)
+    _checks.same_dtype("kv_cache", kv_cache, "q", q)
     if kv_cache.ndim != 3 + stacked or kv_cache.shape[-1] != d:
         lead = "L, " if stacked else ""
         raise ValueError(f"kv_cache must be [{lead}B, N, {d}] (or [{lead}num_blocks, page_size, {d}] with block_table)"
                          f"{' with layer' if stacked else ''}, got shape {kv_cache.shape}")
     if stacked:
         kv_cache = jax.ShapeDtypeStruct(kv_cache.shape[1:], kv_cache.dtype)     # one layer's shape
-    if cache_seqlens.shape != (b,) or cache_seqlens.dtype != jnp.int32:
-        raise TypeError(f"cache_seqlens must be int32 [{b}], got {cache_seqlens.dtype} {cache_seqlens.shape}")
+    _checks.int32_array("cache_seqlens", cache_seqlens, (b,), f"int32 [B={b}]")
+    head_dim_v = _checks.integer("head_dim_v", head_dim_v)
     if not 0 < head_dim_v < d:
         raise ValueError(f"head_dim_v must be in (0, {d}): V is the first head_dim_v columns of the latent, "
                          f"got {head_dim_v}")
-    if num_splits is not None and (not isinstance(num_splits, int) or not 1 <= num_splits <= MAX_SPLITS):
-        raise ValueError(f"num_splits must be None or an int in [1, {MAX_SPLITS}], got {num_splits!r}")
+    _checks.optional_integer("num_splits", num_splits, 1, MAX_SPLITS)
     if block_table is None:
         if kv_cache.shape[0] != b:
             raise ValueError(f"contiguous kv_cache must be [B={b}, N, {d}], got shape {kv_cache.shape}")
     else:
-        if block_table.ndim != 2 or block_table.shape[0] != b or block_table.dtype != jnp.int32:
-            raise TypeError(f"block_table must be int32 [B={b}, max_blocks], got {block_table.dtype} "
-                            f"{block_table.shape}")
-        page_size = kv_cache.shape[1]
-        if not _is_pow2(page_size) or not 16 <= page_size <= 256:
-            raise ValueError(f"page_size (kv_cache.shape[1]) must be a power of two in [16, 256], got {page_size}")
+        _checks.int32_array("block_table", block_table, (b, None), f"int32 [B={b}, max_blocks]")
+        _checks.page_size("page_size (kv_cache.shape[1])", kv_cache.shape[1])
 
 
 def _check_kernel_dims(d: int, head_dim_v: int):
-    if not (_is_pow2(head_dim_v) and _is_pow2(d - head_dim_v) and head_dim_v >= 16 and d - head_dim_v >= 16):
+    is_pow2 = _checks.is_pow2
+    if not (is_pow2(head_dim_v) and is_pow2(d - head_dim_v) and head_dim_v >= 16 and d - head_dim_v >= 16):
         raise ValueError(f"the Triton kernels need head_dim_v ({head_dim_v}) and D - head_dim_v ({d - head_dim_v}) "
                          "to be powers of two >= 16 (DeepSeek: 512 and 64)")
 
 
-def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
-    """Block sizes, warps and pipelining depth for one (rows = S_q * H, dtype) class."""
+# ---------------------------------------------------------------- tiles and the split-KV schedule
+
+WIDE_TILE_ROWS = 64       # row tiles this tall are bound by the matrix units: the wide-tile options are on
+BALANCE_WAVES = 3         # waves of programs the device-side schedule spreads a ragged batch over
+PROGRAM_COST_BLOCKS = 1   # a program's fixed work (q load, epilogue), in key blocks
+SPLIT_COST_BLOCKS = 0.5   # what splitting at all adds (partials written, then merged), in key blocks
+UNIFORM_FRACTION = (10, 11)   # a batch whose mean key blocks reach 10/11 of its longest keeps the static split
+COMBINE_VALUES = 4096     # partial values (all splits x BLOCK_D columns) one combine program holds
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeTiles:
+    """The split kernel's tiling: block sizes, warps, pipelining depth, the wide-tile options
+    (kernels/decode.py's module docstring) and the balanced schedule's waves.
+
+    `decode_tiles` picks one per shape class; benchmarks pass their own to `plan_decode`."""
+    block_m: int              # query rows (S_q * H pairs) per program
+    block_n: int              # keys per tile
+    num_warps: int
+    num_stages: int
+    unchain_scores: bool      # each warp group computes half of QK^T
+    split_masked: bool        # unmasked tiles in their own loop, before the masked ones
+    late_row_sum: bool        # row sums kept per column, reduced after the loop
+    waves: int = BALANCE_WAVES
+
+    @classmethod
+    def with_defaults(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, *,
+                      unchain_scores: bool | None = None, split_masked: bool | None = None,
+                      late_row_sum: bool | None = None, waves: int = BALANCE_WAVES) -> "DecodeTiles":
+        """Options left None are on for row tiles of WIDE_TILE_ROWS or more: narrow tiles (the
+        bandwidth-bound decode rows, mma.sync) measured no gain from them."""
+        wide = block_m >= WIDE_TILE_ROWS
+        pick = lambda option: wide if option is None else bool(option)     # noqa: E731
+        return cls(block_m, block_n, num_warps, num_stages, pick(unchain_scores), pick(split_masked),
+                   pick(late_row_sum), waves)
+
+
+def decode_tiles(rows: int, dtype, page_size: int | None) -> DecodeTiles:
+    """The tiles of one (rows = S_q * H, dtype, page size) class."""
     # float32 stays at 32 rows: a 64-row query tile and two key tiles of it overflow shared memory.
     block_m = 16 if rows <= 16 else (32 if rows <= 32 or dtype == jnp.float32 else 64)
     block_n = 32 if dtype == jnp.float32 else 64
@@ -75,37 +101,28 @@ def _tile_config(rows: int, dtype, page_size: int | None) -> dict:
         # table sits in registers, so paged tiles pipeline alike); 4 stages overflow shared memory.
         # 8 warps: at 4 the kernel sits at 255 registers and small changes make it spill.
         num_stages, num_warps = 3, 8
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages)
-
-
-def _wide_tile_options(cfg: dict) -> dict:
-    """The split kernel's options for compute-bound wide row tiles (kernels/decode.py's module docstring),
-    on for BLOCK_M >= 64 unless `cfg` says otherwise ("unchain", "split", "late": the profiler's switches).
-    Narrow tiles (the bandwidth-bound decode rows, mma.sync) measured no gain from them."""
-    wide = cfg["BLOCK_M"] >= 64
-    return dict(UNCHAIN_SCORES=bool(cfg.get("unchain", wide)), SPLIT_MASKED=bool(cfg.get("split", wide)),
-                LATE_ROW_SUM=bool(cfg.get("late", wide)))
+    return DecodeTiles.with_defaults(block_m, block_n, num_warps, num_stages)
 
 
 def choose_num_splits(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int) -> int:
     """Splits per sequence that minimise waves x blocks per program, from static shapes only.
 
-    Each program costs its key blocks plus about one block of fixed work (q load, epilogue); one program
-    per SM is resident at a time, as 576-wide tiles fill shared memory.
+    Each program costs its key blocks plus PROGRAM_COST_BLOCKS of fixed work; one program per SM is
+    resident at a time, as 576-wide tiles fill shared memory.
     """
     n_blocks = max(1, -(-capacity // block_n))
     programs = batch * row_tiles
     best, best_cost = 1, math.inf
     for splits in range(1, min(MAX_SPLITS, n_blocks) + 1):
         waves = -(-programs * splits // sms)
-        cost = waves * (-(-n_blocks // splits) + 1) + (0.5 if splits > 1 else 0.0)
+        cost = waves * (-(-n_blocks // splits) + PROGRAM_COST_BLOCKS) + (SPLIT_COST_BLOCKS if splits > 1 else 0.0)
         if cost < best_cost - 1e-9:
             best, best_cost = splits, cost
     return best
 
 
 def balanced_split_cap(batch: int, row_tiles: int, capacity: int, block_n: int, sms: int,
-                       waves: int = 3) -> tuple[int, int, int]:
+                       waves: int = BALANCE_WAVES) -> tuple[int, int, int]:
     """(split cap, splits for full-length sequences, slots) for the device-side schedule (`BALANCE`,
     kernels/decode.py's `_sequence_splits`).
 
@@ -122,6 +139,10 @@ def balanced_split_cap(batch: int, row_tiles: int, capacity: int, block_n: int, 
     n_blocks = max(1, -(-capacity // block_n))
     cap = min(MAX_SPLITS, n_blocks, max(uniform, -(-waves * sms // programs)))
     return cap, uniform, max(1, waves * sms - programs)
+
+
+def _pow2_at_least(n: int, floor: int = 2) -> int:
+    return max(floor, 1 << (n - 1).bit_length())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,41 +162,40 @@ class DecodePlan:
 
 
 def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
-                num_splits: int | None, sms: int, config: dict | None = None, num_layers: int = 0) -> DecodePlan:
+                num_splits: int | None, sms: int, tiles: DecodeTiles | None = None, num_layers: int = 0) -> DecodePlan:
     """q_shape [B, S_q, H, D]; kv_shape [B, N, D] (contiguous, table_shape None) or [num_pages,
     page_size, D] with table_shape [B, max_blocks]: one layer's cache. num_layers > 0: the cache is a
     stack [num_layers, *kv_shape] read at a layer index in place. num_splits None: a cap chosen here and the
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
-    splits per sequence. `config` overrides `_tile_config` (benchmarks/profile_decode.py sweeps it),
-    and its optional "waves" the balanced schedule's."""
+    splits per sequence. `tiles` replaces `decode_tiles`' choice (benchmarks/profile_decode.py sweeps it)."""
     batch, s_q, heads, d = q_shape
     rows = s_q * heads
     paged = table_shape is not None
     page_size = kv_shape[1] if paged else None
     max_blocks, num_pages = (table_shape[1], kv_shape[0]) if paged else (1, 1)
     capacity = page_size * max_blocks if paged else kv_shape[1]
-    cfg = config or _tile_config(rows, dtype, page_size)
-    row_tiles = -(-rows // cfg["BLOCK_M"])
+    tiles = tiles or decode_tiles(rows, dtype, page_size)
+    row_tiles = -(-rows // tiles.block_m)
     if num_splits is None:
-        num_splits, uniform, slots = balanced_split_cap(batch, row_tiles, capacity, cfg["BLOCK_N"], sms,
-                                                        cfg.get("waves", 3))
+        num_splits, uniform, slots = balanced_split_cap(batch, row_tiles, capacity, tiles.block_n, sms, tiles.waves)
     else:
         uniform, slots = num_splits, 1
     schedule = dict(CAPACITY=capacity, NUM_SPLITS=num_splits, UNIFORM_SPLITS=uniform,
-                    BALANCE=num_splits > uniform, BATCH=batch, BATCH_POW2=max(2, 1 << (batch - 1).bit_length()),
-                    SLOTS=slots, ROW_TILES=row_tiles, BLOCK_N=cfg["BLOCK_N"])
+                    BALANCE=num_splits > uniform, BATCH=batch, BATCH_POW2=_pow2_at_least(batch),
+                    SLOTS=slots, ROW_TILES=row_tiles, BLOCK_N=tiles.block_n,
+                    UNIFORM_NUM=UNIFORM_FRACTION[0], UNIFORM_DEN=UNIFORM_FRACTION[1])
     last_merges = 1 < num_splits <= MAX_SPLITS_MERGED_IN_KERNEL
-    splits_pow2 = max(2, 1 << (num_splits - 1).bit_length())
+    splits_pow2 = _pow2_at_least(num_splits)
     constexprs = dict(
         LAST_MERGES=last_merges, SPLITS_POW2=splits_pow2, H=heads, S_Q=s_q, N_MAX=0 if paged else capacity,
         NUM_LAYERS=num_layers, LAYER_STRIDE=math.prod(kv_shape) if num_layers else 0,
         PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
-        TABLE_POW2=max(2, 1 << (max_blocks - 1).bit_length()), D_V=head_dim_v, D_R=d - head_dim_v,
-        CAUSAL=causal, BLOCK_M=cfg["BLOCK_M"], **_wide_tile_options(cfg), **schedule)
+        TABLE_POW2=_pow2_at_least(max_blocks), D_V=head_dim_v, D_R=d - head_dim_v,
+        CAUSAL=causal, BLOCK_M=tiles.block_m, UNCHAIN_SCORES=tiles.unchain_scores,
+        SPLIT_MASKED=tiles.split_masked, LATE_ROW_SUM=tiles.late_row_sum, **schedule)
     combine_grid = combine_constexprs = None
     if num_splits > 1 and not last_merges:
-        # Column tiles sized so that one program holds about 4K partial values of all splits at once.
-        block_d = max(16, min(head_dim_v, 4096 // splits_pow2))
+        block_d = max(16, min(head_dim_v, COMBINE_VALUES // splits_pow2))
         combine_grid = (rows, head_dim_v // block_d, batch)
         combine_constexprs = dict(R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits, SPLITS_POW2=splits_pow2,
                                   BLOCK_D=block_d)
@@ -187,18 +207,18 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
                      jax.ShapeDtypeStruct(part, jnp.float32),
                      jax.ShapeDtypeStruct((batch,) if combine_grid else (1,), jnp.int32),
                      jax.ShapeDtypeStruct((batch * row_tiles,) if last_merges else (1,), jnp.int32))
-    return DecodePlan((row_tiles, batch, num_splits), cfg["num_warps"], cfg["num_stages"], constexprs, num_splits,
+    return DecodePlan((row_tiles, batch, num_splits), tiles.num_warps, tiles.num_stages, constexprs, num_splits,
                       split_outputs, (5,) if last_merges else (), combine_grid, combine_constexprs)
 
 
 def _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
-                   implementation, config=None):
+                   implementation):
     """The Triton path: the split kernel (which merges a few splits itself), then for many splits the
     in-place combine. layer: None, or a 0-d int32 array indexing a stacked kv_cache [L, ...]."""
     b, s_q, h, d = q.shape
     stacked = layer is not None
     plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
-                       None if block_table is None else block_table.shape, num_splits, num_sms(), config,
+                       None if block_table is None else block_table.shape, num_splits, num_sms(implementation),
                        num_layers=kv_cache.shape[0] if stacked else 0)
     from flashmla_jax.kernels import decode as kernels
 
@@ -253,24 +273,11 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
       A row that sees no key gives out 0 and lse -inf.
     """
     if layer is not None:
-        layer = _layer_index(layer, kv_cache)
+        num_layers = kv_cache.shape[0] if getattr(kv_cache, "ndim", 0) == 4 else None   # else: refused below
+        layer = _checks.layer_index("layer", layer, num_layers)
     return _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v=head_dim_v,
                        softmax_scale=softmax_scale, causal=causal, num_splits=num_splits, return_lse=return_lse,
                        implementation=implementation)
-
-
-def _layer_index(layer, kv_cache) -> jax.Array:
-    """`layer` -> a 0-d int32 array; a static int is checked against the stack's L (kv_cache.shape[0])."""
-    if isinstance(layer, bool) or not (isinstance(layer, (int, np.integer)) or hasattr(layer, "dtype")):
-        raise TypeError(f"layer must be None, an int or an integer scalar array, got {type(layer).__name__}")
-    if isinstance(layer, (int, np.integer)):
-        num_layers = kv_cache.shape[0] if getattr(kv_cache, "ndim", 0) == 4 else None
-        if num_layers is not None and not 0 <= layer < num_layers:
-            raise ValueError(f"layer must be in [0, {num_layers}) for kv_cache of shape {kv_cache.shape}, got {layer}")
-        return jnp.asarray(layer, jnp.int32)
-    if layer.shape != () or not jnp.issubdtype(layer.dtype, jnp.integer):
-        raise TypeError(f"layer must be an integer scalar, got {layer.dtype} {layer.shape}")
-    return layer.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "num_splits",
@@ -280,7 +287,9 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, soft
     """`mla_decode` under jit; layer: None or a 0-d int32 array."""
     _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None)
     impl = resolve_implementation(implementation)
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
+    head_dim_v = int(head_dim_v)
+    num_splits = None if num_splits is None else int(num_splits)     # NumPy integers too
     if impl != "xla":
         _check_kernel_dims(q.shape[-1], head_dim_v)
 

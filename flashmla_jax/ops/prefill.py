@@ -1,17 +1,17 @@
 """`mla_prefill`: causal flash attention for the non-absorbed MLA prefill (d_qk 192 / d_v 128), differentiable."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flashmla_jax import reference
+from flashmla_jax import _checks, reference
 from flashmla_jax._backend import resolve_implementation
 from flashmla_jax.ops._launch import launch
 
-_FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 MAX_HEAD_DIM = 256
 
 
@@ -19,19 +19,16 @@ def _check_inputs(q, k, v, segment_ids):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S, H, d_qk], got shape {q.shape}")
     b, s, h, d_qk = q.shape
-    if q.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"q must be float16, bfloat16 or float32, got {q.dtype}")
+    _checks.float_dtype("q", q)
     for name, x in (("k", k), ("v", v)):
-        if x.dtype != q.dtype:
-            raise TypeError(f"{name} dtype {x.dtype} must equal q's dtype {q.dtype}")
+        _checks.same_dtype(name, x, "q", q)
     if k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d_qk or k.shape[2] < 1 or h % k.shape[2]:
         raise ValueError(f"k must be [B={b}, S={s}, H_kv, d_qk={d_qk}] with H={h} a multiple of H_kv, "
                          f"got shape {k.shape}")
     if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
         raise ValueError(f"v must be [B={b}, S={s}, H_kv={k.shape[2]}, d_v], got shape {v.shape}")
-    if segment_ids is not None and (segment_ids.shape != (b, s) or segment_ids.dtype != jnp.int32):
-        raise TypeError(f"segment_ids must be None or int32 [B={b}, S={s}], got {segment_ids.dtype} "
-                        f"{segment_ids.shape}")
+    if segment_ids is not None:
+        _checks.int32_array("segment_ids", segment_ids, (b, s), f"None or int32 [B={b}, S={s}]")
 
 
 def _check_kernel_dims(d_qk: int, d_v: int):
@@ -54,23 +51,50 @@ def split_head_dim(d: int) -> tuple[int, int, bool]:
     return da, db, da + db != d
 
 
-# Static tile table, per implementation, dtype class and width (no runtime autotuning).
-# Each entry: (BLOCK_M, BLOCK_N, num_warps, num_stages). fwd and dq need BLOCK_M % BLOCK_N == 0, dkdv
-# BLOCK_N % BLOCK_M == 0.
+# ---------------------------------------------------------------- tiles
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelTiles:
+    """One prefill kernel's tiling. fwd and dq need block_m % block_n == 0, dkdv block_n % block_m == 0."""
+    block_m: int              # query rows per program (dkdv: per inner step)
+    block_n: int              # keys per inner step (dkdv: per program)
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillTiles:
+    """The tiles of the three attention kernels, and the rows per program of the backward's preprocess
+    (delta = rowsum(dO * O) - dLSE: bandwidth-bound, one row tile of D_V columns)."""
+    fwd: KernelTiles
+    dkdv: KernelTiles
+    dq: KernelTiles
+    preprocess_block_m: int = 64
+
+
+def _tiles(fwd: tuple, dkdv: tuple, dq: tuple) -> PrefillTiles:
+    return PrefillTiles(KernelTiles(*fwd), KernelTiles(*dkdv), KernelTiles(*dq))
+
+
+# Static tile table per dtype class and width (no runtime autotuning): (block_m, block_n, warps, stages).
 _TILES = {
     # H100, 16-bit inputs, max(d_qk, d_v) <= 128 (not swept: the wide class's tiles, which fit)
-    ("triton", "16", "narrow"): dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    ("16", "narrow"): _tiles(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
     # H100, 16-bit inputs, widths up to 192: swept on P1 (192/128; benchmarks/benchmark_prefill.py --sweep).
     # fwd 128 x 128 at 3 stages (288 KB) and dq 128 x 64 at 4 stages (240 KB) overflow shared memory.
-    ("triton", "16", "wide"): dict(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
+    ("16", "wide"): _tiles(fwd=(128, 64, 8, 3), dkdv=(64, 128, 8, 3), dq=(128, 64, 8, 3)),
     # widths up to 256: halved backward tiles so that dK + dV (or dQ) accumulators stay in registers
-    ("triton", "16", "xwide"): dict(fwd=(128, 64, 8, 2), dkdv=(64, 64, 8, 2), dq=(64, 64, 8, 2)),
+    ("16", "xwide"): _tiles(fwd=(128, 64, 8, 2), dkdv=(64, 64, 8, 2), dq=(64, 64, 8, 2)),
     # float32 inputs run 3xTF32 dots, whose operand splitting takes more shared memory than the model below
     # counts (dK/dV at 32 x 64 x 2 stages asked for 232 KB at 192/128): small tiles, one stage in the backward.
-    ("triton", "32", "narrow"): dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 1), dq=(64, 16, 4, 1)),
-    ("triton", "32", "wide"): dict(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 1), dq=(64, 16, 4, 1)),
-    ("triton", "32", "xwide"): dict(fwd=(32, 16, 4, 2), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1)),
+    ("32", "narrow"): _tiles(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 1), dq=(64, 16, 4, 1)),
+    ("32", "wide"): _tiles(fwd=(64, 32, 4, 2), dkdv=(16, 64, 4, 1), dq=(64, 16, 4, 1)),
+    ("32", "xwide"): _tiles(fwd=(32, 16, 4, 2), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1)),
 }
+# The interpreter: small tiles, so that the tests' short sequences still cover partial and diagonal blocks.
+_INTERPRET_TILES = PrefillTiles(KernelTiles(32, 16, 4, 1), KernelTiles(16, 32, 4, 1), KernelTiles(32, 16, 4, 1),
+                                preprocess_block_m=16)
 # Shared memory a config may use (H100: 227 KB per block; configs up to 208 KB were seen to run at 192/128, and
 # `_fit_shared_memory` keeps any (d_qk, d_v, dtype) inside this by dropping stages, then block size).
 SMEM_BUDGET = 216 * 1024
@@ -86,8 +110,8 @@ def _smem_bytes(kind: str, bm: int, bn: int, stages: int, dq: int, dv: int, esiz
     return (bn * w + stages * bm * w) * esize   # dkdv: resident k, v [bn, ...]; streamed q, dO [bm, ...]
 
 
-def _fit_shared_memory(kind: str, cfg: tuple, dq: int, dv: int, esize: int) -> tuple:
-    bm, bn, warps, stages = cfg
+def _fit_shared_memory(kind: str, tiles: KernelTiles, dq: int, dv: int, esize: int) -> KernelTiles:
+    bm, bn, warps, stages = dataclasses.astuple(tiles)
     while _smem_bytes(kind, bm, bn, stages, dq, dv, esize) > SMEM_BUDGET:
         streamed = bm if kind == "dkdv" else bn
         if stages > 2:
@@ -100,123 +124,138 @@ def _fit_shared_memory(kind: str, cfg: tuple, dq: int, dv: int, esize: int) -> t
             bm, bn = (bm, bn // 2) if kind == "dkdv" else (bm // 2, bn)
             if min(bm, bn) < 16:
                 raise ValueError(f"no {kind} tile fits shared memory for d_qk={dq}, d_v={dv}")
-    return bm, bn, warps, stages
+    return KernelTiles(bm, bn, warps, stages)
 
 
-_INTERPRET_TILES = dict(fwd=(32, 16, 4, 1), dkdv=(16, 32, 4, 1), dq=(32, 16, 4, 1))
-_TILE_OVERRIDE: dict | None = None          # benchmarks/benchmark_prefill.py sets this to tune (then re-traces)
-
-
-def tile_config(implementation: str, dtype, d_qk: int, d_v: int) -> dict:
-    """{"fwd" | "dkdv" | "dq": (BLOCK_M, BLOCK_N, num_warps, num_stages)} for one shape class, from the
-    static table, trimmed to fit shared memory."""
-    if _TILE_OVERRIDE is not None:
-        return dict(_TILE_OVERRIDE)
+def prefill_tiles(implementation: str, dtype, d_qk: int, d_v: int) -> PrefillTiles:
+    """The tiles of one shape class, from the static table, trimmed to fit shared memory."""
     if implementation == "interpret":
-        return dict(_INTERPRET_TILES)
+        return _INTERPRET_TILES
     bits = "32" if dtype == jnp.float32 else "16"
     width = "narrow" if max(d_qk, d_v) <= 128 else ("wide" if max(d_qk, d_v) <= 192 else "xwide")
     (qa, qb, _), (va, vb, _) = split_head_dim(d_qk), split_head_dim(d_v)
     esize = 6 if bits == "32" else 2        # float32: 4 bytes, counted 1.5x for the 3xTF32 operand splits
-    return {kind: _fit_shared_memory(kind, cfg, qa + qb, va + vb, esize)
-            for kind, cfg in _TILES[("triton", bits, width)].items()}
+    table = _TILES[(bits, width)]
+    fit = functools.partial(_fit_shared_memory, dq=qa + qb, dv=va + vb, esize=esize)
+    return dataclasses.replace(table, fwd=fit("fwd", table.fwd), dkdv=fit("dkdv", table.dkdv), dq=fit("dq", table.dq))
 
 
-def _dims(q, k, v) -> dict:
-    d_qk, d_v = q.shape[-1], v.shape[-1]
+# ---------------------------------------------------------------- plan
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    """One kernel's launch parameters: grid, warps, stages and constexprs."""
+    grid: tuple
+    num_warps: int
+    num_stages: int
+    constexprs: dict
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillPlan:
+    """Static launch parameters of one prefill call: the forward, and the backward's three kernels."""
+    implementation: str       # "triton" or "interpret"
+    fwd: KernelLaunch
+    preprocess: KernelLaunch
+    dkdv: KernelLaunch
+    dq: KernelLaunch
+
+
+def plan_prefill(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype, causal: bool, has_segments: bool,
+                 implementation: str, tiles: PrefillTiles | None = None) -> PrefillPlan:
+    """q_shape [B, S, H, d_qk], k_shape [B, S, H_kv, d_qk], v_shape [B, S, H_kv, d_v]; implementation
+    "triton" or "interpret". `tiles` replaces `prefill_tiles`' choice (benchmarks/benchmark_prefill.py
+    sweeps it)."""
+    b, s, h, d_qk = q_shape
+    h_kv, d_v = k_shape[2], v_shape[3]
+    tiles = tiles or prefill_tiles(implementation, dtype, d_qk, d_v)
     qa, qb, qmask = split_head_dim(d_qk)
     va, vb, vmask = split_head_dim(d_v)
-    return dict(S=q.shape[1], H=q.shape[2], H_KV=k.shape[2], D_QK=d_qk, QA=qa, QB=qb, QK_MASK_B=qmask,
-                D_V=d_v, VA=va, VB=vb, V_MASK_B=vmask,
-                PRECISE=q.dtype == jnp.float32)   # float32 inputs: 3xTF32 dots (plain TF32 misses 1e-3)
+    dims = dict(S=s, H=h, H_KV=h_kv, D_QK=d_qk, QA=qa, QB=qb, QK_MASK_B=qmask, D_V=d_v, VA=va, VB=vb,
+                V_MASK_B=vmask, CAUSAL=bool(causal), HAS_SEG=bool(has_segments),
+                PRECISE=dtype == jnp.float32)   # float32 inputs: 3xTF32 dots (plain TF32 misses 1e-3)
+
+    def attention(t: KernelTiles, programs: int, heads: int) -> KernelLaunch:
+        return KernelLaunch((programs, b * heads), t.num_warps, t.num_stages,
+                            dict(dims, BLOCK_M=t.block_m, BLOCK_N=t.block_n))
+
+    block_r = tiles.preprocess_block_m
+    preprocess = KernelLaunch((-(-s // block_r), b * h), 4, 1,
+                              dict(S=s, H=h, D_V=d_v, VA=va, VB=vb, V_MASK_B=vmask, BLOCK_M=block_r))
+    return PrefillPlan(implementation,
+                       fwd=attention(tiles.fwd, -(-s // tiles.fwd.block_m), h), preprocess=preprocess,
+                       dkdv=attention(tiles.dkdv, -(-s // tiles.dkdv.block_n), h_kv),
+                       dq=attention(tiles.dq, -(-s // tiles.dq.block_m), h))
+
+
+# ---------------------------------------------------------------- kernels
 
 
 def _seg_arg(segment_ids):
     return jnp.zeros((1,), jnp.int32) if segment_ids is None else segment_ids
 
 
-def _forward(q, k, v, segment_ids, causal, scale, impl, tiles):
+def _run(kernel, plan: PrefillPlan, step: KernelLaunch, *args, out_shape, **kwargs):
+    return launch(kernel, *args, out_shape=out_shape, grid=step.grid, implementation=plan.implementation,
+                  num_warps=step.num_warps, num_stages=step.num_stages, **kwargs, **step.constexprs)
+
+
+def _forward(q, k, v, segment_ids, scale, plan: PrefillPlan):
     """-> out [B, S, H, d_v] (q's dtype), lse [B, H, S] float32."""
     from flashmla_jax.kernels import prefill as kernels
 
     b, s, h, _ = q.shape
-    bm, bn, warps, stages = tiles["fwd"]
-    out, lse = launch(
-        kernels.mla_prefill_fwd_kernel, q, k, v, _seg_arg(segment_ids), np.float32(scale),
-        out_shape=[jax.ShapeDtypeStruct((b, s, h, v.shape[-1]), q.dtype),
-                   jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
-        grid=(-(-s // bm), b * h), implementation=impl, num_warps=warps, num_stages=stages,
-        CAUSAL=causal, HAS_SEG=segment_ids is not None, BLOCK_M=bm, BLOCK_N=bn, **_dims(q, k, v))
+    out, lse = _run(kernels.mla_prefill_fwd_kernel, plan, plan.fwd, q, k, v, _seg_arg(segment_ids),
+                    np.float32(scale), out_shape=[jax.ShapeDtypeStruct((b, s, h, v.shape[-1]), q.dtype),
+                                                  jax.ShapeDtypeStruct((b, h, s), jnp.float32)])
     return out, lse
 
 
-def _backward(q, k, v, segment_ids, out, lse, dout, dlse, causal, scale, impl, tiles):
+def _backward(q, k, v, segment_ids, out, lse, dout, dlse, scale, plan: PrefillPlan):
     """Gradients of (out, lse) -> (dq, dk, dv). lse, dlse: [B, H, S] float32."""
     from flashmla_jax.kernels import prefill as kernels
 
-    b, s, h, d_qk = q.shape
-    h_kv, d_v = k.shape[2], v.shape[-1]
-    dims = _dims(q, k, v)
     seg = _seg_arg(segment_ids)
-    has_seg = segment_ids is not None
-    block_r = 64 if impl == "triton" else 16
-    (delta,) = launch(
-        kernels.mla_prefill_bwd_preprocess_kernel, out, dout, dlse,
-        out_shape=[jax.ShapeDtypeStruct((b, h, s), jnp.float32)], grid=(-(-s // block_r), b * h),
-        implementation=impl, num_warps=4, num_stages=1, S=s, H=h, D_V=d_v, VA=dims["VA"], VB=dims["VB"],
-        V_MASK_B=dims["V_MASK_B"], BLOCK_M=block_r)
-    bm, bn, warps, stages = tiles["dkdv"]
-    dk, dv = launch(
-        kernels.mla_prefill_bwd_dkdv_kernel, q, k, v, dout, lse, delta, seg, np.float32(scale),
-        out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-        grid=(-(-s // bn), b * h_kv), implementation=impl, num_warps=warps, num_stages=stages,
-        CAUSAL=causal, HAS_SEG=has_seg, BLOCK_M=bm, BLOCK_N=bn, **dims)
-    bm, bn, warps, stages = tiles["dq"]
-    (dq,) = launch(
-        kernels.mla_prefill_bwd_dq_kernel, q, k, v, dout, lse, delta, seg, np.float32(scale),
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)],
-        grid=(-(-s // bm), b * h), implementation=impl, num_warps=warps, num_stages=stages,
-        CAUSAL=causal, HAS_SEG=has_seg, BLOCK_M=bm, BLOCK_N=bn, **dims)
+    (delta,) = _run(kernels.mla_prefill_bwd_preprocess_kernel, plan, plan.preprocess, out, dout, dlse,
+                    out_shape=[jax.ShapeDtypeStruct(lse.shape, jnp.float32)])
+    dk, dv = _run(kernels.mla_prefill_bwd_dkdv_kernel, plan, plan.dkdv, q, k, v, dout, lse, delta, seg,
+                  np.float32(scale),
+                  out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)])
+    (dq,) = _run(kernels.mla_prefill_bwd_dq_kernel, plan, plan.dq, q, k, v, dout, lse, delta, seg,
+                 np.float32(scale), out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)])
     return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _flash(q, k, v, segment_ids, causal, scale, impl, tiles_key):
-    return _forward(q, k, v, segment_ids, causal, scale, impl, dict(tiles_key))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _flash(q, k, v, segment_ids, scale, plan):
+    return _forward(q, k, v, segment_ids, scale, plan)
 
 
-def _flash_fwd(q, k, v, segment_ids, causal, scale, impl, tiles_key):
-    out, lse = _forward(q, k, v, segment_ids, causal, scale, impl, dict(tiles_key))
+def _flash_fwd(q, k, v, segment_ids, scale, plan):
+    out, lse = _forward(q, k, v, segment_ids, scale, plan)
     return (out, lse), (q, k, v, segment_ids, out, lse)
 
 
-def _flash_bwd(causal, scale, impl, tiles_key, residuals, cotangents):
+def _flash_bwd(scale, plan, residuals, cotangents):
     q, k, v, segment_ids, out, lse = residuals
     dout, dlse = cotangents
     dq, dk, dv = _backward(q, k, v, segment_ids, out, lse, dout.astype(out.dtype), dlse.astype(jnp.float32),
-                           causal, scale, impl, dict(tiles_key))
+                           scale, plan)
     return dq, dk, dv, None
 
 
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def _mla_prefill(q, k, v, causal=True, softmax_scale=None, segment_ids=None, return_lse=False,
-                 implementation=None):
-    _check_inputs(q, k, v, segment_ids)
-    impl = resolve_implementation(implementation)
-    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    if impl == "xla":
-        out, lse = reference.mla_prefill_reference(q, k, v, softmax_scale=scale, causal=causal,
-                                                   segment_ids=segment_ids)
-    else:
-        _check_kernel_dims(q.shape[-1], v.shape[-1])
-        if not scale > 0:
-            raise ValueError(f"the Triton kernels need softmax_scale > 0, got {scale}")
-        tiles = tile_config(impl, q.dtype, q.shape[-1], v.shape[-1])
-        out, lse = _flash(q, k, v, segment_ids, bool(causal), scale, impl, tuple(sorted(tiles.items())))
-        lse = lse.transpose(0, 2, 1)
-    return (out, lse) if return_lse else out
+def prefill_with_plan(plan: PrefillPlan, q, k, v, softmax_scale: float, segment_ids=None):
+    """The kernels' path of `mla_prefill` as `plan` lays it out (differentiable; no input checks): how
+    benchmarks run the op with their own tiles, `plan_prefill(..., tiles=...)`.
+
+    q [B, S, H, d_qk], k [B, S, H_kv, d_qk], v [B, S, H_kv, d_v] -> out [B, S, H, d_v] (q's dtype),
+    lse [B, S, H] float32."""
+    out, lse = _flash(q, k, v, segment_ids, float(softmax_scale), plan)
+    return out, lse.transpose(0, 2, 1)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "softmax_scale", "return_lse", "implementation"))
@@ -244,4 +283,16 @@ def mla_prefill(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True, s
     Gradients ("triton"/"interpret") come from the Triton backward through jax.custom_vjp; jax-triton has no
     batching rule, so vmap over the kernels is not supported (fold the batch into B).
     """
-    return _mla_prefill(q, k, v, causal, softmax_scale, segment_ids, return_lse, implementation)
+    _check_inputs(q, k, v, segment_ids)
+    impl = resolve_implementation(implementation)
+    scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
+    if impl == "xla":
+        out, lse = reference.mla_prefill_reference(q, k, v, softmax_scale=scale, causal=causal,
+                                                   segment_ids=segment_ids)
+    else:
+        _check_kernel_dims(q.shape[-1], v.shape[-1])
+        if not scale > 0:
+            raise ValueError(f"the Triton kernels need softmax_scale > 0, got {scale}")
+        plan = plan_prefill(q.shape, k.shape, v.shape, q.dtype, causal, segment_ids is not None, impl)
+        out, lse = prefill_with_plan(plan, q, k, v, scale, segment_ids)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,107 @@
+"""Input checks shared by the ops, the cache and the Flax layer.
+
+One rule for every argument: a wrong type (a Python type, or an array's dtype) raises TypeError, a wrong
+shape or value raises ValueError, and each message names the argument. Integer arguments accept Python and
+NumPy integers and reject bools (a bool is an int to Python, never a count or a size here).
+"""
+from __future__ import annotations
+
+import numbers
+import operator
+
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("triton", "xla", "interpret")
+FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)     # what the kernels take
+MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 256                       # a key tile lies in one page; pages are powers of two
+
+
+def is_int(x) -> bool:
+    """True for Python and NumPy integers (anything with __index__), False for bools."""
+    if isinstance(x, bool):
+        return False
+    try:
+        operator.index(x)
+    except TypeError:
+        return False
+    return True
+
+
+def is_pow2(x: int) -> bool:
+    return x > 0 and x & (x - 1) == 0
+
+
+def integer(name: str, value, lo: int | None = None, hi: int | None = None) -> int:
+    """`value` as a Python int: TypeError unless an integer (bools rejected), ValueError outside [lo, hi]."""
+    if not is_int(value):
+        raise TypeError(f"{name} must be an int, got {value!r} ({type(value).__name__})")
+    value = operator.index(value)
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"[{lo}, {hi}]" if lo is not None and hi is not None else (f">= {lo}" if lo is not None else f"<= {hi}")
+        raise ValueError(f"{name} must be an int {bounds}, got {value}")
+    return value
+
+
+def optional_integer(name: str, value, lo: int | None = None, hi: int | None = None) -> int | None:
+    """None, or `integer(name, value, lo, hi)`."""
+    return None if value is None else integer(name, value, lo, hi)
+
+
+def implementation(value) -> str | None:
+    """None or one of IMPLEMENTATIONS (which one a call runs is _backend.resolve_implementation's job)."""
+    if value is not None and not isinstance(value, str):
+        raise TypeError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {type(value).__name__}")
+    if value is not None and value not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {value!r}")
+    return value
+
+
+def float_dtype(name: str, x) -> None:
+    """x must be float16, bfloat16 or float32 (the kernels' dtypes)."""
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {x.dtype}")
+
+
+def same_dtype(name: str, x, ref_name: str, ref) -> None:
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name} dtype {x.dtype} must equal {ref_name}'s dtype {ref.dtype}")
+
+
+def int32_array(name: str, x, shape: tuple, shape_text: str) -> None:
+    """x must be int32 of `shape` (None entries match any size); shape_text describes it for the message."""
+    if x.ndim != len(shape) or any(want is not None and got != want for got, want in zip(x.shape, shape)):
+        raise ValueError(f"{name} must be {shape_text}, got shape {x.shape}")
+    if x.dtype != jnp.int32:
+        raise TypeError(f"{name} must be int32, got {x.dtype}")
+
+
+def page_size(name: str, value) -> int:
+    """A page size: an int, a power of two in [MIN_PAGE_SIZE, MAX_PAGE_SIZE]."""
+    value = integer(name, value)
+    if not is_pow2(value) or not MIN_PAGE_SIZE <= value <= MAX_PAGE_SIZE:
+        raise ValueError(f"{name} must be a power of two in [{MIN_PAGE_SIZE}, {MAX_PAGE_SIZE}], got {value}")
+    return value
+
+
+def softmax_scale(value, head_dim: int) -> float:
+    """The caller's scale as a float, or head_dim ** -0.5 when None."""
+    if value is None:
+        return head_dim ** -0.5
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"softmax_scale must be None or a real number, got {value!r}")
+    return float(value)
+
+
+def layer_index(name: str, value, num_layers: int | None):
+    """A layer of a stack of `num_layers` as a 0-d int32 array: a Python or NumPy integer must lie in
+    [0, num_layers) (ValueError); a traced integer scalar is clipped into it (TypeError for anything else).
+    num_layers None: the stack's size is not known here, and a static value is only checked for >= 0."""
+    if is_int(value) and not hasattr(value, "shape"):
+        value = integer(name, value, lo=0, hi=None if num_layers is None else num_layers - 1)
+        return jnp.asarray(value, jnp.int32)
+    if isinstance(value, bool) or not hasattr(value, "dtype"):
+        raise TypeError(f"{name} must be an int or an integer scalar array, got {type(value).__name__}")
+    if value.shape != () or not jnp.issubdtype(value.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer scalar, got {value.dtype} {value.shape}")
+    value = value.astype(jnp.int32)
+    return value if num_layers is None else jnp.clip(value, 0, num_layers - 1)
