@@ -12,6 +12,7 @@ import numpy as np
 from flashmla_jax import reference
 from flashmla_jax._backend import num_sms, resolve_implementation
 from flashmla_jax.ops._launch import launch
+from flashmla_jax.ops.partition import partitioned_decode   # sharding hook (issue 12)
 
 _FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)
 MAX_SPLITS = 256
@@ -246,12 +247,17 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
     if impl != "xla":
         _check_kernel_dims(q.shape[-1], head_dim_v)
 
-    def decode(q, kv_cache, cache_seqlens, block_table):
+    def decode(q, kv_cache, cache_seqlens, block_table, causal=causal):   # sharding hook: causal is an argument
         if impl == "xla":
             return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
                                                   softmax_scale=scale, causal=causal)
         return _decode_triton(q, kv_cache, cache_seqlens, block_table, head_dim_v, scale, causal, num_splits, impl)
 
+    # --- sharding hook (issue 12): partitioning rules under jit over sharded inputs (ops/partition.py);
+    # "interpret" stays unwrapped (a host callback inside custom_partitioning segfaults, jax PR #23620).
+    if impl != "interpret":
+        decode = partitioned_decode(decode, causal=causal)
+    # --- end sharding hook
     out, lse = _inference_only(_fold_vmap_into_batch(decode))(q, kv_cache, cache_seqlens, block_table)
     return (out, lse) if return_lse else out
 
