@@ -221,6 +221,13 @@ def _target_rows(cache: LatentCache, s: int, num_new: jax.Array) -> tuple[jax.Ar
 def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array) -> LatentCache:
     """kv_new [B, S, D] in the cache's dtype, num_new [B] int32 -> the updated cache (see `append`)."""
     b, s, d = kv_new.shape
+    # --- sharding hook (issue 12): a contiguous cache writes through a partitioning rule, so a
+    # sequence-sharded cache is not gathered (ops/partition.py); same result as below.
+    if cache.block_table is None:
+        from flashmla_jax.ops.partition import append_contiguous
+        kv, seqlens = append_contiguous(cache.kv, cache.seqlens, kv_new, num_new)
+        return dataclasses.replace(cache, kv=kv, seqlens=seqlens)
+    # --- end sharding hook
     rows, seqlens = _target_rows(cache, s, num_new)
     flat = cache.kv.reshape(-1, d).at[rows.reshape(-1)].set(kv_new.reshape(-1, d), mode="drop",
                                                              unique_indices=True)

@@ -250,3 +250,62 @@ def partitioned_decode(body: DecodeBody, *, causal: bool) -> Callable:
         return tuple(paged(q, kv_cache, cache_seqlens, block_table))
 
     return decode
+
+
+# ---------------------------------------------------------------------------------------------- cache append
+
+
+def _append_slice(kv, seqlens, kv_new, num_new, capacity: int, offset):
+    """LatentCache.append on a contiguous cache slice holding positions [offset, offset + N_local).
+
+    kv [B, N_local, D]; seqlens, num_new [B] int32; kv_new [B, S, D] in kv's dtype; capacity the global N.
+    Returns (kv, new seqlens): token s of sequence b goes to global position clip(seqlens, 0, capacity) + s
+    when s < clip(num_new, 0, S) and the position is < capacity (cache.py's rule), and this slice keeps the
+    ones that land in it.
+    """
+    b, n_local, d = kv.shape
+    s = kv_new.shape[1]
+    start = jnp.clip(seqlens, 0, capacity)
+    count = jnp.clip(num_new, 0, s)
+    pos = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]
+    local = pos - offset
+    keep = (jnp.arange(s)[None, :] < count[:, None]) & (pos < capacity) & (local >= 0) & (local < n_local)
+    rows = jnp.arange(b, dtype=jnp.int32)[:, None] * n_local + local
+    # Dropped tokens get distinct indices past the end, so the indices stay unique and mode="drop" skips them.
+    rows = jnp.where(keep, rows, b * n_local + jnp.arange(b * s, dtype=jnp.int32).reshape(b, s))
+    flat = kv.reshape(-1, d).at[rows.reshape(-1)].set(kv_new.reshape(-1, d), mode="drop", unique_indices=True)
+    return flat.reshape(kv.shape), jnp.minimum(start + count, capacity)
+
+
+@functools.lru_cache(maxsize=None)
+def _append_partitioned(capacity: int):
+    def fn(kv, seqlens, kv_new, num_new):
+        return _append_slice(kv, seqlens, kv_new, num_new, capacity, 0)
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        kv_s, _, new_s, _ = arg_shapes
+        batch = _axes(kv_s.sharding, 0)
+        sequence = _minus(_axes(kv_s.sharding, 1) + _axes(kv_s.sharding, 2), batch)
+        _check_divides(mesh, batch, kv_s.shape[0], "the cache's batch B (kv axis 0)")
+        _check_divides(mesh, sequence, kv_s.shape[1], "the cache's N (kv axis 1)")
+        kv_sh, lens_sh = _named(mesh, batch, sequence, ()), _named(mesh, batch)
+
+        def lower(kv, seqlens, kv_new, num_new):
+            return _append_slice(kv, seqlens, kv_new, num_new, capacity, _shard_index(sequence) * kv.shape[1])
+
+        return mesh, lower, (kv_sh, lens_sh), (kv_sh, lens_sh, _named(mesh, batch, (), ()), lens_sh)
+
+    wrapped = custom_partitioning(fn)
+    wrapped.def_partition(partition=partition, sharding_rule="b n d, b, b s e, b -> b n d, b")
+    return wrapped
+
+
+def append_contiguous(kv, seqlens, kv_new, num_new):
+    """LatentCache.append's write into a contiguous cache, partitioned under jit: batch- and sequence-sharded
+    caches write their own rows with no communication (a sequence-sharded cache is never gathered, which
+    XLA's own scatter partitioning does). kv [B, N, D]; seqlens, num_new [B] int32; kv_new [B, S, D] in
+    kv's dtype -> (kv, seqlens). A batch-sharded paged pool needs no rule: XLA partitions that scatter
+    itself (each device applies the updates that fall in its pages)."""
+    kv, seqlens = _append_partitioned(kv.shape[1])(kv, seqlens, kv_new, num_new)
+    return kv, seqlens
