@@ -309,3 +309,110 @@ def append_contiguous(kv, seqlens, kv_new, num_new):
     itself (each device applies the updates that fall in its pages)."""
     kv, seqlens = _append_partitioned(kv.shape[1])(kv, seqlens, kv_new, num_new)
     return kv, seqlens
+
+
+# ---------------------------------------------------------------------------------------------- prefill
+
+
+def plan_prefill_partition(mesh, q_sharding, k_sharding, q_shape: tuple, k_shape: tuple) -> tuple[Axes, Axes, bool]:
+    """(batch axes, head axes, k/v heads sharded too) for one prefill call (module docstring's rules)."""
+    b, _, h, _ = q_shape
+    h_kv = k_shape[2]
+    batch = _axes(q_sharding, 0) or _axes(k_sharding, 0)
+    heads = _minus(_axes(q_sharding, 2) or _axes(k_sharding, 2), batch)
+    _check_divides(mesh, batch, b, "the batch B (q axis 0)")
+    _check_divides(mesh, heads, h, "the heads H (q axis 2)")
+    if heads and h_kv % _size(mesh, heads) and h_kv != 1:
+        raise ValueError(f"mesh axis {_entry(heads)!r} (size {_size(mesh, heads)}) shards q's H = {h} but divides "
+                         f"neither k/v's H_kv = {h_kv} nor is H_kv 1: a shard's query heads would need KV heads "
+                         "of other shards")
+    return batch, heads, bool(heads) and h_kv % _size(mesh, heads) == 0
+
+
+def partition_prefill(forward: Callable, backward: Callable) -> tuple[Callable, Callable]:
+    """Wraps ops/prefill.py's kernel launchers (same signatures) in partitioning rules.
+
+    forward(q, k, v, segment_ids, causal, scale, impl, tiles) -> (out [B, S, H, d_v], lse [B, H, S]);
+    backward(q, k, v, segment_ids, out, lse, dout, dlse, causal, scale, impl, tiles) -> (dq, dk, dv).
+    q [B, S, H, d_qk]; k [B, S, H_kv, d_qk]; v [B, S, H_kv, d_v]; segment_ids None or [B, S] int32.
+    impl "interpret" passes through unwrapped (host callbacks cannot run inside custom_partitioning).
+    """
+
+    def specs(mesh, arg_shapes, with_seg):
+        q_s, k_s = arg_shapes[0], arg_shapes[1]
+        batch, heads, kv_sharded = plan_prefill_partition(mesh, q_s.sharding, k_s.sharding, q_s.shape, k_s.shape)
+        kvh = heads if kv_sharded else ()
+        qs = _named(mesh, batch, (), heads, ())
+        kvs = _named(mesh, batch, (), kvh, ())
+        lse = _named(mesh, batch, heads, ())
+        seg = (_named(mesh, batch, ()),) if with_seg else ()
+        # k/v replicated over the head axes (H_kv = 1): each shard's dK, dV is a partial sum.
+        reduce_axes = heads if heads and not kv_sharded else ()
+        return qs, kvs, lse, seg, reduce_axes
+
+    def fwd(q, k, v, segment_ids, causal, scale, impl, tiles):
+        if impl == "interpret":
+            return forward(q, k, v, segment_ids, causal, scale, impl, tiles)
+        with_seg = segment_ids is not None
+
+        def fn(q, k, v, *seg):
+            return forward(q, k, v, seg[0] if seg else None, causal, scale, impl, tiles)
+
+        def partition(mesh, arg_shapes, result_shape):
+            del result_shape
+            qs, kvs, lse, seg, _ = specs(mesh, arg_shapes, with_seg)
+            return mesh, fn, (qs, lse), (qs, kvs, kvs) + seg
+
+        wrapped = custom_partitioning(fn)
+        wrapped.def_partition(partition=partition, sharding_rule=(
+            "b s h d, b s k d, b s k e" + (", b s" if with_seg else "") + " -> b s h e, b h s"))
+        return tuple(wrapped(q, k, v, *((segment_ids,) if with_seg else ())))
+
+    def bwd(q, k, v, segment_ids, out, lse, dout, dlse, causal, scale, impl, tiles):
+        if impl == "interpret":
+            return backward(q, k, v, segment_ids, out, lse, dout, dlse, causal, scale, impl, tiles)
+        with_seg = segment_ids is not None
+
+        def fn(q, k, v, *rest):
+            seg, (out, lse, dout, dlse) = (rest[0], rest[1:]) if with_seg else (None, rest)
+            return backward(q, k, v, seg, out, lse, dout, dlse, causal, scale, impl, tiles)
+
+        def partition(mesh, arg_shapes, result_shape):
+            del result_shape
+            qs, kvs, lse_s, seg, reduce_axes = specs(mesh, arg_shapes, with_seg)
+
+            def lower(*args):
+                dq, dk, dv = fn(*args)
+                if reduce_axes:
+                    name = reduce_axes if len(reduce_axes) > 1 else reduce_axes[0]
+                    dk, dv = (jax.lax.psum(x.astype(jnp.float32), name).astype(x.dtype) for x in (dk, dv))
+                return dq, dk, dv
+
+            return mesh, lower, (qs, kvs, kvs), (qs, kvs, kvs) + seg + (qs, lse_s, qs, lse_s)
+
+        wrapped = custom_partitioning(fn)
+        wrapped.def_partition(partition=partition, sharding_rule=(
+            "b s h d, b s k d, b s k e" + (", b s" if with_seg else "")
+            + ", b s h e, b h s, b s h e, b h s -> b s h d, b s k d, b s k e"))
+        return tuple(wrapped(q, k, v, *((segment_ids,) if with_seg else ()), out, lse, dout, dlse))
+
+    return fwd, bwd
+
+
+def xla_prefill_bodies() -> tuple[Callable, Callable]:
+    """(forward, backward) with the kernel launchers' signatures, computed by the jnp reference: the pure-JAX
+    bodies the CPU tests run through `partition_prefill` (the rules are the same for the Triton kernels)."""
+    from flashmla_jax import reference
+
+    def forward(q, k, v, segment_ids, causal, scale, impl, tiles):
+        del impl, tiles
+        out, lse = reference.mla_prefill_reference(q, k, v, softmax_scale=scale, causal=causal,
+                                                   segment_ids=segment_ids)
+        return out, lse.transpose(0, 2, 1)
+
+    def backward(q, k, v, segment_ids, out, lse, dout, dlse, causal, scale, impl, tiles):
+        del out, lse
+        _, vjp = jax.vjp(lambda q, k, v: forward(q, k, v, segment_ids, causal, scale, impl, tiles), q, k, v)
+        return vjp((dout, dlse))
+
+    return forward, backward

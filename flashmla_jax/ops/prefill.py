@@ -180,6 +180,13 @@ def _backward(q, k, v, segment_ids, out, lse, dout, dlse, causal, scale, impl, t
     return dq, dk, dv
 
 
+# --- sharding hook (issue 12): the fwd and bwd kernel launchers get partitioning rules (ops/partition.py);
+# _flash, _flash_fwd and _flash_bwd call these module globals. "interpret" passes through unwrapped.
+from flashmla_jax.ops.partition import partition_prefill  # noqa: E402
+_forward, _backward = partition_prefill(_forward, _backward)
+# --- end sharding hook
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _flash(q, k, v, segment_ids, causal, scale, impl, tiles_key):
     return _forward(q, k, v, segment_ids, causal, scale, impl, dict(tiles_key))
