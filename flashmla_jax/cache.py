@@ -33,6 +33,7 @@ import jax.numpy as jnp
 
 from flashmla_jax import _checks
 from flashmla_jax.ops.decode import mla_decode
+from flashmla_jax.ops.partition import append_contiguous
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -261,6 +262,11 @@ def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: ja
     the updated cache (see `append`). A stacked cache gets one scatter into its whole buffer, offset to
     the layer's rows, and one update of that layer's lengths."""
     b, s, d = kv_new.shape
+    if cache.block_table is None and layer is None:
+        # Through a partitioning rule, so a sequence-sharded cache is not gathered (ops/partition.py); the
+        # same rows as below. (A batch-sharded cache, paged or stacked, XLA's scatter partitions by itself.)
+        kv, seqlens = append_contiguous(cache.kv, cache.seqlens, kv_new, num_new)
+        return dataclasses.replace(cache, kv=kv, seqlens=seqlens)
     seqlens = cache.seqlens if layer is None else _layer_lengths(cache.seqlens, layer)
     rows, new_lengths = _target_rows(cache, seqlens, s, num_new)
     if layer is not None:

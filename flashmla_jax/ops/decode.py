@@ -12,6 +12,7 @@ import numpy as np
 from flashmla_jax import _checks, reference
 from flashmla_jax._backend import num_sms, resolve_implementation
 from flashmla_jax.ops._launch import launch
+from flashmla_jax.ops.partition import partitioned_decode
 
 MAX_SPLITS = 256
 MAX_SPLITS_MERGED_IN_KERNEL = 16   # more splits than this are merged by the combine kernel
@@ -293,7 +294,7 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, soft
     if impl != "xla":
         _check_kernel_dims(q.shape[-1], head_dim_v)
 
-    def decode(q, kv_cache, cache_seqlens, block_table, layer):
+    def decode(q, kv_cache, cache_seqlens, block_table, causal, layer=None):
         if impl == "xla":
             if layer is not None:    # fuses into the einsums: no copy of the layer
                 kv_cache = _index_layer(kv_cache, layer)
@@ -302,8 +303,21 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, soft
         return _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
                               impl)
 
-    out, lse = _inference_only(_fold_vmap_into_batch(decode))(q, kv_cache, cache_seqlens, block_table, layer)
+    # Partitioning rules under jit over sharded inputs (ops/partition.py). "interpret" stays unwrapped: a host
+    # callback inside custom_partitioning segfaults (jax PR #23620).
+    shard = partitioned_decode(decode, causal=causal) if impl != "interpret" else functools.partial(_with_causal,
+                                                                                                      decode, causal)
+
+    def decode_layer(q, kv_cache, cache_seqlens, block_table, layer):
+        return shard(q, kv_cache, cache_seqlens, block_table, *(() if layer is None else (layer,)))
+
+    out, lse = _inference_only(_fold_vmap_into_batch(decode_layer))(q, kv_cache, cache_seqlens, block_table, layer)
     return (out, lse) if return_lse else out
+
+
+def _with_causal(decode, causal, q, kv_cache, cache_seqlens, block_table, *extras):
+    """decode(q, kv_cache, cache_seqlens, block_table, causal, *extras): the signature the partitioned form has."""
+    return decode(q, kv_cache, cache_seqlens, block_table, causal, *extras)
 
 
 def _index_layer(kv_stack: jax.Array, layer: jax.Array) -> jax.Array:

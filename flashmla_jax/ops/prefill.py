@@ -11,6 +11,7 @@ import numpy as np
 from flashmla_jax import _checks, reference
 from flashmla_jax._backend import resolve_implementation
 from flashmla_jax.ops._launch import launch
+from flashmla_jax.ops.partition import partition_prefill
 
 MAX_HEAD_DIM = 256
 
@@ -225,6 +226,11 @@ def _backward(q, k, v, segment_ids, out, lse, dout, dlse, scale, plan: PrefillPl
     (dq,) = _run(kernels.mla_prefill_bwd_dq_kernel, plan, plan.dq, q, k, v, dout, lse, delta, seg,
                  np.float32(scale), out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype)])
     return dq, dk, dv
+
+
+# Partitioning rules for the kernel launchers under jit over sharded inputs (ops/partition.py); _flash,
+# _flash_fwd and _flash_bwd call these module globals. An "interpret" plan passes through unwrapped.
+_forward, _backward = partition_prefill(_forward, _backward)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
