@@ -6,6 +6,7 @@ found: 76 HGMMA in the kernel's loop, 40 once each warp group computes its half 
     python benchmarks/compile_report.py --shape 1,1024,16,16384                      # the chunked-prefill row
     python benchmarks/compile_report.py --shape 128,1,128,4096 --configs "64,64,8,2,0,0,0;64,64,8,2,1,1,1"
     python benchmarks/compile_report.py --shape 1,1024,16,16384 --dump /tmp/k      # also writes .ttgir/.ptx/.sass
+    python benchmarks/compile_report.py --shape 128,1,16,4096 --kv-format fp8_blockscale   # an FP8 cache
 
 --shape is B,S_q,H,N (contiguous cache, D 576, V 512); --configs as profile_decode.py's.
 Uses the ptxas, cuobjdump and nvdisasm that ship inside the triton wheel.
@@ -28,20 +29,24 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from flashmla_jax.kernels import decode as kernels  # noqa: E402
 from flashmla_jax.ops import decode as decode_ops  # noqa: E402
+from flashmla_jax.fp8 import FP8_FORMATS, latent_format  # noqa: E402
 
 H100_SMS = 132         # the schedule is planned for an H100 SXM: this machine has no GPU to ask
 _TRITON_TYPES = {jnp.bfloat16: "bf16", jnp.float16: "fp16", jnp.float32: "fp32"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_split_kernel(shape, dtype, tiles):
+def compile_split_kernel(shape, dtype, tiles, kv_format=None):
     """(compiled kernel, plan) of mla_decode's split kernel for shape (B, S_q, H, N), as mla_decode plans it
-    (`tiles` None: its own choice)."""
+    (`tiles` None: its own choice; kv_format None or an FP8 format, FP8_NATIVE as on the GPU)."""
     b, s_q, h, n = shape
-    plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, True, (b, n, 576), None, None, H100_SMS, tiles)
+    width = 576 if kv_format is None else latent_format(kv_format).bytes_per_token
+    plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, True, (b, n, width), None, None, H100_SMS, tiles,
+                                  kv_format=kv_format)
     t = _TRITON_TYPES[dtype]
-    pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32", splits_ptr="i32",
-                         count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
+    pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", o_ptr=t, seqlens_ptr="i32",
+                         table_ptr="i32", layer_ptr="i32", kv_scale_ptr="fp32" if kv_format else "i32",
+                         splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
     names = kernels.mla_decode_split_kernel.arg_names
     signature = {a: "*" + pointer_types[a] if a in pointer_types else ("fp32" if a == "scale" else "constexpr")
                  for a in names}
@@ -80,11 +85,12 @@ def main():
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--configs", help=common.DECODE_CONFIG_HELP)
     parser.add_argument("--dump", help="folder for the last config's .ttgir, .ptx and .sass")
+    parser.add_argument("--kv-format", default=None, choices=FP8_FORMATS, help="an FP8 cache (default: q's dtype)")
     args = parser.parse_args()
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(jnp, args.dtype)
     for tiles in common.parse_decode_configs(args.configs) if args.configs else [None]:
-        compiled, plan = compile_split_kernel(shape, dtype, tiles)
+        compiled, plan = compile_split_kernel(shape, dtype, tiles, args.kv_format)
         options = {k: int(v) for k, v in plan.constexprs.items() if k in ("UNCHAIN_SCORES", "SPLIT_MASKED", "LATE_ROW_SUM")}
         label = (f"BM {plan.constexprs['BLOCK_M']} BN {plan.constexprs['BLOCK_N']} warps {plan.num_warps} "
                  f"stages {plan.num_stages} {options}")

@@ -67,7 +67,7 @@ def launcher(row, inputs, tiles, num_splits=None):
         for i in plan.zeroed_outputs:
             outs[i].zero_()     # as jax-triton's zeroed_outputs does before each launch
         return kernels.mla_decode_split_kernel[plan.grid](
-            q, kv, seqlens, tbl, seqlens, benchmark.SCALE, *outs,     # seqlens again: the unused layer pointer
+            q, kv, seqlens, tbl, seqlens, seqlens, benchmark.SCALE, *outs,   # seqlens: unused layer, scale pointers
             num_warps=plan.num_warps, num_stages=plan.num_stages, **plan.constexprs)
 
     def run():

@@ -1,4 +1,4 @@
-"""Paged, contiguous and layer-stacked mla_decode calls with adversarial lengths and block tables, small enough to
+"""Paged, contiguous, layer-stacked and FP8 mla_decode calls with adversarial lengths and block tables, small enough to
 run under `compute-sanitizer --tool memcheck` (any out-of-bounds read in the kernels is reported there)."""
 import jax
 import jax.numpy as jnp
@@ -20,6 +20,14 @@ scheduled_paged = fm.mla_decode(q, pages, lengths, table, implementation="triton
 stack = jnp.stack([kv, -kv])
 at_layer = jax.jit(lambda i: fm.mla_decode(q, stack, lengths, layer=i, num_splits=2, implementation="triton"))
 stacked = [at_layer(jnp.int32(i)) for i in (-1, 2)]
-outs = (out, paged, scheduled, scheduled_paged, *stacked)
+# An FP8 (blockscale) paged cache with a half-used page whose other slots hold 0xFF bytes (e4m3 NaN codes, NaN
+# scales), and a spare page of them that the garbage block-table entries may be clamped onto: no NaN may result.
+fp8_pages = fm.quantize_latent(pages, "fp8_blockscale")
+half = fp8_pages[5].at[36:].set(0xFF)
+fp8_pages = jnp.concatenate([fp8_pages, half[None], jnp.full((1,) + fp8_pages.shape[1:], 0xFF, jnp.uint8)])
+fp8_table = table.at[:, 1].set(fp8_pages.shape[0] - 2).at[:, 2].set(fp8_pages.shape[0] - 1)
+fp8_lengths = jnp.asarray([0, -7, 1, 64 + 36], jnp.int32)       # the last one ends in the half-used page
+fp8 = fm.mla_decode(q, fp8_pages, fp8_lengths, fp8_table, kv_format="fp8_blockscale", implementation="triton")
+outs = (out, paged, scheduled, scheduled_paged, *stacked, fp8)
 jax.block_until_ready(outs)
 print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs))

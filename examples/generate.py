@@ -12,6 +12,12 @@ same shape would need, and checks the cached decode against a cache-free recompu
 
     python examples/generate.py                                    # CPU (xla): 2 layers, 64 tokens
     python examples/generate.py --layers 4 --batch 16 --tokens 256 # GPU (triton kernels, bf16, paged cache)
+    python examples/generate.py --kv-format fp8_blockscale         # an FP8 latent cache (656 bytes a token)
+
+With --kv-format the cache stores FP8 latents (flashmla_jax/fp8.py) and the example also reports how far the
+FP8-cache generation's logits are from the bf16-cache model's on the same tokens. "fp8_pertensor" needs one
+scale per layer chosen up front: here amax / 448 of the prompt's latents (a bf16-cache prefill), times 2 as
+headroom for the tokens generated later.
 
 Start-up: the first execution of a Triton kernel has the driver compile its PTX and load the module. The
 driver keeps what it compiled in CUDA's compute cache (CUDA_CACHE_PATH, ~/.nv/ComputeCache by default), so a
@@ -32,6 +38,7 @@ from flax import nnx
 import flashmla_jax as fm
 from flashmla_jax._backend import has_cuda_gpu
 from flashmla_jax.flax import MultiHeadLatentAttention
+from flashmla_jax.fp8 import E4M3_MAX, FP8_FORMATS, bytes_per_token
 
 
 def parse_args(argv=None):
@@ -50,6 +57,8 @@ def parse_args(argv=None):
                    help="activations and cache (default: bfloat16 on a GPU, float32 on the CPU)")
     p.add_argument("--implementation", default=None, choices=["triton", "xla", "interpret"],
                    help="attention ops; default: triton on a CUDA GPU, else xla")
+    p.add_argument("--kv-format", default="none", choices=["none", *FP8_FORMATS],
+                   help="latent cache format: none (the activations' dtype) or an FP8 format")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache directory (kept across processes)")
@@ -171,14 +180,17 @@ def attention_kernel_ms(prefill, decode, state, prompt, empty_cache) -> dict[str
     return {name: sum(t for k, t in kernels or [] if name in k) for name in ("mla_decode", "mla_prefill")}
 
 
-def cache_report(args, capacity: int, itemsize: int) -> list[str]:
-    """Latent cache bytes vs an MHA K/V cache of the same model (K: H x 192, V: H x 128 per token and layer)."""
+def cache_report(args, capacity: int, dtype, kv_format: str | None) -> list[str]:
+    """Latent cache bytes vs an MHA K/V cache of the same model (K: H x 192, V: H x 128 per token and layer,
+    in the activations' dtype)."""
     tokens = args.layers * args.batch * capacity
-    latent = tokens * 576 * itemsize
-    mha = tokens * args.heads * (128 + 64 + 128) * itemsize
+    per_token = bytes_per_token(kv_format, dtype)
+    latent = tokens * per_token
+    mha = tokens * args.heads * (128 + 64 + 128) * dtype.itemsize
     v3 = 128 * (128 + 64 + 128)
-    return [f"cache: {args.layers} layers x {args.batch} seqs x {capacity} tokens",
-            f"  latent (576 / token / layer)      {latent / 2**20:10.2f} MiB",
+    return [f"cache: {args.layers} layers x {args.batch} seqs x {capacity} tokens, {per_token} bytes / token / layer "
+            f"({kv_format or 'no FP8'}; bf16: {bytes_per_token(None)})",
+            f"  latent ({per_token:4d} B / token / layer) {latent / 2**20:10.2f} MiB",
             f"  MHA K+V ({args.heads} heads x 320)       {mha / 2**20:10.2f} MiB",
             f"  saved: {100 * (1 - latent / mha):.1f}% ({mha / latent:.1f}x smaller); at DeepSeek-V3's 128 heads: "
             f"{100 * (1 - 576 / v3):.1f}% ({v3 / 576:.0f}x)"]
@@ -200,12 +212,23 @@ def main(argv=None):
     capacity = args.prompt + args.tokens
     prefill, decode = make_generate(graphdef, args.tokens, donate=jax.default_backend() != "cpu")
 
-    def empty_cache():
-        return fm.LatentCache.create(args.batch, capacity, dim=576, dtype=dtype, page_size=args.page_size or None,
-                                     num_layers=args.layers)
+    kv_format = None if args.kv_format == "none" else args.kv_format
+
+    scales = None                        # fp8_pertensor: one per layer, calibrated below
+
+    def empty_cache(kv_format=kv_format, cache_dtype=dtype):
+        return fm.LatentCache.create(args.batch, capacity, dim=576, dtype=cache_dtype, page_size=args.page_size or None,
+                                     num_layers=args.layers, kv_format=kv_format,
+                                     kv_scale=scales if kv_format == "fp8_pertensor" else None)
 
     prompt = jnp.asarray(np.random.default_rng(args.seed).integers(0, args.vocab, (args.batch, args.prompt)),
                          jnp.int32)
+    if kv_format == "fp8_pertensor":     # calibrated on the prompt: amax / 448 per layer, 2x headroom
+        bf16 = prefill(state, prompt, empty_cache(None, cache_dtype=jnp.bfloat16))[2].kv
+        amax = jnp.max(jnp.abs(bf16.astype(jnp.float32)).reshape(args.layers, -1), axis=1)
+        scales = 2 * amax / E4M3_MAX
+        print(f"fp8_pertensor scales (per layer, amax / 448 of the prompt's latents x 2): "
+              f"{np.asarray(scales).round(5).tolist()}")
 
     # Compile ahead of time, so the timings below are execution only.
     t0 = time.perf_counter()
@@ -231,8 +254,9 @@ def main(argv=None):
         print(f"attention kernels (CUPTI): decode {1e3 * kernel_ms['mla_decode'] / (args.tokens * args.layers):.1f} "
               f"us per layer and step, prefill {kernel_ms['mla_prefill'] / args.layers:.3f} ms per layer")
     print(f"sequence 0, first tokens: {np.asarray(tokens[0, :16]).tolist()}")
-    for line in cache_report(args, capacity, dtype.itemsize):
+    for line in cache_report(args, capacity, dtype, kv_format):
         print(line)
+    print(f"  this cache's buffer: {cache.kv.nbytes / 2**20:.2f} MiB ({cache.kv.dtype}, shape {cache.kv.shape})")
 
     # Check: one cache-free forward over prompt + generated tokens gives the logits that chose each token.
     full = jnp.concatenate([prompt, tokens], axis=1)
@@ -243,8 +267,18 @@ def main(argv=None):
     err = float(jnp.linalg.norm(cached - ref) / jnp.linalg.norm(ref))
     agree = float(jnp.mean(jnp.argmax(ref, -1) == tokens))
     expected = "~1e-6 in float32" if dtype == jnp.float32 else "~1e-2 in 16-bit, where near-ties may flip"
+    expected = expected if kv_format is None else "the FP8 cache's rounding: see below"
     print(f"check vs cache-free recompute: logits rel err {err:.2e}, greedy choices agree {100 * agree:.1f}% "
           f"({expected})")
+    if kv_format is not None:
+        # The same tokens through a bf16 cache (teacher-forced: the prompt and the generated tokens in one
+        # prefill, whose latents are rounded to bf16 as such a cache stores them).
+        forced = jax.jit(lambda s, t, p, c: nnx.merge(graphdef, s)(t, p, c, cache_empty=True)[0])
+        ref = forced(state, full, positions, empty_cache(None, jnp.bfloat16))[:, args.prompt - 1:-1]
+        err = float(jnp.linalg.norm(cached - ref) / jnp.linalg.norm(ref))
+        agree = float(jnp.mean(jnp.argmax(ref, -1) == tokens))
+        print(f"{kv_format} cache vs a bf16 cache on the same tokens: logits rel err {err:.2e}, greedy choices "
+              f"agree {100 * agree:.1f}%")
 
 
 if __name__ == "__main__":

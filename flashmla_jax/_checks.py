@@ -11,6 +11,8 @@ import operator
 
 import jax.numpy as jnp
 
+from flashmla_jax.fp8 import FP8_FORMATS
+
 IMPLEMENTATIONS = ("triton", "xla", "interpret")
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)     # what the kernels take
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 256                       # a key tile lies in one page; pages are powers of two
@@ -105,3 +107,10 @@ def layer_index(name: str, value, num_layers: int | None):
         raise TypeError(f"{name} must be an integer scalar, got {value.dtype} {value.shape}")
     value = value.astype(jnp.int32)
     return value if num_layers is None else jnp.clip(value, 0, num_layers - 1)
+
+
+def kv_format(name: str, value) -> str | None:
+    """None (a cache in the queries' float dtype) or one of fp8.FP8_FORMATS (ValueError otherwise)."""
+    if value is not None and (not isinstance(value, str) or value not in FP8_FORMATS):
+        raise ValueError(f"{name} must be None or one of {FP8_FORMATS}, got {value!r}")
+    return value

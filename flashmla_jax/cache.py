@@ -22,6 +22,12 @@ Lengths count the tokens already written, the newest included: append the step's
 update happens in place on the GPU (and on the CPU for float32/float16): no copy of the whole cache.
 XLA's CPU backend has no native bfloat16 scatter or dynamic_update_slice: it widens the whole operand to
 float32 and back, so a bfloat16 append on the CPU costs two passes over the cache (no extra copy is kept).
+
+An FP8 cache (`kv_format="fp8_blockscale"` or `"fp8_pertensor"`, flashmla_jax/fp8.py) stores each token as
+uint8 bytes (656 / 576 instead of 1152 in bfloat16); `append` quantizes the new tokens inside its jitted
+step (`quantize_latent`) and scatters the bytes in place, `decode` passes the format to `mla_decode`.
+"fp8_pertensor" quantizes with a scale fixed at creation (`kv_scale`): choose amax / 448 of the latents
+you expect (e.g. calibrated on a few prompts); 1.0 covers |values| <= 448, and larger values saturate.
 """
 from __future__ import annotations
 
@@ -32,13 +38,14 @@ import jax
 import jax.numpy as jnp
 
 from flashmla_jax import _checks
+from flashmla_jax.fp8 import LatentFormat, dequantize_latent, latent_format, quantize_latent
 from flashmla_jax.ops.decode import mla_decode
 from flashmla_jax.ops.partition import append_contiguous
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["kv", "seqlens", "block_table"],
-                   meta_fields=["page_size", "capacity", "num_layers"])
+                   data_fields=["kv", "seqlens", "block_table", "kv_scale"],
+                   meta_fields=["page_size", "capacity", "num_layers", "kv_format", "latent_widths"])
 @dataclasses.dataclass(frozen=True, eq=False)                    # eq on arrays has no single bool
 class LatentCache:
     """Latent rows, per-sequence lengths and (paged) the block table of B sequences.
@@ -50,10 +57,14 @@ class LatentCache:
       seqlens: [B] int32, tokens written per sequence, in [0, capacity]; stacked: [L, B], each layer's own.
       block_table: None (contiguous), or [B, max_blocks] int32 page indices (paged; one table for all layers,
         each layer having its own pool of num_blocks pages).
+      kv_scale: "fp8_pertensor": the float32 scale, 0-d ([L] when stacked, one per layer); else None.
     Static fields (part of the tree structure, so a jitted function retraces when they change):
       page_size: None (contiguous), or a power of two in [16, 256].
       capacity: the most tokens a sequence holds (<= max_blocks * page_size when paged).
       num_layers: None (one layer's cache), or L for a layer-stacked cache.
+      kv_format: None (kv holds floats of `dtype`), "fp8_blockscale" or "fp8_pertensor" (kv holds uint8
+        bytes, the format's bytes per token as its last axis: 656 / 576).
+      latent_widths: FP8 caches: (d_v, d_r), the c_kv and k_pe widths of a latent (512, 64); else None.
 
     Make one with `LatentCache.create`; it is immutable: `append` returns a new cache.
     """
@@ -64,12 +75,16 @@ class LatentCache:
     page_size: int | None
     capacity: int
     num_layers: int | None = None
+    kv_format: str | None = None
+    latent_widths: tuple[int, int] | None = None
+    kv_scale: jax.Array | None = None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def create(cls, batch: int, max_len: int, dim: int = 576, dtype=jnp.bfloat16, page_size: int | None = None,
-               num_blocks: int | None = None, block_table=None, num_layers: int | None = None) -> "LatentCache":
+               num_blocks: int | None = None, block_table=None, num_layers: int | None = None,
+               kv_format: str | None = None, kv_scale=None, rope_dim: int = 64) -> "LatentCache":
         """An empty cache (all lengths 0, latent rows zero) for `batch` sequences of up to `max_len` tokens.
 
         Args:
@@ -87,6 +102,13 @@ class LatentCache:
             two sequences must not share a page they both append into.
           num_layers: None for one layer's cache, or L: one stacked buffer for L layers (each with its own
             lengths and, paged, its own pool of num_blocks pages under the one block table).
+          kv_format: None (latents stored in `dtype`), "fp8_blockscale" (656 bytes a token at 512 + 64) or
+            "fp8_pertensor" (576 bytes): kv is uint8 [..., bytes per token] and `dtype` is not used.
+          kv_scale: "fp8_pertensor" only: the fixed float32 scale the latents are quantized with (None: 1.0).
+            Choose amax / 448 of the latents the cache will hold (calibrate it on a few prompts): values
+            beyond 448 * kv_scale saturate, and a scale far above that wastes precision. A scalar, or [L]
+            (one per layer) for a stacked cache.
+          rope_dim: FP8 only: d_r, the k_pe width at the end of the latent (64; kept in bfloat16 by blockscale).
 
         Returns:
           LatentCache with kv [B, max_len, D] or [num_blocks, page_size, D] ([L, ...] when stacked),
@@ -99,11 +121,14 @@ class LatentCache:
         dtype = jnp.dtype(dtype)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
+        fp8 = _fp8_fields(kv_format, kv_scale, dim, rope_dim, lead)
+        if kv_format is not None:
+            dtype, dim = jnp.dtype(jnp.uint8), latent_format(kv_format, *fp8["latent_widths"]).bytes_per_token
         seqlens = jnp.zeros(lead + (batch,), jnp.int32)
         if page_size is None:
             if num_blocks is not None or block_table is not None:
                 raise ValueError("num_blocks and block_table need a paged cache: pass page_size")
-            return cls(jnp.zeros(lead + (batch, max_len, dim), dtype), seqlens, None, None, max_len, num_layers)
+            return cls(jnp.zeros(lead + (batch, max_len, dim), dtype), seqlens, None, None, max_len, num_layers, **fp8)
 
         page_size = _checks.page_size("page_size", page_size)
         max_blocks = -(-max_len // page_size)
@@ -126,7 +151,7 @@ class LatentCache:
                 num_blocks = batch * max_blocks
             num_blocks = _checks.integer("num_blocks", num_blocks, lo=1)
         kv = jnp.zeros(lead + (num_blocks, page_size, dim), dtype)
-        return cls(kv, seqlens, block_table, page_size, max_len, num_layers)
+        return cls(kv, seqlens, block_table, page_size, max_len, num_layers, **fp8)
 
     # ------------------------------------------------------------------ properties
 
@@ -137,12 +162,27 @@ class LatentCache:
 
     @property
     def dim(self) -> int:
-        """D, the latent width."""
-        return self.kv.shape[-1]
+        """D, the latent width (576 for DeepSeek, also for an FP8 cache, whose kv holds more bytes)."""
+        return self.kv.shape[-1] if self.latent_widths is None else sum(self.latent_widths)
 
     @property
     def dtype(self):
+        """kv's dtype: the latents' float dtype, or uint8 for an FP8 cache."""
         return self.kv.dtype
+
+    @property
+    def format(self) -> LatentFormat | None:
+        """An FP8 cache's byte layout (flashmla_jax/fp8.py), or None."""
+        return None if self.kv_format is None else latent_format(self.kv_format, *self.latent_widths)
+
+    def as_stored(self, latent: jax.Array, layer: int | jax.Array | None = None) -> jax.Array:
+        """latent [..., D] as this cache gives it back to attention, in latent's dtype: rounded to the
+        cache's dtype, or quantized and dequantized (FP8; with `layer`'s scale when stacked)."""
+        if self.kv_format is None:
+            return latent.astype(self.dtype).astype(latent.dtype)
+        scale = _layer_scale(self.kv_scale, self._layer(layer))
+        packed = _quantized(self, latent, scale)
+        return dequantize_latent(packed, self.kv_format, scale, latent.dtype, d_r=self.latent_widths[1])
 
     @property
     def paged(self) -> bool:
@@ -161,7 +201,8 @@ class LatentCache:
 
         Args:
           kv_new: [B, S, D] (S >= 1, static): token s of sequence b goes to position seqlens[b] + s.
-            Cast to the cache's dtype.
+            Cast to the cache's dtype, or quantized to its FP8 format (`quantize_latent`, with the cache's
+            scale for "fp8_pertensor").
           num_new: None (all S tokens are new), or [B] int: only the first num_new[b] tokens of sequence b
             are written (clamped to [0, S]), e.g. a ragged prefill padded to S.
           layer: a stacked cache's layer to write (required there, refused otherwise): a Python int in
@@ -194,18 +235,22 @@ class LatentCache:
                 raise ValueError(f"num_new must be an int [B={self.batch}], got shape {num_new.shape}")
             if not jnp.issubdtype(num_new.dtype, jnp.integer):
                 raise TypeError(f"num_new must be an integer array, got {num_new.dtype}")
-        return _append(self, kv_new.astype(self.dtype), num_new.astype(jnp.int32), self._layer(layer))
+        if self.kv_format is None:
+            kv_new = kv_new.astype(self.dtype)       # FP8: quantized inside the jitted step
+        return _append(self, kv_new, num_new.astype(jnp.int32), self._layer(layer))
 
     def decode(self, q: jax.Array, layer: int | jax.Array | None = None, **kwargs):
         """`mla_decode(q, self.kv, self.seqlens, self.block_table, **kwargs)`: attention against this cache.
 
-        q: [B, S_q, H, D] in the cache's dtype; the S_q query tokens are the last S_q appended (causal).
+        q: [B, S_q, H, D] in the cache's dtype (FP8 caches: bfloat16, float16 or float32); the S_q query
+          tokens are the last S_q appended (causal).
         layer: a stacked cache's layer (required there, refused otherwise; as in `append`), read in place.
         Keyword arguments as `mla_decode` (head_dim_v=512, softmax_scale, causal, num_splits, return_lse,
         implementation). Returns out [B, S_q, H, head_dim_v] (and lse [B, S_q, H] with return_lse=True).
         """
         layer = self._layer(layer)
-        return mla_decode(q, self.kv, self.lengths(layer), self.block_table, layer=layer, **kwargs)
+        return mla_decode(q, self.kv, self.lengths(layer), self.block_table, layer=layer, kv_format=self.kv_format,
+                          kv_scale=self.kv_scale, **kwargs)
 
     def lengths(self, layer: int | jax.Array | None = None) -> jax.Array:
         """[B] int32: the tokens each sequence holds (in `layer`, for a stacked cache; as in `append`)."""
@@ -224,6 +269,49 @@ class LatentCache:
 
 
 # ---------------------------------------------------------------------- append internals
+
+
+def _fp8_fields(kv_format, kv_scale, dim: int, rope_dim: int, lead: tuple) -> dict:
+    """LatentCache's FP8 fields (kv_format, latent_widths, kv_scale) from `create`'s arguments."""
+    kv_format = _checks.kv_format("kv_format", kv_format)
+    if kv_format is None or kv_format != "fp8_pertensor":
+        if kv_scale is not None:
+            raise ValueError(f"kv_scale is only for kv_format='fp8_pertensor', not {kv_format!r}")
+    if kv_format is None:
+        return {}
+    rope_dim = _checks.integer("rope_dim", rope_dim, lo=0, hi=dim - 1)
+    widths = (dim - rope_dim, rope_dim)
+    try:
+        latent_format(kv_format, *widths)
+    except ValueError as e:
+        raise ValueError(f"dim={dim}, rope_dim={rope_dim} do not fit kv_format={kv_format!r}: {e}") from None
+    if kv_format != "fp8_pertensor":
+        return dict(kv_format=kv_format, latent_widths=widths)
+    if isinstance(kv_scale, bool) or not (kv_scale is None or isinstance(kv_scale, (int, float))
+                                          or hasattr(kv_scale, "dtype")):
+        raise TypeError(f"kv_scale must be a float or a float32 array, got {type(kv_scale).__name__}")
+    scale = jnp.asarray(1.0 if kv_scale is None else kv_scale, jnp.float32)
+    if scale.shape not in ((), lead):
+        raise ValueError(f"kv_scale must be a scalar{' or [L]' if lead else ''}, got shape {scale.shape}")
+    return dict(kv_format=kv_format, latent_widths=widths, kv_scale=jnp.broadcast_to(scale, lead))
+
+
+def _layer_scale(kv_scale: jax.Array | None, layer: jax.Array | None) -> jax.Array | None:
+    """The scale of one layer: kv_scale [L] at layer, or kv_scale itself (0-d or None)."""
+    return kv_scale if kv_scale is None or layer is None else _layer_lengths(kv_scale, layer)
+
+
+def _quantized(cache: LatentCache, latent: jax.Array, scale: jax.Array | None) -> jax.Array:
+    """latent [..., D] as the FP8 cache's bytes [..., W] (uint8), with `scale` for fp8_pertensor."""
+    packed = quantize_latent(latent, cache.kv_format, scale, d_r=cache.latent_widths[1])
+    return packed if scale is None else packed[0]
+
+
+def _packed_rows(cache: LatentCache, kv_new: jax.Array, layer: jax.Array | None) -> jax.Array:
+    """kv_new [B, S, D] -> [B * S, W]: the rows to scatter, in the cache's dtype or as FP8 bytes."""
+    if cache.kv_format is not None:
+        kv_new = _quantized(cache, kv_new, _layer_scale(cache.kv_scale, layer))
+    return kv_new.reshape(-1, kv_new.shape[-1])
 
 
 def _layer_lengths(seqlens: jax.Array, layer: jax.Array) -> jax.Array:
@@ -258,14 +346,15 @@ def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Ar
 
 @jax.jit
 def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: jax.Array | None) -> LatentCache:
-    """kv_new [B, S, D] in the cache's dtype, num_new [B] int32, layer None or a 0-d int32 in range ->
+    """kv_new [B, S, D] in the cache's dtype (FP8 caches: floats, quantized here), num_new [B] int32, layer None or a 0-d int32 in range ->
     the updated cache (see `append`). A stacked cache gets one scatter into its whole buffer, offset to
     the layer's rows, and one update of that layer's lengths."""
-    b, s, d = kv_new.shape
+    b, s, _ = kv_new.shape
     if cache.block_table is None and layer is None:
         # Through a partitioning rule, so a sequence-sharded cache is not gathered (ops/partition.py); the
         # same rows as below. (A batch-sharded cache, paged or stacked, XLA's scatter partitions by itself.)
-        kv, seqlens = append_contiguous(cache.kv, cache.seqlens, kv_new, num_new)
+        kv, seqlens = append_contiguous(cache.kv, cache.seqlens, _packed_rows(cache, kv_new, None).reshape(b, s, -1),
+                                        num_new)
         return dataclasses.replace(cache, kv=kv, seqlens=seqlens)
     seqlens = cache.seqlens if layer is None else _layer_lengths(cache.seqlens, layer)
     rows, new_lengths = _target_rows(cache, seqlens, s, num_new)
@@ -273,6 +362,6 @@ def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: ja
         per_layer = cache.kv.shape[1] * cache.kv.shape[2]
         rows = jnp.where(rows < per_layer, rows + layer * per_layer, rows)    # dropped tokens stay past the end
         new_lengths = jax.lax.dynamic_update_index_in_dim(cache.seqlens, new_lengths, layer, 0)
-    flat = cache.kv.reshape(-1, d).at[rows.reshape(-1)].set(kv_new.reshape(-1, d), mode="drop",
-                                                             unique_indices=True)
+    flat = cache.kv.reshape(-1, cache.kv.shape[-1]).at[rows.reshape(-1)].set(
+        _packed_rows(cache, kv_new, layer), mode="drop", unique_indices=True)
     return dataclasses.replace(cache, kv=flat.reshape(cache.kv.shape), seqlens=new_lengths)

@@ -415,19 +415,22 @@ def attend_expanded(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: ja
 
 def attend_absorbed(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: jax.Array, kv_cache: jax.Array,
                     cache_seqlens: jax.Array, block_table: jax.Array | None, config: MLAConfig,
-                    implementation: str | None = None, layer: int | jax.Array | None = None) -> jax.Array:
+                    implementation: str | None = None, layer: int | jax.Array | None = None,
+                    kv_format: str | None = None, kv_scale: jax.Array | None = None) -> jax.Array:
     """Absorbed attention of S new queries against a latent cache that already holds their latents.
 
     q_nope [B, S, H, Dn]; q_pe [B, S, H, R]; kv_cache [B, N, C+R] or pages [P, page_size, C+R] with
     block_table [B, max_blocks] int32; cache_seqlens [B] int32, the S new tokens included (query i sees
-    keys < seqlen - S + i + 1). The absorbed query is cast to the cache's dtype for `mla_decode`.
+    keys < seqlen - S + i + 1). The absorbed query is cast to the cache's dtype for `mla_decode`, or to
+    bfloat16 for an FP8 cache (kv_format, kv_scale as in `mla_decode`: kv_cache then holds uint8 bytes).
     layer: None, or the layer of a stacked kv_cache [L, ...] (read in place; see `mla_decode`).
     Returns [B, S, H, Dv] in q_nope's dtype.
     """
     w_uk, w_uv = split_wkv_b(params["wkv_b"], config.qk_nope_head_dim)
-    q_abs = absorb_query(q_nope, q_pe, w_uk).astype(kv_cache.dtype)
+    q_abs = absorb_query(q_nope, q_pe, w_uk).astype(kv_cache.dtype if kv_format is None else jnp.bfloat16)
     o_lat = mla_decode(q_abs, kv_cache, cache_seqlens, block_table, head_dim_v=config.kv_lora_rank,
-                       softmax_scale=config.softmax_scale, causal=True, implementation=implementation, layer=layer)
+                       softmax_scale=config.softmax_scale, causal=True, implementation=implementation, layer=layer,
+                       kv_format=kv_format, kv_scale=kv_scale)
     return absorb_output(o_lat, w_uv.astype(q_nope.dtype)).astype(q_nope.dtype)
 
 
@@ -451,9 +454,9 @@ def _check_call(x, positions, cache, config: MLAConfig, cache_empty: bool, imple
         return
     if not isinstance(cache, LatentCache):
         raise TypeError(f"cache must be a flashmla_jax.LatentCache (or None), got {type(cache).__name__}")
-    kv, seqlens = cache.kv, cache.seqlens
-    if kv.shape[-1] != config.latent_dim:
-        raise ValueError(f"cache latent width {kv.shape[-1]} must be kv_lora_rank + qk_rope_head_dim = "
+    seqlens = cache.seqlens
+    if cache.dim != config.latent_dim:
+        raise ValueError(f"cache latent width {cache.dim} must be kv_lora_rank + qk_rope_head_dim = "
                          f"{config.latent_dim}")
     if seqlens.ndim < 1 or seqlens.shape[-1] != x.shape[0]:
         raise ValueError(f"cache holds {seqlens.shape[-1] if seqlens.ndim else '?'} sequences but x has batch "
@@ -504,13 +507,12 @@ def mla_attention(params: Mapping[str, jax.Array], x: jax.Array, positions: jax.
     if cache is None:
         o = attend_expanded(params, q_nope, q_pe, latent, config, implementation)
     else:
-        latent = latent.astype(cache.kv.dtype)
-        cache = cache.append(latent, layer=layer)
+        cache = cache.append(latent, layer=layer)       # cast to the cache's dtype, or quantized (FP8)
         if cache_empty:
-            o = attend_expanded(params, q_nope, q_pe, latent.astype(dtype), config, implementation)
+            o = attend_expanded(params, q_nope, q_pe, cache.as_stored(latent, layer), config, implementation)
         else:
             o = attend_absorbed(params, q_nope, q_pe, cache.kv, cache.lengths(layer), cache.block_table, config,
-                                implementation, layer=layer)
+                                implementation, layer=layer, kv_format=cache.kv_format, kv_scale=cache.kv_scale)
     y = jnp.einsum("bshv,hvm->bsm", o.astype(dtype), params["wo"], preferred_element_type=jnp.float32)
     return y.astype(dtype), cache
 

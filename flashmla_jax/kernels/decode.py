@@ -21,6 +21,12 @@ import triton
 import triton.language as tl
 
 from flashmla_jax.kernels._common import LOG2E, row_divisor, row_lse
+from flashmla_jax.kernels.fp8 import load_blockscale_tile, load_pertensor_tile
+
+# KV_FORMAT: how the cache stores a latent token (flashmla_jax/fp8.py has the byte layouts)
+KV_NATIVE = tl.constexpr(0)        # q's float dtype, D_V + D_R values
+KV_BLOCKSCALE = tl.constexpr(1)    # "fp8_blockscale": uint8, 656 bytes (e4m3 c_kv, 4 float32 scales, bf16 k_pe)
+KV_PERTENSOR = tl.constexpr(2)     # "fp8_pertensor": uint8, 576 e4m3 bytes, one float32 scale per cache (layer)
 
 
 @triton.jit
@@ -71,17 +77,21 @@ def _unchained_sum(a, b, always):
 
 
 @triton.jit
-def _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, nonempty,
+def _attend_tile(q_v, q_r, kv_ptr, kv_scale, b, start, hi, limit, m_i, l_i, acc, qk_scale, nonempty,
                  pages, offs_t, N_MAX: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
                  D_V: tl.constexpr, D_R: tl.constexpr, BLOCK_N: tl.constexpr, UNCHAIN_SCORES: tl.constexpr,
-                 LATE_ROW_SUM: tl.constexpr, MASKED: tl.constexpr):
+                 LATE_ROW_SUM: tl.constexpr, MASKED: tl.constexpr, KV_FORMAT: tl.constexpr,
+                 FP8_NATIVE: tl.constexpr):
     """One online-softmax step over keys [start, start + BLOCK_N) of sequence b: (m_i, l_i, acc) updated.
 
     q_v [BLOCK_M, D_V], q_r [BLOCK_M, D_R]; m_i [BLOCK_M]; l_i [BLOCK_M], or [BLOCK_M, BLOCK_N] column
     partial sums with LATE_ROW_SUM (one cross-warp reduction per tile fewer; the caller sums them after
     the loop); acc [BLOCK_M, D_V] float32. `nonempty` is lo < hi, true whenever this runs.
     MASKED: keys >= hi are not loaded and keys >= a row's causal `limit` are dropped; without it the
-    caller guarantees that every row sees the whole tile (no masks, no -inf rows)."""
+    caller guarantees that every row sees the whole tile (no masks, no -inf rows).
+    KV_FORMAT: an FP8 cache's tile is dequantized to q's dtype on load (kernels/fp8.py; FP8_NATIVE picks
+    the hardware e4m3 conversion or the exact bit arithmetic), kv_scale is the per-tensor scale
+    (KV_PERTENSOR; unused otherwise); the products are then the same as for a cache in q's dtype."""
     D: tl.constexpr = D_V + D_R
     offs_n = tl.arange(0, BLOCK_N)
     tokens = start + offs_n
@@ -90,16 +100,22 @@ def _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale,
         kv_rows = page * PAGE_SIZE + (start % PAGE_SIZE) + offs_n
     else:
         kv_rows = b.to(tl.int64) * N_MAX + tokens
-    base = kv_ptr + kv_rows[:, None] * D
-    offs_v = tl.arange(0, D_V)
-    offs_r = tl.arange(0, D_R)
-    if MASKED:
-        valid = (tokens < hi)[:, None]
-        k_v = tl.load(base + offs_v[None, :], mask=valid, other=0.0)
-        k_r = tl.load(base + D_V + offs_r[None, :], mask=valid, other=0.0)
+    if KV_FORMAT == KV_BLOCKSCALE:
+        k_v, k_r = load_blockscale_tile(kv_ptr, kv_rows, tokens < hi, D_V, D_R, q_v.dtype, FP8_NATIVE, MASKED)
+    elif KV_FORMAT == KV_PERTENSOR:
+        k_v, k_r = load_pertensor_tile(kv_ptr, kv_rows, tokens < hi, kv_scale, D_V, D_R, q_v.dtype, FP8_NATIVE,
+                                       MASKED)
     else:
-        k_v = tl.load(base + offs_v[None, :])
-        k_r = tl.load(base + D_V + offs_r[None, :])
+        base = kv_ptr + kv_rows[:, None] * D
+        offs_v = tl.arange(0, D_V)
+        offs_r = tl.arange(0, D_R)
+        if MASKED:
+            valid = (tokens < hi)[:, None]
+            k_v = tl.load(base + offs_v[None, :], mask=valid, other=0.0)
+            k_r = tl.load(base + D_V + offs_r[None, :], mask=valid, other=0.0)
+        else:
+            k_v = tl.load(base + offs_v[None, :])
+            k_r = tl.load(base + D_V + offs_r[None, :])
     if UNCHAIN_SCORES:
         # Both products issued before either is read, so the second does not wait for the first.
         s_v = tl.dot(q_v, tl.trans(k_v))
@@ -126,7 +142,7 @@ def _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale,
 
 @triton.jit
 def mla_decode_split_kernel(
-    q_ptr, kv_ptr, seqlens_ptr, table_ptr, layer_ptr, scale,
+    q_ptr, kv_ptr, seqlens_ptr, table_ptr, layer_ptr, kv_scale_ptr, scale,
     o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr,
     H: tl.constexpr, S_Q: tl.constexpr, N_MAX: tl.constexpr, NUM_LAYERS: tl.constexpr, LAYER_STRIDE: tl.constexpr,
     PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
@@ -136,6 +152,7 @@ def mla_decode_split_kernel(
     UNIFORM_NUM: tl.constexpr, UNIFORM_DEN: tl.constexpr,
     LAST_MERGES: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNCHAIN_SCORES: tl.constexpr, SPLIT_MASKED: tl.constexpr, LATE_ROW_SUM: tl.constexpr,
+    KV_FORMAT: tl.constexpr, FP8_NATIVE: tl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(S_Q * H, BLOCK_M), B, NUM_SPLITS). The row tile is the fastest axis, so the
     row tiles of one split run side by side and share each latent tile through L2; the split is the
@@ -144,7 +161,12 @@ def mla_decode_split_kernel(
 
     q_ptr:  [B, S_Q * H, D_V + D_R]        kv_ptr: [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D]; with
       NUM_LAYERS > 0 a layer-stacked cache [NUM_LAYERS, ...] of LAYER_STRIDE elements per layer, read at
-      layer_ptr (a 0-d int32, clamped to [0, NUM_LAYERS)) in place: no slice of it exists
+      layer_ptr (a 0-d int32, clamped to [0, NUM_LAYERS)) in place: no slice of it exists.
+      KV_FORMAT KV_NATIVE: D = D_V + D_R values of q's dtype; KV_BLOCKSCALE / KV_PERTENSOR: D is the
+      format's bytes per token (656 / 576) and kv_ptr is uint8 (LAYER_STRIDE then counts bytes)
+    kv_scale_ptr: KV_PERTENSOR: the float32 scale, 0-d, or [NUM_LAYERS] (one per layer) with NUM_LAYERS > 0,
+      loaded once; otherwise never read
+    FP8_NATIVE: e4m3 through the hardware conversion (GPU) or exact bit arithmetic (the interpreter)
     seqlens_ptr: [B] int32 (clamped to [0, CAPACITY]; negative counts as 0)
     table_ptr: [B, MAX_BLOCKS] int32 when PAGED (indices clamped to [0, NUM_PAGES)); TABLE_POW2 >= MAX_BLOCKS
     o_ptr [B, S_Q * H, D_V] in q's dtype and lse_ptr [B, S_Q * H] float32: the result;
@@ -159,6 +181,11 @@ def mla_decode_split_kernel(
     if NUM_LAYERS > 0:
         layer = tl.minimum(tl.maximum(tl.load(layer_ptr), 0), NUM_LAYERS - 1)
         kv_ptr += layer.to(tl.int64) * LAYER_STRIDE
+        if KV_FORMAT == KV_PERTENSOR:
+            kv_scale_ptr += layer
+    kv_scale = 1.0
+    if KV_FORMAT == KV_PERTENSOR:
+        kv_scale = tl.load(kv_scale_ptr)
     tile = tl.program_id(0)
     b = tl.program_id(1)
     split = tl.program_id(2)
@@ -186,13 +213,13 @@ def mla_decode_split_kernel(
         clear = tl.minimum(hi, tl.min(limit, 0))
         mid = lo + tl.maximum(clear - lo, 0) // BLOCK_N * BLOCK_N
         for start in tl.range(lo, mid, BLOCK_N):
-            m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
-                                         pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
-                                         UNCHAIN_SCORES, LATE_ROW_SUM, False)
+            m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, kv_scale, b, start, hi, limit, m_i, l_i, acc, qk_scale,
+                                         lo < hi, pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
+                                         UNCHAIN_SCORES, LATE_ROW_SUM, False, KV_FORMAT, FP8_NATIVE)
     for start in tl.range(mid, hi, BLOCK_N):
-        m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, b, start, hi, limit, m_i, l_i, acc, qk_scale, lo < hi,
-                                     pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
-                                     UNCHAIN_SCORES, LATE_ROW_SUM, True)
+        m_i, l_i, acc = _attend_tile(q_v, q_r, kv_ptr, kv_scale, b, start, hi, limit, m_i, l_i, acc, qk_scale,
+                                     lo < hi, pages, offs_t, N_MAX, PAGED, PAGE_SIZE, D_V, D_R, BLOCK_N,
+                                     UNCHAIN_SCORES, LATE_ROW_SUM, True, KV_FORMAT, FP8_NATIVE)
 
     if LATE_ROW_SUM:
         l_i = tl.sum(l_i, 1)

@@ -96,13 +96,16 @@ def _interpreting_jit_calls():
     with _INTERPRET_LOCK:
         original_call = JITFunction.__call__
         original_dot = interpreter.InterpreterBuilder.create_dot
+        original_cast = interpreter.InterpreterBuilder.cast_impl
         JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
         interpreter.InterpreterBuilder.create_dot = _bf16_aware_dot(original_dot)
+        interpreter.InterpreterBuilder.cast_impl = _bf16_rounding_cast(original_cast)
         try:
             yield
         finally:
             JITFunction.__call__ = original_call
             interpreter.InterpreterBuilder.create_dot = original_dot
+            interpreter.InterpreterBuilder.cast_impl = original_cast
 
 
 def _bf16_aware_dot(original_dot):
@@ -121,6 +124,23 @@ def _bf16_aware_dot(original_dot):
         return original_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
 
     return create_dot
+
+
+def _bf16_rounding_cast(original_cast):
+    """Triton 3.6's interpreter truncates float32 to bfloat16 in `.to(tl.bfloat16)`, where the GPU rounds
+    to nearest even; round as the GPU does (ml_dtypes' cast), so interpreted bfloat16 tiles (dequantized
+    FP8 tiles, probabilities) carry the GPU's rounding error, not a truncation bias twice its size."""
+    import ml_dtypes
+    from triton.runtime.interpreter import TensorHandle
+    import triton.language as tl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = np.asarray(src.data, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16)
+            return TensorHandle(bits, tl.bfloat16)
+        return original_cast(self, src, dst_type)
+
+    return cast_impl
 
 
 def _to_python(x):

@@ -11,6 +11,7 @@ import numpy as np
 
 from flashmla_jax import _checks, reference
 from flashmla_jax._backend import num_sms, resolve_implementation
+from flashmla_jax.fp8 import dequantize_latent, latent_format
 from flashmla_jax.ops._launch import launch
 from flashmla_jax.ops.partition import partitioned_decode
 
@@ -18,30 +19,64 @@ MAX_SPLITS = 256
 MAX_SPLITS_MERGED_IN_KERNEL = 16   # more splits than this are merged by the combine kernel
 
 
-def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, stacked):
+def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, stacked, kv_format, kv_scale):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S_q, H, D], got shape {q.shape}")
     b, s_q, h, d = q.shape
     _checks.float_dtype("q", q)
-    _checks.same_dtype("kv_cache", kv_cache, "q", q)
-    if kv_cache.ndim != 3 + stacked or kv_cache.shape[-1] != d:
-        lead = "L, " if stacked else ""
-        raise ValueError(f"kv_cache must be [{lead}B, N, {d}] (or [{lead}num_blocks, page_size, {d}] with block_table)"
-                         f"{' with layer' if stacked else ''}, got shape {kv_cache.shape}")
-    if stacked:
-        kv_cache = jax.ShapeDtypeStruct(kv_cache.shape[1:], kv_cache.dtype)     # one layer's shape
-    _checks.int32_array("cache_seqlens", cache_seqlens, (b,), f"int32 [B={b}]")
     head_dim_v = _checks.integer("head_dim_v", head_dim_v)
     if not 0 < head_dim_v < d:
         raise ValueError(f"head_dim_v must be in (0, {d}): V is the first head_dim_v columns of the latent, "
                          f"got {head_dim_v}")
+    width = _token_width(kv_cache, d, head_dim_v, kv_format, q)
+    if kv_cache.ndim != 3 + stacked or kv_cache.shape[-1] != width:
+        lead = "L, " if stacked else ""
+        raise ValueError(f"kv_cache must be [{lead}B, N, {width}] (or [{lead}num_blocks, page_size, {width}] with "
+                         f"block_table){' with layer' if stacked else ''}, got shape {kv_cache.shape}")
+    _check_kv_scale(kv_scale, kv_format, kv_cache.shape[0] if stacked else None)
+    if stacked:
+        kv_cache = jax.ShapeDtypeStruct(kv_cache.shape[1:], kv_cache.dtype)     # one layer's shape
+    _checks.int32_array("cache_seqlens", cache_seqlens, (b,), f"int32 [B={b}]")
     _checks.optional_integer("num_splits", num_splits, 1, MAX_SPLITS)
     if block_table is None:
         if kv_cache.shape[0] != b:
-            raise ValueError(f"contiguous kv_cache must be [B={b}, N, {d}], got shape {kv_cache.shape}")
+            raise ValueError(f"contiguous kv_cache must be [B={b}, N, {width}], got shape {kv_cache.shape}")
     else:
         _checks.int32_array("block_table", block_table, (b, None), f"int32 [B={b}, max_blocks]")
         _checks.page_size("page_size (kv_cache.shape[1])", kv_cache.shape[1])
+
+
+def _token_width(kv_cache, d: int, head_dim_v: int, kv_format: str | None, q) -> int:
+    """The last axis kv_cache must have: D (a cache in q's dtype) or the FP8 format's bytes per token
+    (656 / 576 for DeepSeek's 512 + 64), after checking kv_cache's dtype."""
+    if kv_format is None:
+        _checks.same_dtype("kv_cache", kv_cache, "q", q)
+        return d
+    if kv_cache.dtype != jnp.uint8:
+        raise TypeError(f"kv_cache must be uint8 (the raw bytes) with kv_format={kv_format!r}, got {kv_cache.dtype}")
+    try:
+        return latent_format(kv_format, head_dim_v, d - head_dim_v).bytes_per_token
+    except ValueError as e:
+        raise ValueError(f"kv_format={kv_format!r} cannot hold latents of head_dim_v={head_dim_v} c_kv and "
+                         f"D - head_dim_v={d - head_dim_v} k_pe values: {e}") from None
+
+
+def _check_kv_scale(kv_scale, kv_format: str | None, num_layers: int | None) -> None:
+    """kv_scale: required for "fp8_pertensor" (a float scalar, or [L] one per layer of a stacked cache),
+    refused otherwise."""
+    if kv_format != "fp8_pertensor":
+        if kv_scale is not None:
+            raise ValueError(f"kv_scale is only for kv_format='fp8_pertensor' (got kv_format={kv_format!r}): "
+                             "fp8_blockscale tokens carry their own scales")
+        return
+    if kv_scale is None:
+        raise ValueError("kv_format='fp8_pertensor' needs kv_scale, the cache's float32 scale")
+    if not jnp.issubdtype(kv_scale.dtype, jnp.floating):
+        raise TypeError(f"kv_scale must be float32, got {kv_scale.dtype}")
+    shapes = ((), (num_layers,)) if num_layers is not None else ((),)
+    if kv_scale.shape not in shapes:
+        want = "a scalar or [L] (one per layer)" if num_layers is not None else "a scalar"
+        raise ValueError(f"kv_scale must be {want}, got shape {kv_scale.shape}")
 
 
 def _check_kernel_dims(d: int, head_dim_v: int):
@@ -88,8 +123,14 @@ class DecodeTiles:
                    pick(late_row_sum), waves)
 
 
-def decode_tiles(rows: int, dtype, page_size: int | None) -> DecodeTiles:
-    """The tiles of one (rows = S_q * H, dtype, page size) class."""
+def decode_tiles(rows: int, dtype, page_size: int | None, kv_format: str | None = None) -> DecodeTiles:
+    """The tiles of one (rows = S_q * H, dtype, page size, kv_format) class.
+
+    An FP8 cache (kv_format set) takes the tiles of a cache in q's dtype for now (a GPU sweep will tune
+    them): its staged tiles are uint8, 656 or 576 bytes a token instead of 1152, which leaves shared memory
+    for the tile dequantized to q's dtype that the products read (benchmarks/compile_report.py
+    --kv-format reports what the compiler allocates)."""
+    del kv_format   # same tiles as the float cache until the FP8 rows are swept on the device
     # float32 stays at 32 rows: a 64-row query tile and two key tiles of it overflow shared memory.
     block_m = 16 if rows <= 16 else (32 if rows <= 32 or dtype == jnp.float32 else 64)
     block_n = 32 if dtype == jnp.float32 else 64
@@ -142,6 +183,13 @@ def balanced_split_cap(batch: int, row_tiles: int, capacity: int, block_n: int, 
     return cap, uniform, max(1, waves * sms - programs)
 
 
+# The kernels' KV_FORMAT constexpr (kernels/decode.py's KV_NATIVE, KV_BLOCKSCALE, KV_PERTENSOR).
+KV_FORMATS = {None: 0, "fp8_blockscale": 1, "fp8_pertensor": 2}
+# FP8_NATIVE per implementation: the hardware e4m3 conversion on the GPU; in the interpreter the exact bit
+# arithmetic (its float8 converter reads 0x7F / 0xFF as ±480, not NaN: kernels/fp8.py).
+FP8_NATIVE = {"triton": True, "interpret": False}
+
+
 def _pow2_at_least(n: int, floor: int = 2) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
@@ -163,19 +211,22 @@ class DecodePlan:
 
 
 def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
-                num_splits: int | None, sms: int, tiles: DecodeTiles | None = None, num_layers: int = 0) -> DecodePlan:
-    """q_shape [B, S_q, H, D]; kv_shape [B, N, D] (contiguous, table_shape None) or [num_pages,
-    page_size, D] with table_shape [B, max_blocks]: one layer's cache. num_layers > 0: the cache is a
+                num_splits: int | None, sms: int, tiles: DecodeTiles | None = None, num_layers: int = 0,
+                kv_format: str | None = None, fp8_native: bool = True) -> DecodePlan:
+    """q_shape [B, S_q, H, D]; kv_shape [B, N, W] (contiguous, table_shape None) or [num_pages,
+    page_size, W] with table_shape [B, max_blocks]: one layer's cache, W = D, or the bytes per token of an
+    FP8 kv_format. num_layers > 0: the cache is a
     stack [num_layers, *kv_shape] read at a layer index in place. num_splits None: a cap chosen here and the
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
-    splits per sequence. `tiles` replaces `decode_tiles`' choice (benchmarks/profile_decode.py sweeps it)."""
+    splits per sequence. `tiles` replaces `decode_tiles`' choice (benchmarks/profile_decode.py sweeps it).
+    fp8_native: decode e4m3 with the hardware conversion (FP8_NATIVE; the GPU) or bit arithmetic."""
     batch, s_q, heads, d = q_shape
     rows = s_q * heads
     paged = table_shape is not None
     page_size = kv_shape[1] if paged else None
     max_blocks, num_pages = (table_shape[1], kv_shape[0]) if paged else (1, 1)
     capacity = page_size * max_blocks if paged else kv_shape[1]
-    tiles = tiles or decode_tiles(rows, dtype, page_size)
+    tiles = tiles or decode_tiles(rows, dtype, page_size, kv_format)
     row_tiles = -(-rows // tiles.block_m)
     if num_splits is None:
         num_splits, uniform, slots = balanced_split_cap(batch, row_tiles, capacity, tiles.block_n, sms, tiles.waves)
@@ -193,7 +244,8 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
         PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
         TABLE_POW2=_pow2_at_least(max_blocks), D_V=head_dim_v, D_R=d - head_dim_v,
         CAUSAL=causal, BLOCK_M=tiles.block_m, UNCHAIN_SCORES=tiles.unchain_scores,
-        SPLIT_MASKED=tiles.split_masked, LATE_ROW_SUM=tiles.late_row_sum, **schedule)
+        SPLIT_MASKED=tiles.split_masked, LATE_ROW_SUM=tiles.late_row_sum, KV_FORMAT=KV_FORMATS[kv_format],
+        FP8_NATIVE=bool(fp8_native), **schedule)
     combine_grid = combine_constexprs = None
     if num_splits > 1 and not last_merges:
         block_d = max(16, min(head_dim_v, COMBINE_VALUES // splits_pow2))
@@ -213,21 +265,25 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
 
 
 def _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
-                   implementation):
+                   implementation, kv_format=None, kv_scale=None):
     """The Triton path: the split kernel (which merges a few splits itself), then for many splits the
-    in-place combine. layer: None, or a 0-d int32 array indexing a stacked kv_cache [L, ...]."""
+    in-place combine. layer: None, or a 0-d int32 array indexing a stacked kv_cache [L, ...].
+    kv_format: None, or an FP8 format of kv_cache (uint8), with kv_scale (fp8_pertensor): float32, 0-d, or
+    [L] with layer."""
     b, s_q, h, d = q.shape
     stacked = layer is not None
     plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
                        None if block_table is None else block_table.shape, num_splits, num_sms(implementation),
-                       num_layers=kv_cache.shape[0] if stacked else 0)
+                       num_layers=kv_cache.shape[0] if stacked else 0, kv_format=kv_format,
+                       fp8_native=FP8_NATIVE[implementation])
     from flashmla_jax.kernels import decode as kernels
 
     table = cache_seqlens if block_table is None else block_table      # unused pointer when contiguous
     layer = cache_seqlens if layer is None else layer                   # unused pointer when not stacked
+    kv_scale = cache_seqlens if kv_scale is None else kv_scale         # unused pointer unless fp8_pertensor
     out, lse, o_part, lse_part, splits_taken, _ = launch(
         kernels.mla_decode_split_kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table, layer,
-        np.float32(scale), out_shape=plan.split_outputs, grid=plan.grid, implementation=implementation,
+        kv_scale, np.float32(scale), out_shape=plan.split_outputs, grid=plan.grid, implementation=implementation,
         num_warps=plan.num_warps, num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs,
         **plan.constexprs)
     if plan.combine_grid is not None:
@@ -240,7 +296,7 @@ def _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, s
 def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, block_table: jax.Array | None = None,
                head_dim_v: int = 512, softmax_scale: float | None = None, causal: bool = True,
                num_splits: int | None = None, return_lse: bool = False, implementation: str | None = None,
-               layer: int | jax.Array | None = None):
+               layer: int | jax.Array | None = None, kv_format: str | None = None, kv_scale=None):
     """Absorbed MLA decode (multi-query attention over the latent cache; V = K[..., :head_dim_v]).
 
     Args:
@@ -268,6 +324,14 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         in [0, L) (ValueError otherwise), or a traced integer scalar, clamped to [0, L - 1]
         (a negative one counts as 0). The kernels offset their cache pointer by the layer: no slice of the
         stack is materialized, so a `lax.scan` over layers reads each layer's cache in place.
+      kv_format: None (kv_cache holds q's dtype), "fp8_blockscale" (kv_cache uint8 [..., 656]: per token
+        512 e4m3 c_kv, 4 float32 scales, 64 bfloat16 k_pe; FlashMLA V3.2's layout) or "fp8_pertensor"
+        (uint8 [..., 576] e4m3, with kv_scale); flashmla_jax/fp8.py has the byte layouts, `quantize_latent`
+        writes them. The kernels dequantize each tile to q's dtype for the products (V is the dequantized
+        first head_dim_v columns); "xla" dequantizes the cache first (`dequantize_latent`). Bytes of unused
+        pages and of tokens past each length are never used, whatever they hold (NaN patterns, inf scales).
+      kv_scale: "fp8_pertensor" only (required there): the float32 scale (latent = e4m3 * kv_scale), a
+        scalar, or with a stacked cache also [L], one per layer (a scalar serves every layer).
 
     Returns:
       out [B, S_q, H, head_dim_v] in q's dtype, and with return_lse lse [B, S_q, H] float32 (natural log).
@@ -276,17 +340,27 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
     if layer is not None:
         num_layers = kv_cache.shape[0] if getattr(kv_cache, "ndim", 0) == 4 else None   # else: refused below
         layer = _checks.layer_index("layer", layer, num_layers)
-    return _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v=head_dim_v,
+    kv_format = _checks.kv_format("kv_format", kv_format)
+    if kv_scale is not None:
+        if isinstance(kv_scale, bool) or not (isinstance(kv_scale, (int, float, np.number)) or hasattr(kv_scale, "dtype")):
+            raise TypeError(f"kv_scale must be a float32 scalar (or [L] array), got {type(kv_scale).__name__}")
+        kv_scale = jnp.asarray(kv_scale, jnp.float32 if isinstance(kv_scale, (int, float)) else None)
+    return _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v=head_dim_v,
                        softmax_scale=softmax_scale, causal=causal, num_splits=num_splits, return_lse=return_lse,
-                       implementation=implementation)
+                       implementation=implementation, kv_format=kv_format)
 
 
 @functools.partial(jax.jit, static_argnames=("head_dim_v", "softmax_scale", "causal", "num_splits",
-                                             "return_lse", "implementation"))
-def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, softmax_scale, causal, num_splits,
-                return_lse, implementation):
-    """`mla_decode` under jit; layer: None or a 0-d int32 array."""
-    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None)
+                                             "return_lse", "implementation", "kv_format"))
+def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v, softmax_scale, causal,
+                num_splits, return_lse, implementation, kv_format):
+    """`mla_decode` under jit; layer: None or a 0-d int32 array; kv_scale None or a float array."""
+    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None, kv_format,
+                  kv_scale)
+    if kv_scale is not None:     # one float32 per layer of a stacked cache, the kernels' [L] scale pointer
+        kv_scale = kv_scale.astype(jnp.float32)
+        if layer is not None:
+            kv_scale = jnp.broadcast_to(kv_scale, kv_cache.shape[:1])
     impl = resolve_implementation(implementation)
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
     head_dim_v = int(head_dim_v)
@@ -294,24 +368,26 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, soft
     if impl != "xla":
         _check_kernel_dims(q.shape[-1], head_dim_v)
 
-    def decode(q, kv_cache, cache_seqlens, block_table, causal, layer=None):
+    def decode(q, kv_cache, cache_seqlens, block_table, causal, layer, kv_scale):
         if impl == "xla":
             if layer is not None:    # fuses into the einsums: no copy of the layer
                 kv_cache = _index_layer(kv_cache, layer)
+            kv_cache = _dequantized(kv_cache, kv_format, kv_scale, layer, q.dtype, q.shape[-1] - head_dim_v)
             return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
                                                   softmax_scale=scale, causal=causal)
         return _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
-                              impl)
+                              impl, kv_format, kv_scale)
 
     # Partitioning rules under jit over sharded inputs (ops/partition.py). "interpret" stays unwrapped: a host
-    # callback inside custom_partitioning segfaults (jax PR #23620).
+    # callback inside custom_partitioning segfaults (jax PR #23620). layer and kv_scale reach every shard whole.
     shard = partitioned_decode(decode, causal=causal) if impl != "interpret" else functools.partial(_with_causal,
                                                                                                       decode, causal)
 
-    def decode_layer(q, kv_cache, cache_seqlens, block_table, layer):
-        return shard(q, kv_cache, cache_seqlens, block_table, *(() if layer is None else (layer,)))
+    def decode_extras(q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
+        return shard(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
 
-    out, lse = _inference_only(_fold_vmap_into_batch(decode_layer))(q, kv_cache, cache_seqlens, block_table, layer)
+    out, lse = _inference_only(_fold_vmap_into_batch(decode_extras))(q, kv_cache, cache_seqlens, block_table, layer,
+                                                                      kv_scale)
     return (out, lse) if return_lse else out
 
 
@@ -326,6 +402,17 @@ def _index_layer(kv_stack: jax.Array, layer: jax.Array) -> jax.Array:
     return jax.lax.dynamic_index_in_dim(kv_stack, jnp.clip(layer, 0, kv_stack.shape[0] - 1), 0, keepdims=False)
 
 
+def _dequantized(kv_cache, kv_format, kv_scale, layer, dtype, d_r):
+    """One layer's cache [..., W] as latents [..., D] of dtype (d_r k_pe values last): as it is for kv_format
+    None, else `dequantize_latent` (the scale of `layer` when kv_scale is [L]). Tokens past each length may become
+    NaN here; the reference zeroes them."""
+    if kv_format is None:
+        return kv_cache
+    if kv_scale is not None and layer is not None:
+        kv_scale = _index_layer(kv_scale, layer)
+    return dequantize_latent(kv_cache, kv_format, kv_scale, dtype, d_r=d_r)
+
+
 def _fold_vmap_into_batch(decode):
     """`jax.vmap` support: jax-triton has no batching rule, so a vmapped axis V is folded into the
     kernel's batch (B -> V * B) and unfolded from the outputs. Pages of a batched paged cache are laid
@@ -334,12 +421,12 @@ def _fold_vmap_into_batch(decode):
     member's layer (under vmap the layer's cache is copied)."""
 
     @jax.custom_batching.custom_vmap
-    def call(q, kv_cache, cache_seqlens, block_table, layer):
-        return decode(q, kv_cache, cache_seqlens, block_table, layer)
+    def call(q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
+        return decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
 
     @call.def_vmap
-    def _rule(axis_size, in_batched, q, kv_cache, cache_seqlens, block_table, layer):
-        q_b, kv_b, len_b, table_b, layer_b = in_batched
+    def _rule(axis_size, in_batched, q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
+        q_b, kv_b, len_b, table_b, layer_b, scale_b = in_batched
         v = axis_size
 
         def batched(x, is_batched):
@@ -348,6 +435,16 @@ def _fold_vmap_into_batch(decode):
         if layer is not None:
             kv_cache = jax.vmap(_index_layer)(batched(kv_cache, kv_b), batched(layer, layer_b))
             kv_b = True
+            if kv_scale is not None and (scale_b or layer_b):
+                kv_scale = jax.vmap(_index_layer)(batched(kv_scale, scale_b), batched(layer, layer_b))
+                scale_b = True
+            elif kv_scale is not None:
+                kv_scale = _index_layer(kv_scale, layer)
+        if kv_scale is not None and scale_b:
+            # Members with their own per-tensor scales cannot share one launch: they run one by one.
+            table = None if block_table is None else batched(block_table, table_b)
+            members = (batched(q, q_b), batched(kv_cache, kv_b), batched(cache_seqlens, len_b), table, kv_scale)
+            return jax.lax.map(lambda m: call(*m[:4], None, m[4]), members), (True, True)
         q = batched(q, q_b)
         b = q.shape[1]
         seqlens = batched(cache_seqlens, len_b).reshape(v * b)
@@ -363,7 +460,7 @@ def _fold_vmap_into_batch(decode):
                 offsets = (jnp.arange(v, dtype=jnp.int32) * num_pages)[:, None, None]
                 table = jnp.clip(table, 0, num_pages - 1) + offsets
             table = table.reshape(v * b, -1)
-        out, lse = call(q.reshape((v * b,) + q.shape[2:]), kv, seqlens, table, None)
+        out, lse = call(q.reshape((v * b,) + q.shape[2:]), kv, seqlens, table, None, kv_scale)
         return (out.reshape((v, b) + out.shape[1:]), lse.reshape((v, b) + lse.shape[1:])), (True, True)
 
     return call
@@ -373,8 +470,8 @@ def _inference_only(decode):
     """Differentiating decode raises: it is an inference kernel (mla_prefill has gradients)."""
 
     @jax.custom_jvp
-    def call(q, kv_cache, cache_seqlens, block_table, layer):
-        return decode(q, kv_cache, cache_seqlens, block_table, layer)
+    def call(q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
+        return decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
 
     @call.defjvp
     def _jvp(primals, tangents):

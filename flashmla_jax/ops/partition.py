@@ -222,53 +222,59 @@ def partitioned_decode(body: DecodeBody, *, causal: bool) -> Callable:
     """decode(q, kv_cache, cache_seqlens, block_table, *extras) -> (out, lse), partitioned under jit.
 
     `body` is the per-shard function of one implementation (DecodeBody); `causal` the op's flag; extras are
-    0-d operands given whole to every shard (the layer of a stacked cache, kv_cache [L, ...], whose layer
-    axis must not be sharded). On one device, inside `shard_map`, or on replicated inputs the body runs as is.
+    small operands given whole to every shard, or None (passed on as None): the layer of a stacked cache
+    (kv_cache [L, ...], whose layer axis must not be sharded) and an FP8 cache's scale. On one device, inside
+    `shard_map`, or on replicated inputs the body runs as is.
     """
 
-    def contiguous_fn(q, kv, lens, *extras):
-        return body(q, kv, lens, None, causal, *extras)
-
-    def paged_fn(q, pool, lens, table, *extras):
-        return body(q, pool, lens, table, causal, *extras)
-
-    def partition(paged, stacked, mesh, arg_shapes, result_shape):
-        del result_shape
-        q_s, kv_s, lens_s = arg_shapes[:3]
-        table_s = arg_shapes[3] if paged else None
-        extras = arg_shapes[4 if paged else 3:]
-        kv_sharding = _one_layer(kv_s.sharding, mesh) if stacked else kv_s.sharding
-        kv_shape = kv_s.shape[1:] if stacked else kv_s.shape
-        plan = plan_decode_partition(mesh, q_s.sharding, kv_sharding, lens_s.sharding,
-                                     table_s.sharding if paged else None, q_s.shape, kv_shape, paged)
-        bt, hd, sq = plan.batch, plan.heads, plan.sequence
-        q_sh = _named(mesh, bt, (), hd, ())
-        outs = (_named(mesh, bt, (), hd, ()), _named(mesh, bt, (), hd))
-        layer_axis = ((),) if stacked else ()
-        if paged:
-            args = (q_sh, _named(mesh, *layer_axis, plan.pool, (), ()), _named(mesh, bt), _named(mesh, bt, ()))
-            lower = _local_pages_body(body, causal, plan.pool) if plan.pool else paged_fn
-        else:
-            args = (q_sh, _named(mesh, *layer_axis, bt, sq, ()), _named(mesh, bt))
-            lower = (_context_parallel_body(body, causal, kv_shape[1], sq) if sq else contiguous_fn)
-        return mesh, lower, outs, args + tuple(_named(mesh, *(() for _ in e.shape)) for e in extras)
-
     @functools.lru_cache(maxsize=None)
-    def wrapper(paged: bool, stacked: bool, num_extras: int):
-        fn = paged_fn if paged else contiguous_fn
+    def wrapper(paged: bool, stacked: bool, extra_ranks: tuple):
+        # extra_ranks: one entry per extra, None where the extra is None, else its rank.
+        def full_body(q, kv, lens, table, causal, *arrays):
+            it = iter(arrays)
+            return body(q, kv, lens, table, causal, *(None if r is None else next(it) for r in extra_ranks))
+
+        def fn(q, kv, lens, *rest):
+            table, arrays = (rest[0], rest[1:]) if paged else (None, rest)
+            return full_body(q, kv, lens, table, causal, *arrays)
+
+        def partition(mesh, arg_shapes, result_shape):
+            del result_shape
+            q_s, kv_s, lens_s = arg_shapes[:3]
+            table_s = arg_shapes[3] if paged else None
+            arrays = arg_shapes[4 if paged else 3:]
+            kv_sharding = _one_layer(kv_s.sharding, mesh) if stacked else kv_s.sharding
+            kv_shape = kv_s.shape[1:] if stacked else kv_s.shape
+            plan = plan_decode_partition(mesh, q_s.sharding, kv_sharding, lens_s.sharding,
+                                         table_s.sharding if paged else None, q_s.shape, kv_shape, paged)
+            bt, hd, sq = plan.batch, plan.heads, plan.sequence
+            q_sh = _named(mesh, bt, (), hd, ())
+            outs = (_named(mesh, bt, (), hd, ()), _named(mesh, bt, (), hd))
+            layer_axis = ((),) if stacked else ()
+            if paged:
+                args = (q_sh, _named(mesh, *layer_axis, plan.pool, (), ()), _named(mesh, bt), _named(mesh, bt, ()))
+                lower = _local_pages_body(full_body, causal, plan.pool) if plan.pool else fn
+            else:
+                args = (q_sh, _named(mesh, *layer_axis, bt, sq, ()), _named(mesh, bt))
+                lower = _context_parallel_body(full_body, causal, kv_shape[1], sq) if sq else fn
+            return mesh, lower, outs, args + tuple(_named(mesh, *(() for _ in a.shape)) for a in arrays)
+
         wrapped = custom_partitioning(fn)
         # Separate factors for q's and the cache's D: the cache's 576-axis sharding must not spread to q.
-        # Extras are scalars (no factors).
+        # Extras get factors of their own (z0, z1, ...), which partition() keeps replicated.
         cache = ("l " if stacked else "") + ("p g e" if paged else "b n e")
-        rule = (f"b s h d, {cache}, b" + (", b m" if paged else "") + ", " * num_extras + " -> b s h v, b s h")
-        wrapped.def_partition(partition=functools.partial(partition, paged, stacked), sharding_rule=rule)
+        extras = "".join(", " + " ".join(f"z{k}{d}" for d in range(r)) for k, r in enumerate(extra_ranks)
+                         if r is not None)
+        rule = f"b s h d, {cache}, b" + (", b m" if paged else "") + extras + " -> b s h v, b s h"
+        wrapped.def_partition(partition=partition, sharding_rule=rule)
         return wrapped
 
     def decode(q, kv_cache, cache_seqlens, block_table, *extras):
         paged = block_table is not None
-        table = (block_table,) if paged else ()
-        stacked = kv_cache.ndim == 4
-        return tuple(wrapper(paged, stacked, len(extras))(q, kv_cache, cache_seqlens, *table, *extras))
+        ranks = tuple(None if e is None else e.ndim for e in extras)
+        arrays = tuple(e for e in extras if e is not None)
+        return tuple(wrapper(paged, kv_cache.ndim == 4, ranks)(q, kv_cache, cache_seqlens,
+                                                                *((block_table,) if paged else ()), *arrays))
 
     return decode
 
