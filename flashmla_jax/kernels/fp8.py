@@ -81,27 +81,22 @@ def load_blockscale_tile(kv_ptr, rows, valid, D_V: tl.constexpr, D_R: tl.constex
     scale_ptr = (tok + D_V).to(tl.pointer_type(tl.float32))
     rope_ptr = (tok + D_V + 4 * NUM_SCALES).to(tl.pointer_type(tl.bfloat16))
     offs_v = tl.arange(0, D_V)[None, :]
+    offs_s = tl.arange(0, NUM_SCALES)[None, :]
     offs_r = tl.arange(0, D_R)[None, :]
     if MASKED:
         keep = valid[:, None]
         codes = tl.load(tok + offs_v, mask=keep, other=0)
+        scales = tl.load(scale_ptr + offs_s, mask=keep, other=0.0)
         k_r = tl.load(rope_ptr + offs_r, mask=keep, other=0.0)
     else:
         codes = tl.load(tok + offs_v)
+        scales = tl.load(scale_ptr + offs_s)
         k_r = tl.load(rope_ptr + offs_r)
-    # Each column's scale, picked from the token's NUM_SCALES scales by selects on the column's group. Not a
-    # reshape to [BLOCK_N, NUM_SCALES, 128]: through a reshape Triton's pipeliner no longer stages the code
-    # tile's load ahead (seen in the compiled TTGIR: a plain load, where the pertensor tile gets async
-    # copies), and the kernel waits on every tile.
-    group = offs_v // BLOCKSCALE_GROUP
-    column_scale = tl.zeros([1, D_V], tl.float32)
-    for g in tl.static_range(NUM_SCALES):
-        if MASKED:
-            scale_g = tl.load(scale_ptr + g, mask=keep, other=0.0)             # [BLOCK_N, 1]
-        else:
-            scale_g = tl.load(scale_ptr + g)
-        column_scale = tl.where(group == g, scale_g, column_scale)
-    k_v = e4m3_to_float32(codes, FP8_NATIVE) * column_scale
+    block_n: tl.constexpr = codes.shape[0]
+    # One scale per 128 columns: broadcast over a [BLOCK_N, NUM_SCALES, 128] view instead of loading a
+    # [BLOCK_N, D_V] tile of repeated scales.
+    vals = tl.reshape(e4m3_to_float32(codes, FP8_NATIVE), (block_n, NUM_SCALES, BLOCKSCALE_GROUP))
+    k_v = tl.reshape(vals * scales[:, :, None], (block_n, D_V))
     return k_v.to(OUT_DTYPE), k_r.to(OUT_DTYPE)
 
 

@@ -126,9 +126,11 @@ class DecodeTiles:
 def decode_tiles(rows: int, dtype, page_size: int | None, kv_format: str | None = None) -> DecodeTiles:
     """The tiles of one (rows = S_q * H, dtype, page size, kv_format) class.
 
-    An FP8 cache (kv_format set) stages uint8 tiles, 656 or 576 bytes a token instead of 1152, and
-    shared memory also holds the tile dequantized to q's dtype that the products read
-    (benchmarks/compile_report.py --kv-format reports what the compiler allocates)."""
+    An FP8 cache (kv_format set) takes the tiles of a cache in q's dtype for now (a GPU sweep will tune
+    them): its staged tiles are uint8, 656 or 576 bytes a token instead of 1152, which leaves shared memory
+    for the tile dequantized to q's dtype that the products read (benchmarks/compile_report.py
+    --kv-format reports what the compiler allocates)."""
+    del kv_format   # same tiles as the float cache until the FP8 rows are swept on the device
     # float32 stays at 32 rows: a 64-row query tile and two key tiles of it overflow shared memory.
     block_m = 16 if rows <= 16 else (32 if rows <= 32 or dtype == jnp.float32 else 64)
     block_n = 32 if dtype == jnp.float32 else 64
@@ -141,10 +143,6 @@ def decode_tiles(rows: int, dtype, page_size: int | None, kv_format: str | None 
         # table sits in registers, so paged tiles pipeline alike); 4 stages overflow shared memory.
         # 8 warps: at 4 the kernel sits at 255 registers and small changes make it spill.
         num_stages, num_warps = 3, 8
-        if kv_format is not None:
-            # FP8: 3 stages of code tiles plus the tile dequantized for the products need 228 KB, past
-            # the H100's 227 KB (benchmarks/compile_report.py --kv-format).
-            num_stages = 2
     return DecodeTiles.with_defaults(block_m, block_n, num_warps, num_stages)
 
 
