@@ -217,7 +217,7 @@ def decode_cache_sharded_on_576_moves_to_n(impl):
 def non_dividing_axis_raises(impl):
     """ValueError naming the axis and the dimension: from shard_decode_inputs, and from the partitioner under
     jit (XLA wraps it in JaxRuntimeError; the message keeps the ValueError's text)."""
-    q, kv, lens, _ = decode_inputs(7, 6, 1, 8, 64, jnp.float32)
+    q, kv, lens, _ = decode_inputs(7, 7, 1, 8, 64, jnp.float32)   # 7, 61: divisible by no device count
     n, one, _ = meshes()
     layout = sharding.data_parallel(one("data"))
     msgs = []
@@ -227,7 +227,7 @@ def non_dividing_axis_raises(impl):
     except ValueError as e:
         msgs.append(str(e))
     try:
-        sharding.context_parallel(one("seq")).check(q.shape, (6, 60, D), False)
+        sharding.context_parallel(one("seq")).check(q.shape, (7, 61, D), False)
         msgs.append("no error")
     except ValueError as e:
         msgs.append(str(e))
@@ -241,8 +241,8 @@ def non_dividing_axis_raises(impl):
     except Exception as e:                      # noqa: BLE001 (JaxRuntimeError around our ValueError)
         msgs.append(str(e).split("\n")[-1] if "ValueError" not in str(e) else
                     next(l for l in str(e).splitlines() if "ValueError" in l))
-    ok = ("'data'" in msgs[0] and "B (q axis 0) = 6" in msgs[0] and "'seq'" in msgs[1] and "N (axis 1) = 60" in msgs[1]
-          and "ValueError" in msgs[2] and "'data'" in msgs[2] and "= 6" in msgs[2])
+    ok = ("'data'" in msgs[0] and "B (q axis 0) = 7" in msgs[0] and "'seq'" in msgs[1] and "N (axis 1) = 61" in msgs[1]
+          and "ValueError" in msgs[2] and "'data'" in msgs[2] and "= 7" in msgs[2])
     return ok, dict(messages=msgs)
 
 

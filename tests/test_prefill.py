@@ -247,3 +247,19 @@ def test_gpu_variants(dtype, causal, h_kv, segments, s):
 def test_gpu_other_dims(d_qk, d_v, dtype, causal, h_kv, segments):
     """Other tile classes (narrow, masked chunks, 256 wide with trimmed tiles, float32) on the GPU."""
     check_against_reference(70 + d_qk, 2, 300, 4, h_kv, d_qk, d_v, dtype, causal, segments, impl="triton")
+
+
+def test_plan_follows_the_arrays_of_a_shard():
+    """A partitioned call runs the kernels on shards with the plan made for the whole arrays: the launchers
+    re-plan for the shapes they get (a stale grid over the global B * H would run past a shard's arrays)."""
+    from flashmla_jax.ops import prefill as prefill_ops
+
+    b, s, h, d = 4, 32, 4, 32
+    keys = jax.random.split(jax.random.PRNGKey(3), 3)
+    q, k, v = (jax.random.normal(kk, (b, s, h, d), jnp.float32) for kk in keys)
+    whole = prefill_ops.plan_prefill(q.shape, k.shape, v.shape, q.dtype, True, False, "interpret")
+    shard = (slice(0, 2), slice(None), slice(2, 4))                      # half the batch, half the heads
+    out, lse = prefill_ops._forward(q[shard], k[shard], v[shard], None, 0.3, whole)
+    want, want_lse = reference.mla_prefill_reference(q[shard], k[shard], v[shard], softmax_scale=0.3, causal=True)
+    assert rel_err(out, want) < 1e-3
+    assert rel_err(lse.transpose(0, 2, 1), want_lse) < 1e-4

@@ -155,12 +155,26 @@ class KernelLaunch:
 
 @dataclasses.dataclass(frozen=True)
 class PrefillPlan:
-    """Static launch parameters of one prefill call: the forward, and the backward's three kernels."""
+    """Static launch parameters of one prefill call: the forward, and the backward's three kernels, and what
+    they were planned from (tiles, causal, segments), so that a shard can re-plan for its own shapes."""
     implementation: str       # "triton" or "interpret"
     fwd: KernelLaunch
     preprocess: KernelLaunch
     dkdv: KernelLaunch
     dq: KernelLaunch
+    tiles: PrefillTiles
+    causal: bool
+    has_segments: bool
+
+    def for_arrays(self, q, k, v) -> "PrefillPlan":
+        """This plan for q [B', S, H', d_qk], k, v: itself when the shapes are the ones planned for, else
+        the same tiles re-planned (a partitioned call runs on shards: grids and head counts change)."""
+        b, s, h, _ = q.shape
+        if self.fwd.grid[1] == b * h and self.fwd.constexprs["H"] == h and self.fwd.constexprs["H_KV"] == k.shape[2] \
+                and self.fwd.constexprs["S"] == s:
+            return self
+        return plan_prefill(q.shape, k.shape, v.shape, q.dtype, self.causal, self.has_segments,
+                            self.implementation, self.tiles)
 
 
 def plan_prefill(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype, causal: bool, has_segments: bool,
@@ -187,7 +201,8 @@ def plan_prefill(q_shape: tuple, k_shape: tuple, v_shape: tuple, dtype, causal: 
     return PrefillPlan(implementation,
                        fwd=attention(tiles.fwd, -(-s // tiles.fwd.block_m), h), preprocess=preprocess,
                        dkdv=attention(tiles.dkdv, -(-s // tiles.dkdv.block_n), h_kv),
-                       dq=attention(tiles.dq, -(-s // tiles.dq.block_m), h))
+                       dq=attention(tiles.dq, -(-s // tiles.dq.block_m), h),
+                       tiles=tiles, causal=bool(causal), has_segments=bool(has_segments))
 
 
 # ---------------------------------------------------------------- kernels
@@ -206,6 +221,8 @@ def _forward(q, k, v, segment_ids, scale, plan: PrefillPlan):
     """-> out [B, S, H, d_v] (q's dtype), lse [B, H, S] float32."""
     from flashmla_jax.kernels import prefill as kernels
 
+    plan = plan.for_arrays(q, k, v)
+
     b, s, h, _ = q.shape
     out, lse = _run(kernels.mla_prefill_fwd_kernel, plan, plan.fwd, q, k, v, _seg_arg(segment_ids),
                     np.float32(scale), out_shape=[jax.ShapeDtypeStruct((b, s, h, v.shape[-1]), q.dtype),
@@ -216,6 +233,8 @@ def _forward(q, k, v, segment_ids, scale, plan: PrefillPlan):
 def _backward(q, k, v, segment_ids, out, lse, dout, dlse, scale, plan: PrefillPlan):
     """Gradients of (out, lse) -> (dq, dk, dv). lse, dlse: [B, H, S] float32."""
     from flashmla_jax.kernels import prefill as kernels
+
+    plan = plan.for_arrays(q, k, v)
 
     seg = _seg_arg(segment_ids)
     (delta,) = _run(kernels.mla_prefill_bwd_preprocess_kernel, plan, plan.preprocess, out, dout, dlse,
