@@ -261,7 +261,11 @@ def main(argv=None):
                         jax.random.split(key, dims.layers))
                     inputs = (params, jax.random.normal(key, (batch, 1, dims.hidden), jnp.float32).astype(dtype))
                 for form in forms[part]:
-                    r = run_form(part, form, dims, batch, context, dtype, inputs)
+                    try:
+                        r = run_form(part, form, dims, batch, context, dtype, inputs)
+                    except Exception as e:      # noqa: BLE001 - e.g. out of memory: record it, keep the other rows
+                        print(f"{part} {dims.name} B{batch} {form}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                        continue
                     results.append(r)
                     print(f"{part:9} {dims.name:8} B{batch:<4} {form:9} wall {r['wall_ms']:8.3f} ms "
                           f"({r['per_layer_wall_ms']:.4f} ms/layer)  gpu {r['gpu_ms'] or float('nan'):8.3f} ms  "
