@@ -78,13 +78,14 @@ def filled_cache(dims: ModelDims, batch: int, context: int, dtype, separate: boo
     """A stacked cache (or a tuple of per-layer caches) holding context - STEPS - 1 random tokens per
     sequence, so that the timed steps end at `context`."""
     length = context - STEPS - 1
-    kv = jax.jit(random_stack, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), dims.layers, (batch, context, D),
-                                                          dtype)
     seqlens = jnp.full((dims.layers, batch), length, jnp.int32)
     if separate:
-        caches = tuple(LatentCache(kv[i], seqlens[i], None, None, context) for i in range(dims.layers))
-        del kv
-        return caches
+        # One buffer at a time: slicing a stack would hold both (M2 at B 128 ran out of memory that way).
+        layer = jax.jit(lambda k: jax.random.normal(k, (batch, context, D), jnp.float32).astype(dtype))
+        return tuple(LatentCache(layer(k), seqlens[i], None, None, context)
+                     for i, k in enumerate(jax.random.split(jax.random.PRNGKey(0), dims.layers)))
+    kv = jax.jit(random_stack, static_argnums=(1, 2, 3))(jax.random.PRNGKey(0), dims.layers, (batch, context, D),
+                                                          dtype)
     return LatentCache(kv, seqlens, None, None, context, dims.layers)
 
 
