@@ -186,6 +186,40 @@ def decode_stacked(impl):
 
 
 @check
+def decode_fp8(impl):
+    """FP8 caches (blockscale; pertensor stacked with one scale per layer, an [L] operand every shard gets
+    whole) under DP, TP and CP equal the unsharded call, with no all-gather of cache rows."""
+    b, h, n, layers = 8, 8, 64, 2
+    q, kv, lens, _ = decode_inputs(60, b, 1, h, n, jnp.float32)
+    kv = jnp.nan_to_num(kv)                                   # quantize_latent wants finite latents
+    block = fm.quantize_latent(kv, "fp8_blockscale")
+    stack = jnp.stack([kv, 0.5 * kv])
+    per, scale = fm.quantize_latent(stack, "fp8_pertensor")
+    scales = jnp.stack([scale, scale])
+    cases = {
+        "blockscale": (block, None, None, "fp8_blockscale"),
+        "pertensor_stacked": (per, jnp.int32(1), scales, "fp8_pertensor"),
+    }
+    ok, detail = True, {}
+    for case, (cache, layer, kv_scale, fmt) in cases.items():
+        f = jax.jit(lambda q, c, l, i, s: fm.mla_decode(q, c, l, head_dim_v=D_V, softmax_scale=0.05, layer=i,
+                                                        kv_format=fmt, kv_scale=s, implementation=impl))
+        ref = f(q, cache, lens, layer, kv_scale)
+        for name, layout in layouts(False).items():
+            sq, _, sl, _ = sharding.shard_decode_inputs(layout, q, kv, lens)
+            spec = ((None,) if layer is not None else ()) + tuple(layout.kv_cache)
+            sc = jax.device_put(cache, NamedSharding(sq.sharding.mesh, P(*spec)))
+            out = f(sq, sc, sl, layer, kv_scale)
+            width = cache.shape[-1]
+            gathers = latent_gathers(f.lower(sq, sc, sl, layer, kv_scale).compile().as_text(), n, width)
+            err = rel_err(out, ref)
+            good = err < tol_for(impl) and not gathers
+            ok &= good
+            detail[f"{case}_{name}"] = dict(err=err, gathers=gathers[:2], ok=good)
+    return ok, detail
+
+
+@check
 def decode_paged_foreign_page_is_nan(impl):
     """Per-device pools: a sequence reading another device's page gets NaN, the others stay exact."""
     q, kv, lens, table = decode_inputs(5, 8, 1, 4, 64, jnp.float32, 16)

@@ -13,7 +13,8 @@ What they cover (implementation "xla": the jnp body inside the same partitioning
     elements (one whole cache sequence); for prefill, last dim d_qk and >= S x d_qk elements;
   * prefill gradients (and forward) under DP, TP, DP x TP (MHA and H_kv = 1) equal the unsharded ones;
   * the interpreted kernels under shard_map, and under plain sharded jit (correct, gathered to device 0);
-  * ValueError for a mesh axis that does not divide its dimension, and for a paged pool sharded on D.
+  * ValueError for a mesh axis that does not divide its dimension, and for a paged pool sharded on D;
+  * layer-stacked caches and FP8 caches (their layer index and per-layer scales reach every shard whole).
 """
 import json
 import os
