@@ -6,7 +6,6 @@ import functools
 import jax
 
 from flashmla_jax import _checks
-from flashmla_jax._checks import IMPLEMENTATIONS
 
 # Triton's interpreter has no SMs; plans made for it assume an H100 SXM's 132 so that the interpreted kernels
 # run the schedule the GPU would (tests set their own count where the schedule is the point).
@@ -24,7 +23,7 @@ def has_cuda_gpu() -> bool:
 
 
 def resolve_implementation(implementation: str | None) -> str:
-    """Maps the user's `implementation` to one of IMPLEMENTATIONS.
+    """Maps the user's `implementation` to one of _checks.IMPLEMENTATIONS.
 
     None means "triton" on a CUDA device and "xla" elsewhere. Asking for "triton" without a CUDA device
     is an error, never a silent fallback.

@@ -189,7 +189,7 @@ def decode_stacked(impl):
 def decode_fp8(impl):
     """FP8 caches (blockscale; pertensor stacked with one scale per layer, an [L] operand every shard gets
     whole) under DP, TP and CP equal the unsharded call, with no all-gather of cache rows."""
-    b, h, n, layers = 8, 8, 64, 2
+    b, h, n = 8, 8, 64
     q, kv, lens, _ = decode_inputs(60, b, 1, h, n, jnp.float32)
     kv = jnp.nan_to_num(kv)                                   # quantize_latent wants finite latents
     block = fm.quantize_latent(kv, "fp8_blockscale")
