@@ -158,6 +158,23 @@ def decode_paged(impl):
     return _decode_case(impl, True, 1, jnp.float32, tol_for(impl))
 
 
+def _put_cache(cache, layout, paged: bool):
+    """A cache placed as the layout says, any last width (FP8 bytes too); a layer-stacked one [L, ...] as
+    the layout places one layer, its layer axis unsharded."""
+    spec = tuple(layout.paged_kv_cache if paged else layout.kv_cache)
+    return jax.device_put(cache, layout.sharding(P(*(None,) * (cache.ndim - len(spec)), *spec)))
+
+
+def _compare_sharded(impl, f, ref, args, rows: int, width: int = D):
+    """f(*args) over sharded args against the unsharded result `ref`: (ok, detail) with the relative error and
+    the all-gathers of latent rows (`latent_gathers` with `rows`, `width`) in the compiled HLO."""
+    out = f(*args)
+    gathers = latent_gathers(f.lower(*args).compile().as_text(), rows, width)
+    err = rel_err(out, ref)
+    good = err < tol_for(impl) and not gathers
+    return good, dict(err=err, gathers=gathers[:2], ok=good)
+
+
 @check
 def decode_stacked(impl):
     """A layer-stacked cache [L, ...] read at a traced layer: every layout (contiguous and paged) equals the
@@ -173,15 +190,11 @@ def decode_stacked(impl):
         layer = jnp.int32(layers - 1)
         ref = f(q, stack, lens, table, layer)
         for name, layout in layouts(paged).items():
-            sq, skv, sl, st = sharding.shard_decode_inputs(layout, q, stack[0], lens, table)
-            spec = layout.paged_kv_cache if paged else layout.kv_cache
-            skv = jax.device_put(stack, NamedSharding(skv.sharding.mesh, P(None, *spec)))
-            out = f(sq, skv, sl, st, layer)
-            gathers = latent_gathers(f.lower(sq, skv, sl, st, layer).compile().as_text(), n)
-            err = rel_err(out, ref)
-            good = err < tol_for(impl) and not gathers
+            sq, _, sl, st = sharding.shard_decode_inputs(layout, q, stack[0], lens, table)
+            skv = _put_cache(stack, layout, paged)
+            good, detail[f"{'paged' if paged else 'contiguous'}_{name}"] = _compare_sharded(
+                impl, f, ref, (sq, skv, sl, st, layer), n)
             ok &= good
-            detail[f"{'paged' if paged else 'contiguous'}_{name}"] = dict(err=err, gathers=gathers[:2], ok=good)
     return ok, detail
 
 
@@ -207,15 +220,10 @@ def decode_fp8(impl):
         ref = f(q, cache, lens, layer, kv_scale)
         for name, layout in layouts(False).items():
             sq, _, sl, _ = sharding.shard_decode_inputs(layout, q, kv, lens)
-            spec = ((None,) if layer is not None else ()) + tuple(layout.kv_cache)
-            sc = jax.device_put(cache, NamedSharding(sq.sharding.mesh, P(*spec)))
-            out = f(sq, sc, sl, layer, kv_scale)
-            width = cache.shape[-1]
-            gathers = latent_gathers(f.lower(sq, sc, sl, layer, kv_scale).compile().as_text(), n, width)
-            err = rel_err(out, ref)
-            good = err < tol_for(impl) and not gathers
+            sc = _put_cache(cache, layout, False)
+            good, detail[f"{case}_{name}"] = _compare_sharded(impl, f, ref, (sq, sc, sl, layer, kv_scale), n,
+                                                               cache.shape[-1])
             ok &= good
-            detail[f"{case}_{name}"] = dict(err=err, gathers=gathers[:2], ok=good)
     return ok, detail
 
 
