@@ -114,3 +114,28 @@ def kv_format(name: str, value) -> str | None:
     if value is not None and (not isinstance(value, str) or value not in FP8_FORMATS):
         raise ValueError(f"{name} must be None or one of {FP8_FORMATS}, got {value!r}")
     return value
+
+
+def kv_scale(name: str, value, kv_format: str | None, num_layers: int | None, default: float | None = None):
+    """An "fp8_pertensor" cache's scale as a float32 array of shape () or, for a stack of `num_layers`, also
+    [num_layers]; `default` stands in for None (without one, None is a ValueError). Refused (ValueError) with
+    any other kv_format; a bool, a non-number or a non-float array is a TypeError."""
+    if kv_format != "fp8_pertensor":
+        if value is not None:
+            raise ValueError(f"{name} is only for kv_format='fp8_pertensor' (got kv_format={kv_format!r}): "
+                             "fp8_blockscale tokens carry their own scales")
+        return None
+    if value is None:
+        if default is None:
+            raise ValueError(f"kv_format='fp8_pertensor' needs {name}, the cache's float32 scale")
+        value = default
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "dtype")):
+        raise TypeError(f"{name} must be a float or a float32 array, got {type(value).__name__}")
+    if hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"{name} must be float32, got {value.dtype}")
+    value = jnp.asarray(value, jnp.float32)
+    shapes = ((), (num_layers,)) if num_layers is not None else ((),)
+    if value.shape not in shapes:
+        want = "a scalar or [L] (one per layer)" if num_layers is not None else "a scalar"
+        raise ValueError(f"{name} must be {want}, got shape {value.shape}")
+    return value

@@ -255,7 +255,7 @@ class LatentCache:
     def lengths(self, layer: int | jax.Array | None = None) -> jax.Array:
         """[B] int32: the tokens each sequence holds (in `layer`, for a stacked cache; as in `append`)."""
         layer = self._layer(layer)
-        return self.seqlens if layer is None else _layer_lengths(self.seqlens, layer)
+        return self.seqlens if layer is None else _at_layer(self.seqlens, layer)
 
     def _layer(self, layer) -> jax.Array | None:
         """Checks `layer` against the cache's stacking: None for one layer's cache, a 0-d int32 else."""
@@ -274,9 +274,7 @@ class LatentCache:
 def _fp8_fields(kv_format, kv_scale, dim: int, rope_dim: int, lead: tuple) -> dict:
     """LatentCache's FP8 fields (kv_format, latent_widths, kv_scale) from `create`'s arguments."""
     kv_format = _checks.kv_format("kv_format", kv_format)
-    if kv_format is None or kv_format != "fp8_pertensor":
-        if kv_scale is not None:
-            raise ValueError(f"kv_scale is only for kv_format='fp8_pertensor', not {kv_format!r}")
+    scale = _checks.kv_scale("kv_scale", kv_scale, kv_format, lead[0] if lead else None, default=1.0)
     if kv_format is None:
         return {}
     rope_dim = _checks.integer("rope_dim", rope_dim, lo=0, hi=dim - 1)
@@ -285,20 +283,14 @@ def _fp8_fields(kv_format, kv_scale, dim: int, rope_dim: int, lead: tuple) -> di
         latent_format(kv_format, *widths)
     except ValueError as e:
         raise ValueError(f"dim={dim}, rope_dim={rope_dim} do not fit kv_format={kv_format!r}: {e}") from None
-    if kv_format != "fp8_pertensor":
+    if scale is None:
         return dict(kv_format=kv_format, latent_widths=widths)
-    if isinstance(kv_scale, bool) or not (kv_scale is None or isinstance(kv_scale, (int, float))
-                                          or hasattr(kv_scale, "dtype")):
-        raise TypeError(f"kv_scale must be a float or a float32 array, got {type(kv_scale).__name__}")
-    scale = jnp.asarray(1.0 if kv_scale is None else kv_scale, jnp.float32)
-    if scale.shape not in ((), lead):
-        raise ValueError(f"kv_scale must be a scalar{' or [L]' if lead else ''}, got shape {scale.shape}")
     return dict(kv_format=kv_format, latent_widths=widths, kv_scale=jnp.broadcast_to(scale, lead))
 
 
 def _layer_scale(kv_scale: jax.Array | None, layer: jax.Array | None) -> jax.Array | None:
     """The scale of one layer: kv_scale [L] at layer, or kv_scale itself (0-d or None)."""
-    return kv_scale if kv_scale is None or layer is None else _layer_lengths(kv_scale, layer)
+    return kv_scale if kv_scale is None or layer is None else _at_layer(kv_scale, layer)
 
 
 def _quantized(cache: LatentCache, latent: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -314,17 +306,18 @@ def _packed_rows(cache: LatentCache, kv_new: jax.Array, layer: jax.Array | None)
     return kv_new.reshape(-1, kv_new.shape[-1])
 
 
-def _layer_lengths(seqlens: jax.Array, layer: jax.Array) -> jax.Array:
-    """seqlens [L, B], layer 0-d int32 in range -> [B], that layer's lengths."""
-    return jax.lax.dynamic_index_in_dim(seqlens, layer, 0, keepdims=False)
+def _at_layer(per_layer: jax.Array, layer: jax.Array) -> jax.Array:
+    """per_layer [L, ...] (lengths [L, B], scales [L]), layer 0-d int32 in range -> that layer's [...]."""
+    return jax.lax.dynamic_index_in_dim(per_layer, layer, 0, keepdims=False)
 
 
-def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Array
+def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Array, layer: jax.Array | None
                  ) -> tuple[jax.Array, jax.Array]:
-    """[B, S] flat row index into one layer's kv.reshape(-1, D) for each new token, and the new [B] lengths.
+    """[B, S] flat row index into kv.reshape(-1, W) for each new token (in `layer`'s rows of a stacked
+    cache), and the new [B] lengths.
 
     seqlens: [B], the lengths of the layer written. A dropped token gets a distinct index past the end of
-    the whole buffer (>= kv.size / D), so the indices stay unique and a scatter with mode="drop" skips it."""
+    the whole buffer (>= kv.size / W), so the indices stay unique and a scatter with mode="drop" skips it."""
     layer_shape = cache.kv.shape[-3:]
     per_layer = layer_shape[0] * layer_shape[1]
     total = per_layer * (cache.num_layers or 1)
@@ -340,14 +333,16 @@ def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Ar
         page = jnp.take_along_axis(cache.block_table, block, axis=1)
         keep &= (page >= 0) & (page < layer_shape[0])
         rows = page * cache.page_size + pos % cache.page_size
+    if layer is not None:
+        rows = rows + layer * per_layer
     rows = jnp.where(keep, rows, total + jnp.arange(cache.batch * s, dtype=jnp.int32).reshape(cache.batch, s))
     return rows, jnp.minimum(start + count, cache.capacity)
 
 
 @jax.jit
 def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: jax.Array | None) -> LatentCache:
-    """kv_new [B, S, D] in the cache's dtype (FP8 caches: floats, quantized here), num_new [B] int32, layer None or a 0-d int32 in range ->
-    the updated cache (see `append`). A stacked cache gets one scatter into its whole buffer, offset to
+    """kv_new [B, S, D] in the cache's dtype (FP8 caches: floats, quantized here), num_new [B] int32, layer
+    None or a 0-d int32 in range -> the updated cache (see `append`). A stacked cache gets one scatter into its whole buffer, offset to
     the layer's rows, and one update of that layer's lengths."""
     b, s, _ = kv_new.shape
     if cache.block_table is None and layer is None:
@@ -356,11 +351,9 @@ def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: ja
         kv, seqlens = append_contiguous(cache.kv, cache.seqlens, _packed_rows(cache, kv_new, None).reshape(b, s, -1),
                                         num_new)
         return dataclasses.replace(cache, kv=kv, seqlens=seqlens)
-    seqlens = cache.seqlens if layer is None else _layer_lengths(cache.seqlens, layer)
-    rows, new_lengths = _target_rows(cache, seqlens, s, num_new)
+    seqlens = cache.seqlens if layer is None else _at_layer(cache.seqlens, layer)
+    rows, new_lengths = _target_rows(cache, seqlens, s, num_new, layer)
     if layer is not None:
-        per_layer = cache.kv.shape[1] * cache.kv.shape[2]
-        rows = jnp.where(rows < per_layer, rows + layer * per_layer, rows)    # dropped tokens stay past the end
         new_lengths = jax.lax.dynamic_update_index_in_dim(cache.seqlens, new_lengths, layer, 0)
     flat = cache.kv.reshape(-1, cache.kv.shape[-1]).at[rows.reshape(-1)].set(
         _packed_rows(cache, kv_new, layer), mode="drop", unique_indices=True)

@@ -19,7 +19,7 @@ MAX_SPLITS = 256
 MAX_SPLITS_MERGED_IN_KERNEL = 16   # more splits than this are merged by the combine kernel
 
 
-def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, stacked, kv_format, kv_scale):
+def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, stacked, kv_format):
     if q.ndim != 4:
         raise ValueError(f"q must be [B, S_q, H, D], got shape {q.shape}")
     b, s_q, h, d = q.shape
@@ -33,7 +33,6 @@ def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_split
         lead = "L, " if stacked else ""
         raise ValueError(f"kv_cache must be [{lead}B, N, {width}] (or [{lead}num_blocks, page_size, {width}] with "
                          f"block_table){' with layer' if stacked else ''}, got shape {kv_cache.shape}")
-    _check_kv_scale(kv_scale, kv_format, kv_cache.shape[0] if stacked else None)
     if stacked:
         kv_cache = jax.ShapeDtypeStruct(kv_cache.shape[1:], kv_cache.dtype)     # one layer's shape
     _checks.int32_array("cache_seqlens", cache_seqlens, (b,), f"int32 [B={b}]")
@@ -59,24 +58,6 @@ def _token_width(kv_cache, d: int, head_dim_v: int, kv_format: str | None, q) ->
     except ValueError as e:
         raise ValueError(f"kv_format={kv_format!r} cannot hold latents of head_dim_v={head_dim_v} c_kv and "
                          f"D - head_dim_v={d - head_dim_v} k_pe values: {e}") from None
-
-
-def _check_kv_scale(kv_scale, kv_format: str | None, num_layers: int | None) -> None:
-    """kv_scale: required for "fp8_pertensor" (a float scalar, or [L] one per layer of a stacked cache),
-    refused otherwise."""
-    if kv_format != "fp8_pertensor":
-        if kv_scale is not None:
-            raise ValueError(f"kv_scale is only for kv_format='fp8_pertensor' (got kv_format={kv_format!r}): "
-                             "fp8_blockscale tokens carry their own scales")
-        return
-    if kv_scale is None:
-        raise ValueError("kv_format='fp8_pertensor' needs kv_scale, the cache's float32 scale")
-    if not jnp.issubdtype(kv_scale.dtype, jnp.floating):
-        raise TypeError(f"kv_scale must be float32, got {kv_scale.dtype}")
-    shapes = ((), (num_layers,)) if num_layers is not None else ((),)
-    if kv_scale.shape not in shapes:
-        want = "a scalar or [L] (one per layer)" if num_layers is not None else "a scalar"
-        raise ValueError(f"kv_scale must be {want}, got shape {kv_scale.shape}")
 
 
 def _check_kernel_dims(d: int, head_dim_v: int):
@@ -126,11 +107,11 @@ class DecodeTiles:
 def decode_tiles(rows: int, dtype, page_size: int | None, kv_format: str | None = None) -> DecodeTiles:
     """The tiles of one (rows = S_q * H, dtype, page size, kv_format) class.
 
-    An FP8 cache (kv_format set) takes the tiles of a cache in q's dtype for now (a GPU sweep will tune
-    them): its staged tiles are uint8, 656 or 576 bytes a token instead of 1152, which leaves shared memory
-    for the tile dequantized to q's dtype that the products read (benchmarks/compile_report.py
-    --kv-format reports what the compiler allocates)."""
-    del kv_format   # same tiles as the float cache until the FP8 rows are swept on the device
+    An FP8 cache (kv_format set) takes the tiles of a cache in q's dtype: its staged tiles are uint8, 656 or
+    576 bytes a token instead of 1152, which leaves shared memory for the tile dequantized to q's dtype that
+    the products read (benchmarks/compile_report.py --kv-format reports what the compiler allocates). The
+    H100 sweep of other FP8 tiles found none faster (benchmarks/NOTES.md)."""
+    del kv_format   # the same tiles as the float cache (see above)
     # float32 stays at 32 rows: a 64-row query tile and two key tiles of it overflow shared memory.
     block_m = 16 if rows <= 16 else (32 if rows <= 32 or dtype == jnp.float32 else 64)
     block_n = 32 if dtype == jnp.float32 else 64
@@ -337,14 +318,12 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
       out [B, S_q, H, head_dim_v] in q's dtype, and with return_lse lse [B, S_q, H] float32 (natural log).
       A row that sees no key gives out 0 and lse -inf.
     """
+    num_layers = None
     if layer is not None:
         num_layers = kv_cache.shape[0] if getattr(kv_cache, "ndim", 0) == 4 else None   # else: refused below
         layer = _checks.layer_index("layer", layer, num_layers)
     kv_format = _checks.kv_format("kv_format", kv_format)
-    if kv_scale is not None:
-        if isinstance(kv_scale, bool) or not (isinstance(kv_scale, (int, float, np.number)) or hasattr(kv_scale, "dtype")):
-            raise TypeError(f"kv_scale must be a float32 scalar (or [L] array), got {type(kv_scale).__name__}")
-        kv_scale = jnp.asarray(kv_scale, jnp.float32 if isinstance(kv_scale, (int, float)) else None)
+    kv_scale = _checks.kv_scale("kv_scale", kv_scale, kv_format, num_layers)
     return _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v=head_dim_v,
                        softmax_scale=softmax_scale, causal=causal, num_splits=num_splits, return_lse=return_lse,
                        implementation=implementation, kv_format=kv_format)
@@ -355,12 +334,9 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
 def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v, softmax_scale, causal,
                 num_splits, return_lse, implementation, kv_format):
     """`mla_decode` under jit; layer: None or a 0-d int32 array; kv_scale None or a float array."""
-    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None, kv_format,
-                  kv_scale)
-    if kv_scale is not None:     # one float32 per layer of a stacked cache, the kernels' [L] scale pointer
-        kv_scale = kv_scale.astype(jnp.float32)
-        if layer is not None:
-            kv_scale = jnp.broadcast_to(kv_scale, kv_cache.shape[:1])
+    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None, kv_format)
+    if kv_scale is not None and layer is not None:     # one per layer of a stacked cache: the kernels' [L] pointer
+        kv_scale = jnp.broadcast_to(kv_scale, kv_cache.shape[:1])
     impl = resolve_implementation(implementation)
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
     head_dim_v = int(head_dim_v)
@@ -382,12 +358,7 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     # callback inside custom_partitioning segfaults (jax PR #23620). layer and kv_scale reach every shard whole.
     shard = partitioned_decode(decode, causal=causal) if impl != "interpret" else functools.partial(_with_causal,
                                                                                                       decode, causal)
-
-    def decode_extras(q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
-        return shard(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
-
-    out, lse = _inference_only(_fold_vmap_into_batch(decode_extras))(q, kv_cache, cache_seqlens, block_table, layer,
-                                                                      kv_scale)
+    out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
     return (out, lse) if return_lse else out
 
 
