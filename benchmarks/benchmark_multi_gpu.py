@@ -7,9 +7,9 @@ inputs laid out by flashmla_jax.sharding, against the same call on one GPU.
 
 Rows: X-DP-D1 (B128 N4096 H16), X-DP-D1-paged, X-DP-D2 (B64 N16384 H16) batch-sharded; X-CP-256K and
 X-CP-1M (one sequence, H16) sequence-sharded; X-TP-D5 (B128 N4096 H128) head-sharded. bf16, S_q 1.
-Per row and device count: wall time per call (benchmarks/common.py `time_call`: steady state, dispatch
-hidden behind a GPU blocker) and GPU time from CUPTI (`jax.experimental.mosaic.gpu.profiler.measure(...,
-aggregate=False)`), split by kernel name into attention (our Triton kernels), collective (NCCL) and other;
+Per row and device count: wall time per call (`time_in_one_dispatch`: four calls on distinct inputs in one
+jitted dispatch, host dispatch included) and GPU time from CUPTI (benchmarks/common.py `gpu_kernel_times`),
+split by kernel name into attention (our Triton kernels), collective (NCCL) and other;
 CUPTI sees the kernels of every GPU, so per-device time is the total over the number of devices.
 Targets printed (not asserted): DP per-device GPU time <= 1.1 x one GPU's / n; CP wall speedup >= 1.7x on
 2 GPUs and >= 3x on 4. Writes benchmarks/results/multi_gpu_<device>.json and a PNG plot beside it.
@@ -98,15 +98,12 @@ def make_inputs(row: Row, layout: sharding.DecodeLayout, seed: int):
 
 def gpu_times(fn, args, n_dev: int) -> dict | None:
     """CUPTI kernel times of one call: total, per device, and the split by kernel kind; None off the GPU."""
-    if jax.devices()[0].platform != "gpu":
-        return None
     try:
-        from jax.experimental.mosaic.gpu import profiler
-        fn(*args)
-        _, kernels = profiler.measure(fn, aggregate=False)(*args)
+        kernels = common.gpu_kernel_times(lambda: fn(*args))
     except Exception as e:                 # noqa: BLE001 - the wall time still stands
         return dict(error=f"{type(e).__name__}: {e}"[:300])
-    kernels = kernels or []
+    if kernels is None:
+        return None
     kind = lambda name: ("collective" if any(m in name.lower() for m in COLLECTIVE_MARKERS)
                          else "attention" if "mla_decode" in name else "other")
     split = {"attention": 0.0, "collective": 0.0, "other": 0.0}

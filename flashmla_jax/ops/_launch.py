@@ -12,6 +12,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from flashmla_jax.ops._host_call import host_call
+
 _INTERPRETED: dict[Any, Any] = {}
 _INTERPRET_LOCK = threading.Lock()
 
@@ -63,11 +65,9 @@ def _interpret(kernel, args, out_shape, grid, zeroed_outputs, aliases, constexpr
             _interpreted(kernel)[grid](*kernel_args, *outs, **constexprs)
         return tuple(_from_torch(o, s.dtype) for o, s in zip(outs, out_shape))
 
-    # --- sharding hook (issue 12): host_call is pure_callback without the device_put that deadlocks on
-    # many CPU devices (ops/_host_call.py). Was: jax.pure_callback(host, tuple(out_shape), *arrays)
-    from flashmla_jax.ops._host_call import host_call
+    # host_call: jax.pure_callback without the device_put that stalls a program on many CPU devices
+    # (ops/_host_call.py).
     return list(host_call(host, tuple(out_shape), *arrays))
-    # --- end sharding hook
 
 
 def _interpreted(jit_fn):

@@ -334,8 +334,7 @@ def append_contiguous(kv, seqlens, kv_new, num_new):
     XLA's own scatter partitioning does). kv [B, N, D]; seqlens, num_new [B] int32; kv_new [B, S, D] in
     kv's dtype -> (kv, seqlens). A batch-sharded paged pool needs no rule: XLA partitions that scatter
     itself (each device applies the updates that fall in its pages)."""
-    kv, seqlens = _append_partitioned(kv.shape[1])(kv, seqlens, kv_new, num_new)
-    return kv, seqlens
+    return _append_partitioned(kv.shape[1])(kv, seqlens, kv_new, num_new)
 
 
 # ---------------------------------------------------------------------------------------------- prefill
