@@ -1,30 +1,35 @@
-"""The launch seam: device-side tensor descriptors (TMA) through `launch`, in Triton's interpreter and on the
-GPU (jax-triton 0.3.1 with the global-scratch hook, flashmla_jax/ops/_jax_triton_scratch.py)."""
+"""The launch seam (flashmla_jax/ops/_launch.py and the jax-triton 0.3.1 hooks in ops/_jax_triton_hooks.py):
+device-side tensor descriptors in Triton's interpreter, the jax-triton lowering of tl and Gluon kernels for
+CUDA on this machine (a stand-in for jaxlib's GPU module, tests/jax_triton_lowering_checks.py), and the same
+kernels under jit on the GPU."""
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import triton
-import triton.language as tl
 
-from flashmla_jax.ops import _jax_triton_scratch as scratch
+from flashmla_jax.ops import _jax_triton_hooks as hooks
 from flashmla_jax.ops._launch import launch
+from gluon_kernels_for_checks import descriptor_scale_kernel, gluon_scale_kernel
 
-
-@triton.jit
-def _descriptor_scale_kernel(x_ptr, y_ptr, M: tl.constexpr, N: tl.constexpr, BLOCK_M: tl.constexpr,
-                             BLOCK_N: tl.constexpr):
-    """y = 2 x through device-side tensor descriptors: x, y [M, N], one [BLOCK_M, BLOCK_N] tile per program."""
-    m, n = tl.program_id(0) * BLOCK_M, tl.program_id(1) * BLOCK_N
-    src = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
-    dst = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
-    dst.store([m, n], src.load([m, n]) * 2)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _scale_through_descriptors(x, implementation):
     m, n = x.shape
-    (y,) = launch(_descriptor_scale_kernel, x, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+    (y,) = launch(descriptor_scale_kernel, x, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
                   grid=(m // 32, n // 64), implementation=implementation, M=m, N=n, BLOCK_M=32, BLOCK_N=64)
+    return y
+
+
+def _scale_with_gluon(x, scale, implementation):
+    m, n = x.shape
+    (y,) = launch(gluon_scale_kernel, x, np.float32(scale), out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)],
+                  grid=(m // 64, n // 256), implementation=implementation, M=m, N=n, BLOCK_M=64, BLOCK_N=256)
     return y
 
 
@@ -33,14 +38,46 @@ def test_interpreter_runs_tensor_descriptors():
     np.testing.assert_array_equal(_scale_through_descriptors(x, "interpret"), 2 * x)
 
 
+def test_interpreter_refuses_gluon_kernels():
+    x = jnp.ones((64, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="Gluon kernel"):
+        _scale_with_gluon(x, 2.0, "interpret")
+
+
+def test_hooks_are_for_jax_triton_below_0_4():
+    assert hooks.hooks_needed((0, 3, 1))
+    assert not hooks.hooks_needed((0, 4, 0))
+    assert not hooks.hooks_needed((1, 0))
+
+
 def test_scratch_arguments_come_from_the_kernel_compiled_last():
-    scratch._LAST_COMPILED.metadata = dict(name="k", scratch_size=256, scratch_align=128, num_warps=12)
-    assert scratch.scratch_arguments("k", 8) == (12, dict(global_scratch_size=256, global_scratch_align=128))
-    assert scratch.scratch_arguments("k", 8) == (8, {})                 # consumed: one kernel, one construction
-    scratch._LAST_COMPILED.metadata = dict(name="other", scratch_size=256, scratch_align=128, num_warps=4)
-    assert scratch.scratch_arguments("k", 8) == (8, {})                 # not the kernel being constructed
-    scratch._LAST_COMPILED.metadata = dict(name="k", scratch_size=0, scratch_align=1, num_warps=None)
-    assert scratch.scratch_arguments("k", 4) == (4, {})                 # no scratch: constructed as before
+    hooks._LAST_COMPILED.metadata = dict(name="k", scratch_size=256, scratch_align=128, num_warps=12)
+    assert hooks.scratch_arguments("k", 8) == (12, dict(global_scratch_size=256, global_scratch_align=128))
+    assert hooks.scratch_arguments("k", 8) == (8, {})                 # consumed: one kernel, one construction
+    hooks._LAST_COMPILED.metadata = dict(name="other", scratch_size=256, scratch_align=128, num_warps=4)
+    assert hooks.scratch_arguments("k", 8) == (8, {})                 # not the kernel being constructed
+    hooks._LAST_COMPILED.metadata = dict(name="k", scratch_size=0, scratch_align=1, num_warps=None)
+    assert hooks.scratch_arguments("k", 4) == (4, {})                 # no scratch: constructed as before
+
+
+def test_jax_triton_lowers_gluon_and_tl_kernels_for_cuda():
+    """The whole jax-triton path under jit, lowered for sm_90 here: what jaxlib's TritonKernel receives."""
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "jax_triton_lowering_checks.py")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["hooks_needed"] and got["custom_call"]
+    gluon = got["gluon"]
+    # Built as Gluon (TMA in the PTX), launched with the compiled warp count (4 + a padded 1-warp partition)
+    # that the PTX demands, and given the descriptors' global scratch (128 B each, two of them).
+    assert gluon["name"] == "gluon_scale_kernel" and gluon["capability"] == 90 and gluon["tma"]
+    assert gluon["num_warps"] == 8 and gluon["reqntid"] == 8 * 32
+    assert gluon["global_scratch_size"] == 256
+    tl_descriptors = got["tl_descriptors"]
+    assert tl_descriptors["num_warps"] == 4 and tl_descriptors["global_scratch_size"] == 256
+    plain = got["tl_plain"]
+    assert plain["num_warps"] == 4 and "global_scratch_size" not in plain and not plain["tma"]
 
 
 @pytest.mark.gpu
@@ -48,3 +85,10 @@ def test_gpu_tensor_descriptors_under_jit():
     x = jax.random.normal(jax.random.PRNGKey(1), (256, 512), jnp.bfloat16)
     y = jax.jit(lambda x: _scale_through_descriptors(x, "triton"))(x)
     np.testing.assert_array_equal(np.asarray(y, np.float32), 2 * np.asarray(x, np.float32))
+
+
+@pytest.mark.gpu
+def test_gpu_gluon_kernel_under_jit():
+    x = jax.random.normal(jax.random.PRNGKey(2), (256, 512), jnp.bfloat16)
+    y = jax.jit(lambda x: _scale_with_gluon(x, 0.5, "triton"))(x)
+    np.testing.assert_array_equal(np.asarray(y, np.float32), 0.5 * np.asarray(x, np.float32))

@@ -1,5 +1,8 @@
 """One way to launch a Triton kernel from JAX: jax-triton on the GPU, Triton's interpreter on the CPU.
 
+Gluon kernels (`triton.experimental.gluon.jit`) launch through the same call on the GPU (ops/_jax_triton_hooks.py
+lets jax-triton 0.3.1 compile them); the interpreter cannot run them.
+
 Both paths take the same arguments as `jax_triton.triton_call`: array and scalar inputs by position (a
 float scalar as `np.float32`), then one output pointer per `out_shape` entry, then constexpr keywords.
 """
@@ -12,6 +15,7 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from flashmla_jax.ops import _jax_triton_hooks
 from flashmla_jax.ops._host_call import host_call
 
 _INTERPRETED: dict[Any, Any] = {}
@@ -35,9 +39,7 @@ def launch(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple
     if implementation == "triton":
         import jax_triton  # imported here: it cannot be imported without a GPU build of JAX
 
-        from flashmla_jax.ops import _jax_triton_scratch
-
-        _jax_triton_scratch.install()           # global scratch for device-side tensor descriptors
+        _jax_triton_hooks.install()             # Gluon kernels, global scratch, the compiled warp count
         outs = jax_triton.triton_call(
             *args, kernel=kernel, out_shape=out_shape, grid=grid, num_warps=num_warps,
             num_stages=num_stages, zeroed_outputs=tuple(zeroed_outputs), input_output_aliases=aliases,
@@ -45,6 +47,9 @@ def launch(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple
         return list(outs)
     if implementation != "interpret":
         raise ValueError(f"launch() runs Triton kernels only, not implementation={implementation!r}")
+    if _jax_triton_hooks.is_gluon(kernel):
+        raise ValueError(f"{getattr(kernel, '__name__', kernel)} is a Gluon kernel: Triton's interpreter cannot "
+                         "run Gluon (it compiles for Hopper GPUs only)")
     return _interpret(kernel, args, out_shape, grid, tuple(zeroed_outputs), aliases, constexprs)
 
 
