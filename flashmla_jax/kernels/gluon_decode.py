@@ -1,0 +1,456 @@
+"""Hopper (sm_90) split-KV MLA decode in Gluon: TMA, wgmma and warp specialization.
+
+The same contract as kernels/decode.py's `mla_decode_split_kernel` (its arguments, outputs, grid and
+schedule constexprs), for caches in q's dtype (bf16 / fp16), contiguous or paged (PAGE_SIZE >= 64), stacked
+or not, any S_Q, causal or not. Partials of split sequences are merged by `mla_decode_combine_kernel`
+(LAST_MERGES is not supported here).
+
+One program takes a 64-row tile (rows r = s * H + h of one sequence; fewer real rows are zero-padded) and a
+split of that sequence's keys, in key blocks of 64 tokens, and runs in three partitions:
+- producer (1 warp): TMA loads of the 64 x 576 query tile once and of each key block into a 2-slot ring;
+- two consumer warpgroups, each owning half of the 64 x 512 float32 output (`_left_half`: columns [0, 256),
+  `_right_half`: [256, 512)). Key blocks come in pairs: the left warpgroup computes the scores of the even
+  block of a pair (S0 = Q K0^T), the right one those of the odd block (S1), so that one group's softmax runs
+  while the other's matrix products do ("seesaw" scheduling, as FlashMLA does it). Each group needs both
+  blocks' probabilities for its half of O: P0 and the running max after block 0 (m0) go from left to right,
+  P1 and m1 from right to left, through shared memory. A block's probabilities [64 rows, 64 keys] are
+  written over its rope columns [64 keys, 64] once its scores exist: same shape, same layout, and no one
+  reads that rope part again.
+
+The online softmax per pair, m the running max (base 2) before it, P_k = exp2(S_k - m_k):
+    m0 = max(m, rowmax S0),  m1 = max(m0, rowmax S1)
+    O_left  = (O_left  * exp2(m - m0) + P0 V0_left)  * exp2(m0 - m1) + P1 V1_left
+    O_right = (O_right * exp2(m - m0) + P0 V0_right) * exp2(m0 - m1) + P1 V1_right
+Each group keeps the row sums of its own blocks' P (rescaled alike); the epilogue adds the two.
+
+Rescale factors are exp2(old - safe(new)) with safe(-inf) = 0: a row with no visible key yet keeps 0, and a
+factor is never exp2(+large). Keys past the sequence's length are zero-filled by the TMA (the key
+descriptor of a contiguous cache ends at the length; a paged cache's last partial block is read through a
+descriptor that ends there), so garbage in unused slots and pages never meets a zero probability.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                              warpgroup_mma_init, warpgroup_mma_wait)
+
+LOG2E = gl.constexpr(1.4426950408889634)
+LN2 = gl.constexpr(0.6931471805599453)
+BLOCK_M = gl.constexpr(64)        # query rows per program: one wgmma M extent per warpgroup
+BLOCK_N = gl.constexpr(64)        # keys per block
+HALF_V = gl.constexpr(256)        # output columns per consumer warpgroup
+CONSUMER_REGS = gl.constexpr(240)  # registers per thread of each consumer warpgroup (the producer: the rest)
+
+
+@gluon.constexpr_function
+def _score_layout():
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 64, 16])
+
+
+@gluon.constexpr_function
+def _out_layout():
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, 256, 16])
+
+
+@gluon.constexpr_function
+def _row_vector_layout():
+    return gl.SliceLayout(1, _score_layout())
+
+
+@gluon.jit
+def _sequence_splits(seqlens_ptr, b, CAPACITY: gl.constexpr, NUM_SPLITS: gl.constexpr,
+                     UNIFORM_SPLITS: gl.constexpr, BALANCE: gl.constexpr, BATCH: gl.constexpr,
+                     BATCH_POW2: gl.constexpr, SLOTS: gl.constexpr, ROW_TILES: gl.constexpr,
+                     UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr):
+    """(seqlen, splits) of sequence b: kernels/decode.py's `_sequence_splits`, the same schedule."""
+    seqlen = gl.minimum(gl.maximum(gl.load(seqlens_ptr + b), 0), CAPACITY)
+    if BALANCE:
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        offs_b = gl.arange(0, BATCH_POW2, layout=lay)
+        lens = gl.load(seqlens_ptr + offs_b, mask=offs_b < BATCH, other=0)
+        lens = gl.minimum(gl.maximum(lens, 0), CAPACITY)
+        blocks_b = (lens + BLOCK_N - 1) // BLOCK_N
+        total = gl.sum(blocks_b, 0)
+        ragged = gl.max(blocks_b, 0) * BATCH * UNIFORM_NUM > total * UNIFORM_DEN
+        run = gl.maximum((total * ROW_TILES + SLOTS - 1) // SLOTS, 1)
+        blocks = (seqlen + BLOCK_N - 1) // BLOCK_N
+        balanced = gl.minimum(gl.maximum((blocks + run - 1) // run, 1), NUM_SPLITS)
+        splits = gl.where(ragged, balanced, UNIFORM_SPLITS)
+    else:
+        splits = seqlen * 0 + NUM_SPLITS
+    return seqlen, splits
+
+
+@gluon.jit
+def _split_keys(seqlen, splits_here, split, tile, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr):
+    """(lo, hi, first_limit): keys [lo, hi) of this split for row tile `tile`, and the causal limit of the
+    tile's first row (the smallest: limits grow with the row). kernels/decode.py's `_split_keys`."""
+    split_len = ((seqlen + BLOCK_N - 1) // BLOCK_N + splits_here - 1) // splits_here * BLOCK_N
+    lo = split * split_len
+    hi = gl.minimum(lo + split_len, seqlen)
+    if CAUSAL:
+        first_limit = seqlen - S_Q + 1 + (tile * BLOCK_M) // H
+        last_row = gl.minimum(tile * BLOCK_M + BLOCK_M, S_Q * H) - 1
+        hi = gl.minimum(hi, seqlen - S_Q + 1 + last_row // H)
+    else:
+        first_limit = seqlen
+    return lo, hi, first_limit
+
+
+@gluon.jit
+def _masked_scores(s, start, first_limit, seqlen, tile, H: gl.constexpr, S_Q: gl.constexpr,
+                   CAUSAL: gl.constexpr):
+    """Scores s [64, 64] of keys [start, start + 64) with -inf where a row may not see the key; rows of the
+    tile that see the whole block (start + 64 <= first_limit) skip the mask."""
+    if start + BLOCK_N > first_limit:
+        keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, _score_layout()))
+        rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=_row_vector_layout())
+        if CAUSAL:
+            limit = seqlen - S_Q + 1 + rows // H
+        else:
+            limit = rows * 0 + seqlen
+        s = gl.where(gl.expand_dims(keys, 0) < gl.expand_dims(limit, 1), s, float("-inf"))
+    return s
+
+
+@gluon.jit
+def _block_scores(q_nope, q_rope, k_nope, k_rope):
+    """Issues S = Q K^T [64, 64] (576 deep) on the tensor cores; returns the async token.
+
+    The 512-deep part runs as a loop over its eight 64-wide column boxes (the NVMMA layout stores a
+    [64, 512] tile as eight [64, 64] boxes one after another): with the box index a loop variable, each
+    product's shared-memory descriptors are computed where they are used, instead of 64 loop-invariant
+    ones being hoisted into (and spilled from) registers."""
+    box: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    boxes: gl.constexpr = k_nope.shape[1] // 64
+    q_boxes = q_nope._reinterpret(q_nope.dtype, [boxes, BLOCK_M, 64], box)
+    k_boxes = k_nope._reinterpret(k_nope.dtype, [boxes, BLOCK_N, 64], box)
+    s = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=_score_layout()))
+    for c in range(boxes):
+        s = warpgroup_mma(q_boxes.index(c), k_boxes.index(c).permute((1, 0)), s, is_async=True)
+    return warpgroup_mma(q_rope, k_rope.permute((1, 0)), s, is_async=True)
+
+
+@gluon.jit
+def _safe(m):
+    return gl.where(m == float("-inf"), 0.0, m)
+
+
+@gluon.jit
+def _rescaled(acc, factor):
+    """acc [64, 256] times a per-row factor [64] (the scores' row layout)."""
+    f = gl.convert_layout(factor, gl.SliceLayout(1, _out_layout()))
+    return acc * gl.expand_dims(f, 1)
+
+
+@gluon.jit
+def _probabilities(s, m_new_safe, dtype: gl.constexpr):
+    """P = exp2(s - m_new) as the left operand of P V (registers) and its row sums."""
+    p = gl.exp2(s - gl.expand_dims(m_new_safe, 1))
+    p_op = gl.convert_layout(p.to(dtype), gl.DotOperandLayout(operand_index=0, parent=_out_layout(), k_width=2))
+    return p, p_op
+
+
+@gluon.jit
+def _left_half(q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen,
+               lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split, splits_here,
+               H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr, NUM_SPLITS: gl.constexpr):
+    """The left consumer warpgroup (the default partition): scores of the even blocks, O[:, :256]."""
+    dtype: gl.constexpr = q_nope.dtype
+    mbarrier.wait(q_ready, 0)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=_row_vector_layout())
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=_row_vector_layout())
+    acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
+    for pair in range((n_blocks + 1) // 2):
+        phase = pair & 1
+        start = lo + 2 * pair * BLOCK_N
+        mbarrier.wait(k_ready.index(0), phase)
+        s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0))
+        s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
+        s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
+        m0 = gl.maximum(m_i, gl.max(s, axis=1))
+        m0_safe = _safe(m0)
+        p0, p0_op = _probabilities(s, m0_safe, dtype)
+        alpha = gl.exp2(m_i - m0_safe)
+        l_i = l_i * alpha + gl.sum(p0, axis=1)
+        # P0 and m0 to the right warpgroup: P0 over block 0's rope columns, read by its wgmma (async proxy).
+        k_rope.index(0).store(p0.to(dtype))
+        m_x.slice(0, BLOCK_M).store(m0)
+        fence_async_shared()
+        mbarrier.arrive(p_ready.index(0), count=1)
+        acc = _rescaled(acc, alpha)
+        acc = warpgroup_mma(p0_op, k_nope.index(0).slice(0, HALF_V, dim=1), acc, is_async=True)
+        acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+        mbarrier.arrive(k_free.index(0), count=1)
+        if 2 * pair + 1 < n_blocks:
+            mbarrier.wait(p_ready.index(1), phase)
+            m1 = m_x.slice(BLOCK_M, BLOCK_M).load(_row_vector_layout())
+            beta = gl.exp2(m0 - _safe(m1))
+            acc = _rescaled(acc, beta)
+            l_i = l_i * beta
+            acc = warpgroup_mma(k_rope.index(1), k_nope.index(1).slice(0, HALF_V, dim=1), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(k_free.index(1), count=1)
+            m_i = m1
+        else:
+            m_i = m0
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0)
+    stage, stage_part = _output_stages(q_nope, k_nope, 0)
+    _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
+                n_blocks > 0, 0, True, H * S_Q, NUM_SPLITS)
+
+
+@gluon.jit
+def _right_half(q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen,
+                lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split, splits_here,
+                H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr, NUM_SPLITS: gl.constexpr):
+    """The right consumer warpgroup (a worker partition): scores of the odd blocks, O[:, 256:]."""
+    dtype: gl.constexpr = q_nope.dtype
+    mbarrier.wait(q_ready, 0)
+    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=_row_vector_layout())
+    l_i = gl.zeros([BLOCK_M], gl.float32, layout=_row_vector_layout())
+    acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
+    for pair in range((n_blocks + 1) // 2):
+        phase = pair & 1
+        start = lo + (2 * pair + 1) * BLOCK_N
+        if 2 * pair + 1 < n_blocks:
+            mbarrier.wait(k_ready.index(1), phase)
+            s = _block_scores(q_nope, q_rope, k_nope.index(1), k_rope.index(1))
+            mbarrier.wait(p_ready.index(0), phase)
+            m0 = m_x.slice(0, BLOCK_M).load(_row_vector_layout())
+            m0_safe = _safe(m0)
+            alpha = gl.exp2(m_i - m0_safe)
+            acc = _rescaled(acc, alpha)
+            l_i = l_i * alpha
+            acc = warpgroup_mma(k_rope.index(0), k_nope.index(0).slice(HALF_V, HALF_V, dim=1), acc, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
+            s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
+            m1 = gl.maximum(m0, gl.max(s, axis=1))
+            m1_safe = _safe(m1)
+            p1, p1_op = _probabilities(s, m1_safe, dtype)
+            k_rope.index(1).store(p1.to(dtype))
+            m_x.slice(BLOCK_M, BLOCK_M).store(m1)
+            fence_async_shared()
+            mbarrier.arrive(p_ready.index(1), count=1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(k_free.index(0), count=1)
+            beta = gl.exp2(m0 - m1_safe)
+            acc = _rescaled(acc, beta)
+            l_i = l_i * beta + gl.sum(p1, axis=1)
+            acc = warpgroup_mma(p1_op, k_nope.index(1).slice(HALF_V, HALF_V, dim=1), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(k_free.index(1), count=1)
+            m_i = m1
+        else:
+            mbarrier.wait(p_ready.index(0), phase)
+            m0 = m_x.slice(0, BLOCK_M).load(_row_vector_layout())
+            alpha = gl.exp2(m_i - _safe(m0))
+            acc = _rescaled(acc, alpha)
+            l_i = l_i * alpha
+            acc = warpgroup_mma(k_rope.index(0), k_nope.index(0).slice(HALF_V, HALF_V, dim=1), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+            mbarrier.arrive(k_free.index(0), count=1)
+            m_i = m0
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1)
+    stage, stage_part = _output_stages(q_nope, k_nope, 1)
+    _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
+                n_blocks > 0, HALF_V, False, H * S_Q, NUM_SPLITS)
+
+
+@gluon.jit
+def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr):
+    """(out [64, 256], lse [64]): this half normalised by both groups' row sums (exchanged through l_x)."""
+    l_x.slice(side * BLOCK_M, BLOCK_M).store(l_i)
+    mbarrier.arrive(done, count=1)
+    mbarrier.wait(done, 0)
+    l_all = l_i + l_x.slice((1 - side) * BLOCK_M, BLOCK_M).load(_row_vector_layout())
+    has_keys = l_all > 0
+    lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
+    out = acc / gl.expand_dims(gl.convert_layout(gl.where(has_keys, l_all, 1.0), gl.SliceLayout(1, _out_layout())), 1)
+    return out, lse
+
+
+@gluon.jit
+def _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split,
+                splits_here, nonempty, col0: gl.constexpr, WRITE_LSE: gl.constexpr, R: gl.constexpr,
+                NUM_SPLITS: gl.constexpr):
+    """Stores out [64, 256] at columns [col0, col0 + 256) of the result (a sequence's only split) or of this
+    split's float32 partial, through shared memory (stage: q's dtype, stage_part: float32) and a TMA store
+    whose descriptor ends at the tile's last real row; with WRITE_LSE also the rows' LSE.
+    kernels/decode.py's `_write_split` without the in-kernel merge."""
+    final = (splits_here == 1) & (split == 0)
+    if final:
+        stage.store(out.to(stage.dtype))
+        fence_async_shared()
+        tma.async_copy_shared_to_global(o_desc, [0, col0], stage)
+    rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=_row_vector_layout())
+    row_ok = rows < R
+    if WRITE_LSE:
+        gl.store(lse_ptr + b.to(gl.int64) * R + rows, lse, mask=row_ok & final)
+    if NUM_SPLITS > 1:
+        taken = (splits_here > 1) & (split < splits_here)
+        # An empty split (lse -inf) is never read by the combine: its 0 partial is not written.
+        if taken & nonempty:
+            stage_part.store(out)
+            fence_async_shared()
+            tma.async_copy_shared_to_global(o_part_desc, [0, col0], stage_part)
+        if WRITE_LSE:
+            gl.store(lse_part_ptr + (b.to(gl.int64) * NUM_SPLITS + split) * R + rows, lse, mask=row_ok & taken)
+    tma.store_wait(0)
+
+
+@gluon.jit
+def _output_stages(q_nope, k_nope, side: gl.constexpr):
+    """Shared memory for one half's output, free once both groups are done: a [64, 256] slice of the query
+    tile (q's dtype), and ring slot `side` as [64, 256] float32 (partials)."""
+    float32_tile: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
+    stage = q_nope.slice(side * HALF_V, HALF_V, dim=1)
+    stage_part = k_nope.index(side)._reinterpret(gl.float32, [BLOCK_M, HALF_V], float32_tile)
+    return stage, stage_part
+
+
+@gluon.jit
+def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free, table_ptr, b,
+              lo, n_blocks, tail_start, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr,
+              NUM_PAGES: gl.constexpr, D_V: gl.constexpr):
+    """The load partition (1 warp): the query tile, then each key block into ring slot block % 2 once both
+    consumer groups have released it. Descriptors come in (nope [64, 512] box, rope [64, 64] box) pairs; a
+    paged cache's partial last block (tail_start) comes through tail_descs, whose rows end at the sequence's
+    length."""
+    mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
+    tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
+    tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
+    BYTES: gl.constexpr = 2 * BLOCK_N * (D_V + 64)
+    for j in range(n_blocks):
+        slot = j % 2
+        start = lo + j * BLOCK_N
+        row = start
+        if PAGED:
+            # The page is looked up before waiting for the slot: its load latency hides behind the wait.
+            page = gl.load(table_ptr + b * MAX_BLOCKS + start // PAGE_SIZE)
+            row = gl.minimum(gl.maximum(page, 0), NUM_PAGES - 1) * PAGE_SIZE + start % PAGE_SIZE
+        mbarrier.wait(k_free.index(slot), ((j // 2) & 1) ^ 1)     # a fresh barrier passes phase 1
+        bar = k_ready.index(slot)
+        mbarrier.expect(bar, BYTES)
+        if PAGED and start == tail_start:
+            tma.async_copy_global_to_shared(tail_descs[0], [0, 0], bar, k_nope.index(slot))
+            tma.async_copy_global_to_shared(tail_descs[1], [0, D_V], bar, k_rope.index(slot))
+        else:
+            tma.async_copy_global_to_shared(k_descs[0], [row, 0], bar, k_nope.index(slot))
+            tma.async_copy_global_to_shared(k_descs[1], [row, D_V], bar, k_rope.index(slot))
+
+
+@gluon.jit
+def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS: gl.constexpr):
+    """TMA descriptors over rows [rows, D_V + D_R] at base: boxes [BOX_ROWS, D_V] (nope) and [BOX_ROWS, D_R]
+    (rope); boxes reaching past `rows` are zero-filled."""
+    D: gl.constexpr = D_V + D_R
+    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    nope = tma.make_tensor_descriptor(base, shape=[rows, D], strides=[D, 1], block_shape=[BOX_ROWS, D_V],
+                                      layout=swizzled)
+    rope = tma.make_tensor_descriptor(base, shape=[rows, D], strides=[D, 1], block_shape=[BOX_ROWS, D_R],
+                                      layout=swizzled)
+    return nope, rope
+
+
+@gluon.jit
+def mla_decode_gluon_kernel(
+    q_ptr, kv_ptr, seqlens_ptr, table_ptr, layer_ptr, kv_scale_ptr, scale,
+    o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr,
+    H: gl.constexpr, S_Q: gl.constexpr, N_MAX: gl.constexpr, NUM_LAYERS: gl.constexpr, LAYER_STRIDE: gl.constexpr,
+    PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, NUM_PAGES: gl.constexpr,
+    D_V: gl.constexpr, D_R: gl.constexpr, CAUSAL: gl.constexpr,
+    CAPACITY: gl.constexpr, NUM_SPLITS: gl.constexpr, UNIFORM_SPLITS: gl.constexpr, BALANCE: gl.constexpr,
+    BATCH: gl.constexpr, BATCH_POW2: gl.constexpr, SLOTS: gl.constexpr, ROW_TILES: gl.constexpr,
+    UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr,
+):
+    """Grid (ROW_TILES = cdiv(S_Q * H, 64), B, NUM_SPLITS), launched with num_warps=4 (the left consumer
+    group; the right group and the producer are added: 12 warps in all).
+
+    q_ptr [B, S_Q * H, D_V + D_R] bf16 / fp16; kv_ptr [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D] of
+    q's dtype (D = D_V + D_R = 512 + 64), with NUM_LAYERS > 0 a stack read at layer_ptr (0-d int32, clamped);
+    seqlens_ptr [B] int32 (clamped to [0, CAPACITY]); table_ptr [B, MAX_BLOCKS] int32 when PAGED (entries
+    clamped to the pool); kv_scale_ptr unused (caches in q's dtype); scale the softmax scale (float32).
+    Outputs as `mla_decode_split_kernel`'s: o_ptr [B, R, D_V], lse_ptr [B, R] float32; with NUM_SPLITS > 1
+    o_part_ptr [B, NUM_SPLITS, R, D_V], lse_part_ptr [B, NUM_SPLITS, R] float32 and splits_ptr [B] int32 for
+    `mla_decode_combine_kernel`; count_ptr is unused.
+    """
+    gl.static_assert(D_V == 2 * HALF_V, "the two consumer groups own 256 output columns each")
+    gl.static_assert(D_R == 64, "the rope part is one 64-wide TMA box, reused for the probabilities")
+    gl.static_assert(not PAGED or PAGE_SIZE % BLOCK_N == 0, "a 64-key block lies in one page")
+    R: gl.constexpr = S_Q * H
+    D: gl.constexpr = D_V + D_R
+    dtype: gl.constexpr = q_ptr.dtype.element_ty
+    tile = gl.program_id(0)
+    b = gl.program_id(1)
+    split = gl.program_id(2)
+    if NUM_LAYERS > 0:
+        layer = gl.minimum(gl.maximum(gl.load(layer_ptr), 0), NUM_LAYERS - 1)
+        kv_ptr += layer.to(gl.int64) * LAYER_STRIDE
+    seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
+                                           BATCH_POW2, SLOTS, ROW_TILES, UNIFORM_NUM, UNIFORM_DEN)
+    lo, hi, first_limit = _split_keys(seqlen, splits_here, split, tile, H, S_Q, CAUSAL)
+    n_blocks = gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
+    if NUM_SPLITS > 1:
+        gl.store(splits_ptr + b, splits_here, mask=(tile == 0) & (split == 0))
+
+    q_base = q_ptr + (b.to(gl.int64) * R + tile * BLOCK_M) * D
+    q_rows = gl.minimum(R - tile * BLOCK_M, BLOCK_M)                      # real rows of this tile
+    q_descs = _descriptor_pair(q_base, q_rows, D_V, D_R, BLOCK_M)          # rows past them read as 0
+    # Key rows end at the sequence's length: a box reaching past it is zero-filled.
+    tail_start = (gl.maximum(seqlen, 1) - 1) // BLOCK_N * BLOCK_N
+    if PAGED:
+        k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
+        tail_page = gl.load(table_ptr + b * MAX_BLOCKS + tail_start // PAGE_SIZE)
+        tail_page = gl.minimum(gl.maximum(tail_page, 0), NUM_PAGES - 1)
+        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * D
+        tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
+    else:
+        k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
+        tail_descs = k_descs
+
+    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
+    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_R], swizzled)
+    k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
+    k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
+    rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    m_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)     # m0 | m1
+    l_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)     # left | right row sums
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(done, count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)          # both consumer groups release a slot
+        mbarrier.init(p_ready.index(i), count=1)
+
+    # Output descriptors end at the tile's last real row; partials only when a sequence may split.
+    o_desc = _output_descriptor(o_ptr + (b.to(gl.int64) * R + tile * BLOCK_M) * D_V, q_rows, D_V)
+    o_part_desc = o_desc
+    if NUM_SPLITS > 1:
+        o_part_desc = _output_descriptor(o_part_ptr + ((b.to(gl.int64) * NUM_SPLITS + split) * R + tile * BLOCK_M) * D_V,
+                                         q_rows, D_V)
+    qk_scale = scale * LOG2E
+    gl.warp_specialize([
+        (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free, table_ptr,
+                     b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
+        (_left_half, (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale,
+                      seqlen, lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split,
+                      splits_here, H, S_Q, CAUSAL, NUM_SPLITS)),
+        (_right_half, (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale,
+                       seqlen, lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split,
+                       splits_here, H, S_Q, CAUSAL, NUM_SPLITS)),
+    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+@gluon.jit
+def _output_descriptor(base, rows, D_V: gl.constexpr):
+    """A TMA store descriptor over rows [rows, D_V] at base, in [64, 256] boxes (rows past `rows` dropped)."""
+    element_bits: gl.constexpr = base.dtype.element_ty.primitive_bitwidth
+    layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=element_bits, rank=2)
+    return tma.make_tensor_descriptor(base, shape=[rows, D_V], strides=[D_V, 1], block_shape=[BLOCK_M, HALF_V],
+                                      layout=layout)
