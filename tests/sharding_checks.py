@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flashmla_jax as fm
 from flashmla_jax import sharding
-from flashmla_jax.ops.partition import partition_prefill, xla_prefill_bodies
+from flashmla_jax.ops.prefill_partition import partition_prefill
+from _util import xla_prefill_bodies
 
 D, D_V = 576, 512
 CHECKS = {}

@@ -13,7 +13,7 @@ from flashmla_jax import _checks, reference
 from flashmla_jax._backend import num_sms, resolve_implementation
 from flashmla_jax.fp8 import dequantize_latent, latent_format
 from flashmla_jax.ops._launch import launch
-from flashmla_jax.ops.partition import partitioned_decode
+from flashmla_jax.ops.decode_partition import partitioned_decode
 
 MAX_SPLITS = 256
 MAX_SPLITS_MERGED_IN_KERNEL = 16   # more splits than this are merged by the combine kernel
@@ -354,8 +354,8 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
         return _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
                               impl, kv_format, kv_scale)
 
-    # Partitioning rules under jit over sharded inputs (ops/partition.py). "interpret" stays unwrapped: a host
-    # callback inside custom_partitioning segfaults (jax PR #23620). layer and kv_scale reach every shard whole.
+    # Partitioning rules under jit over sharded inputs (ops/decode_partition.py). "interpret" stays unwrapped: a
+    # host callback inside custom_partitioning segfaults (jax PR #23620). layer and kv_scale reach every shard whole.
     shard = partitioned_decode(decode, causal=causal) if impl != "interpret" else functools.partial(_with_causal,
                                                                                                       decode, causal)
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
