@@ -40,7 +40,7 @@ from jax.experimental.custom_partitioning import custom_partitioning
 
 from flashmla_jax import _checks, _mesh
 from flashmla_jax.fp8 import LatentFormat, dequantize_latent, latent_format, quantize_latent
-from flashmla_jax.ops.decode import mla_decode
+from flashmla_jax.ops.decode import index_layer, mla_decode
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -255,7 +255,7 @@ class LatentCache:
     def lengths(self, layer: int | jax.Array | None = None) -> jax.Array:
         """[B] int32: the tokens each sequence holds (in `layer`, for a stacked cache; as in `append`)."""
         layer = self._layer(layer)
-        return self.seqlens if layer is None else _at_layer(self.seqlens, layer)
+        return self.seqlens if layer is None else index_layer(self.seqlens, layer)
 
     def _layer(self, layer) -> jax.Array | None:
         """Checks `layer` against the cache's stacking: None for one layer's cache, a 0-d int32 else."""
@@ -290,7 +290,7 @@ def _fp8_fields(kv_format, kv_scale, dim: int, rope_dim: int, lead: tuple) -> di
 
 def _layer_scale(kv_scale: jax.Array | None, layer: jax.Array | None) -> jax.Array | None:
     """The scale of one layer: kv_scale [L] at layer, or kv_scale itself (0-d or None)."""
-    return kv_scale if kv_scale is None or layer is None else _at_layer(kv_scale, layer)
+    return kv_scale if kv_scale is None or layer is None else index_layer(kv_scale, layer)
 
 
 def _quantized(cache: LatentCache, latent: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -304,11 +304,6 @@ def _packed_rows(cache: LatentCache, kv_new: jax.Array, layer: jax.Array | None)
     if cache.kv_format is not None:
         kv_new = _quantized(cache, kv_new, _layer_scale(cache.kv_scale, layer))
     return kv_new.reshape(-1, kv_new.shape[-1])
-
-
-def _at_layer(per_layer: jax.Array, layer: jax.Array) -> jax.Array:
-    """per_layer [L, ...] (lengths [L, B], scales [L]), layer 0-d int32 in range -> that layer's [...]."""
-    return jax.lax.dynamic_index_in_dim(per_layer, layer, 0, keepdims=False)
 
 
 def _new_positions(seqlens: jax.Array, num_new: jax.Array, s: int, capacity: int
@@ -419,7 +414,7 @@ def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: ja
         kv, seqlens = _append_partitioned(cache.capacity)(
             cache.kv, cache.seqlens, _packed_rows(cache, kv_new, None).reshape(b, s, -1), num_new)
         return dataclasses.replace(cache, kv=kv, seqlens=seqlens)
-    seqlens = cache.seqlens if layer is None else _at_layer(cache.seqlens, layer)
+    seqlens = cache.seqlens if layer is None else index_layer(cache.seqlens, layer)
     rows, new_lengths = _target_rows(cache, seqlens, s, num_new, layer)
     if layer is not None:
         new_lengths = jax.lax.dynamic_update_index_in_dim(cache.seqlens, new_lengths, layer, 0)

@@ -347,7 +347,7 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     def decode(q, kv_cache, cache_seqlens, block_table, causal, layer, kv_scale):
         if impl == "xla":
             if layer is not None:    # fuses into the einsums: no copy of the layer
-                kv_cache = _index_layer(kv_cache, layer)
+                kv_cache = index_layer(kv_cache, layer)
             kv_cache = _dequantized(kv_cache, kv_format, kv_scale, layer, q.dtype, q.shape[-1] - head_dim_v)
             return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
                                                   softmax_scale=scale, causal=causal)
@@ -367,10 +367,11 @@ def _with_causal(decode, causal, q, kv_cache, cache_seqlens, block_table, *extra
     return decode(q, kv_cache, cache_seqlens, block_table, causal, *extras)
 
 
-def _index_layer(kv_stack: jax.Array, layer: jax.Array) -> jax.Array:
-    """kv_stack [L, ...], layer 0-d int -> kv_stack[clip(layer, 0, L - 1)], as the kernels clamp (a plain
-    dynamic index would wrap a negative layer around)."""
-    return jax.lax.dynamic_index_in_dim(kv_stack, jnp.clip(layer, 0, kv_stack.shape[0] - 1), 0, keepdims=False)
+def index_layer(stack: jax.Array, layer: jax.Array) -> jax.Array:
+    """stack [L, ...] (a stacked cache, per-layer lengths [L, B] or scales [L]), layer a 0-d integer ->
+    stack[clip(layer, 0, L - 1)], clamped as the kernels clamp (a plain dynamic index would wrap a negative
+    layer around)."""
+    return jax.lax.dynamic_index_in_dim(stack, jnp.clip(layer, 0, stack.shape[0] - 1), 0, keepdims=False)
 
 
 def _dequantized(kv_cache, kv_format, kv_scale, layer, dtype, d_r):
@@ -380,7 +381,7 @@ def _dequantized(kv_cache, kv_format, kv_scale, layer, dtype, d_r):
     if kv_format is None:
         return kv_cache
     if kv_scale is not None and layer is not None:
-        kv_scale = _index_layer(kv_scale, layer)
+        kv_scale = index_layer(kv_scale, layer)
     return dequantize_latent(kv_cache, kv_format, kv_scale, dtype, d_r=d_r)
 
 
@@ -404,13 +405,13 @@ def _fold_vmap_into_batch(decode):
             return x if is_batched else jnp.broadcast_to(x, (v,) + x.shape)
 
         if layer is not None:
-            kv_cache = jax.vmap(_index_layer)(batched(kv_cache, kv_b), batched(layer, layer_b))
+            kv_cache = jax.vmap(index_layer)(batched(kv_cache, kv_b), batched(layer, layer_b))
             kv_b = True
             if kv_scale is not None and (scale_b or layer_b):
-                kv_scale = jax.vmap(_index_layer)(batched(kv_scale, scale_b), batched(layer, layer_b))
+                kv_scale = jax.vmap(index_layer)(batched(kv_scale, scale_b), batched(layer, layer_b))
                 scale_b = True
             elif kv_scale is not None:
-                kv_scale = _index_layer(kv_scale, layer)
+                kv_scale = index_layer(kv_scale, layer)
         if kv_scale is not None and scale_b:
             # Members with their own per-tensor scales cannot share one launch: they run one by one.
             table = None if block_table is None else batched(block_table, table_b)
