@@ -73,6 +73,14 @@ def test_format_other_widths():
         latent_format("fp8_blockscale", d_r=63)
     with pytest.raises(ValueError, match="kv_format"):
         latent_format("fp8_e5m2")
+    with pytest.raises(ValueError, match="d_v"):
+        latent_format("fp8_pertensor", d_v=-1)
+    # Wrong types are TypeErrors, as everywhere (flashmla_jax/_checks.py).
+    for kwargs in (dict(d_v="512"), dict(d_v=True), dict(d_r=64.0)):
+        with pytest.raises(TypeError, match="d_v" if "d_v" in kwargs else "d_r"):
+            latent_format("fp8_blockscale", **kwargs)
+    with pytest.raises(TypeError, match="kv_format"):
+        latent_format(1)
 
 
 # ---- quantization: bytes ------------------------------------------------------------------------------
@@ -273,6 +281,14 @@ def test_errors(request):
         quantize_latent(x, None)
     with pytest.raises(ValueError, match="kv_format"):
         dequantize_latent(packed, "int8")
+    with pytest.raises(TypeError, match="kv_format"):
+        quantize_latent(x, 1)
+    with pytest.raises(TypeError, match="kv_format"):
+        dequantize_latent(packed, ["fp8_blockscale"])
+    with pytest.raises(TypeError, match="d_r"):
+        quantize_latent(x, "fp8_blockscale", d_r=64.0)
+    with pytest.raises(TypeError, match="d_r"):
+        dequantize_latent(packed, "fp8_blockscale", d_r="64")
     with pytest.raises(TypeError, match="latent"):
         quantize_latent(x.astype(jnp.int32), "fp8_blockscale")
     with pytest.raises(TypeError, match="latent"):

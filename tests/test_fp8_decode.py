@@ -216,6 +216,8 @@ def test_errors():
                                          "kv_format": "fp8_pertensor", "kv_scale": scale, **kw})
     with pytest.raises(ValueError, match="kv_format"):
         call(kv_format="fp8")
+    with pytest.raises(TypeError, match="kv_format"):
+        call(kv_format=1)
     with pytest.raises(TypeError, match="kv_cache must be uint8"):
         call(kv_cache=lat.astype(jnp.bfloat16))
     with pytest.raises(ValueError, match=r"kv_cache must be \[B, N, 192\]"):
@@ -281,6 +283,8 @@ def test_stacked_cache_equals_separate_caches(kv_format):
 def test_cache_errors():
     with pytest.raises(ValueError, match="kv_format"):
         LatentCache.create(1, 16, kv_format="int8")
+    with pytest.raises(TypeError, match="kv_format"):
+        LatentCache.create(1, 16, kv_format=8)
     with pytest.raises(ValueError, match="kv_scale is only"):
         LatentCache.create(1, 16, kv_format="fp8_blockscale", kv_scale=1.0)
     with pytest.raises(ValueError, match="kv_scale is only"):
