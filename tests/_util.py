@@ -2,11 +2,31 @@
 tests/sharding_checks.py runs from there)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from typing import Callable
 
 import jax
 
+import flashmla_jax
 from flashmla_jax import reference
+
+
+def subprocess_env(**overrides: str) -> dict:
+    """os.environ with `overrides`, and PYTHONPATH led by the flashmla_jax under test, so that a child
+    Python imports this package and not whichever one is installed."""
+    env = {**os.environ, **overrides}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(flashmla_jax.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
+
+
+def run_python(code: str) -> str:
+    """Runs `code` in a fresh Python (subprocess_env) and returns its stdout; a failure shows its stderr."""
+    proc = subprocess.run([sys.executable, "-c", code], env=subprocess_env(), capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 def xla_prefill_bodies(causal: bool = True) -> tuple[Callable, Callable]:

@@ -18,8 +18,10 @@ safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import flashmla_jax as fm  # noqa: E402
 from flashmla_jax import checkpoint as ck  # noqa: E402
+from flashmla_jax import config as fm_config  # noqa: E402
 from flashmla_jax import flax as fmx  # noqa: E402
 from conftest import rel_err  # noqa: E402
+from _util import run_python  # noqa: E402
 
 needs_prefill = pytest.mark.skipif(not hasattr(fm, "mla_prefill"), reason="flashmla_jax.mla_prefill not built yet")
 
@@ -522,11 +524,25 @@ def test_stack_params_and_path_errors(tmp_path):
 
 
 def test_import_flashmla_jax_does_not_import_safetensors():
-    import subprocess
-    import sys
-    code = "import sys, flashmla_jax; print('safetensors' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert run_python("import sys, flashmla_jax; print('safetensors' in sys.modules)").strip() == "False"
+
+
+def test_config_and_checkpoint_config_need_no_flax():
+    """flashmla_jax.config and the loader's config reading run where `import flax` fails, and read what the
+    Flax layer's re-exported MLAConfig reads."""
+    code = f"""
+import sys
+sys.modules["flax"] = None                      # every `import flax` now raises ImportError
+from flashmla_jax import checkpoint, config
+hf = {make_hf_config(q_lora_rank=16, yarn=YARN)!r}
+read = checkpoint.read_hf_config(hf)
+assert read.config == config.MLAConfig.from_hf_config(hf) and read.num_layers == {LAYERS}
+assert set(config.param_shapes(read.config)) >= {{"wq_a", "wkv_b"}}
+print(sorted(m for m in sys.modules if m.split(".")[0] == "flax" and sys.modules[m] is not None))
+"""
+    assert run_python(code).strip() == "[]"
+    assert fmx.MLAConfig is fm_config.MLAConfig and fmx.YarnScaling is fm_config.YarnScaling
+    assert fmx.param_shapes is fm_config.param_shapes
 
 
 # ---------------------------------------------------------------- transformers itself, when installed

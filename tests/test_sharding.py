@@ -26,8 +26,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
-import flashmla_jax
 from flashmla_jax import sharding
+from _util import subprocess_env
 from sharding_checks import CHECKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -35,12 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
-    # The subprocess imports the flashmla_jax this process tests, not whichever one is installed.
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(flashmla_jax.__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env = subprocess_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]
