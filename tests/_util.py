@@ -1,5 +1,16 @@
 """Helpers the tests share (imported as `from _util import ...`: pytest puts tests/ on sys.path, and
-tests/sharding_checks.py runs from there)."""
+tests/sharding_checks.py runs from there). The GPU gate is tests/conftest.py's `gpu` mark.
+
+The references, each checked against the one above it:
+  1. float64 NumPy loops, one row at a time: the definitions (`decode_numpy` in test_decode.py,
+     `prefill_numpy` in test_prefill.py; for FP8, bytes built by hand with ml_dtypes in test_fp8.py).
+  2. flashmla_jax/reference.py, the jnp reference and the "xla" implementation: checked against 1 at
+     small shapes (tier 1), including masks, empty rows and paging; FP8 caches through `dequantize_latent`.
+  3. the Triton kernels: "interpret" on the CPU (tier 2, small shapes that reach every mask and schedule)
+     and "triton" on the GPU (tier 3, `-m gpu`, full shapes), checked against 2 by `rel_err` bounds.
+Everything else (the cache, the Flax layer, the partitioning rules, the checkpoint loader) is checked
+against the ops, or against separately written forwards (test_checkpoint.py's float64 HF forward).
+"""
 from __future__ import annotations
 
 import os
@@ -8,9 +19,19 @@ import sys
 from typing import Callable
 
 import jax
+import numpy as np
 
 import flashmla_jax
 from flashmla_jax import reference
+
+
+def rel_err(out, ref) -> float:
+    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf, so it never passes a bound."""
+    out = np.asarray(out, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    if not (np.all(np.isfinite(out)) and np.all(np.isfinite(ref))):
+        return float("inf")
+    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def subprocess_env(**overrides: str) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import flashmla_jax as fm
 from flashmla_jax import reference
 from flashmla_jax.ops.decode import choose_num_splits
-from conftest import rel_err
+from _util import rel_err
 
 TOL = {jnp.float32: 1e-3, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 
@@ -110,7 +110,7 @@ def test_default_implementation_on_cpu_is_xla():
     (lambda a: {**a, "implementation": 1}, TypeError, "implementation must be"),
     (lambda a: {**a, "num_splits": 257}, ValueError, "num_splits"),
     (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
-    (lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU"),
+    pytest.param(lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU", marks=pytest.mark.no_gpu),
     (lambda a: {**a, "block_table": jnp.zeros((2, 2), jnp.int32), "kv_cache": a["kv_cache"].reshape(4, 16, 96)[:, :12]},
      ValueError, "page_size"),
     (lambda a: {**a, "block_table": jnp.zeros((3, 2), jnp.int32)}, ValueError, "block_table"),

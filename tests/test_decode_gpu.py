@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flashmla_jax as fm
-from conftest import rel_err
+from _util import rel_err
 
 pytestmark = pytest.mark.gpu
 

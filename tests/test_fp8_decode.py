@@ -11,7 +11,7 @@ import flashmla_jax as fm
 from flashmla_jax import LatentCache
 from flashmla_jax.fp8 import dequantize_latent, latent_format, quantize_latent
 from flashmla_jax.ops import decode as decode_ops
-from conftest import rel_err
+from _util import rel_err
 
 D_V, D_R = 128, 64
 D = D_V + D_R
