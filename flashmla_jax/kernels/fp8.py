@@ -30,7 +30,7 @@ pointer, already offset to the layer):
                                    MASKED)                       # kv_scale = tl.load(scale_ptr), once
 
 in place of the two `tl.load`s; the products and `p.to(k_v.dtype)` stay as they are. FP8_NATIVE=True is the
-GPU path (checked against the reference on the H100 by tests/test_fp8_decode.py's GPU tests); its speed is
+GPU path (checked against the reference on the H100 by tests/test_fp8.py's GPU tests); its speed is
 below the bf16 kernel's (benchmarks/NOTES.md).
 """
 import triton
