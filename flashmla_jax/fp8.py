@@ -1,4 +1,4 @@
-"""FP8 formats of the latent cache (issue 13): the byte layouts, and quantize / dequantize in pure JAX.
+"""FP8 formats of the latent cache: the byte layouts, and quantize / dequantize in pure JAX.
 
 A latent token is `[c_kv ; k_pe]`: D_V (512) values of c_kv, then D_R (64) of k_pe, 576 in all. `kv_format`
 names how a cache stores it:

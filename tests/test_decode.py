@@ -15,7 +15,8 @@ TOL = {jnp.float32: 1e-3, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 
 
 def decode_numpy(q, kv, seqlens, head_dim_v, scale, causal):
-    """float64 loop over (b, s, h): the definition of §1 of the design card."""
+    """float64 loop over (b, s, h): the definition, softmax(q · K^T * scale) over the visible keys times
+    V = K[:, :head_dim_v]."""
     q = np.asarray(q, np.float64)
     kv = np.asarray(kv, np.float64)
     b_, s_q, h_, _ = q.shape

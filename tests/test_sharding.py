@@ -1,4 +1,4 @@
-"""Many devices (issue 12): the partitioning rules of mla_decode, mla_prefill and LatentCache.append, and the
+"""Many devices: the partitioning rules of mla_decode, mla_prefill and LatentCache.append, and the
 named layouts of flashmla_jax.sharding.
 
 The multi-device checks live in tests/sharding_checks.py and run once, in a subprocess started with

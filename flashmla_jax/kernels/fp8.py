@@ -18,9 +18,9 @@ exactly (subnormals, ±0 included), but 0x7F / 0xFF decode to ±480 instead of N
 no NaN case for e4m3fn). Caches written by `quantize_latent` never hold those bytes (it saturates at
 ±448), and the loaders' masks keep bytes of unused tokens out, so either path reads our caches the same;
 the bit-arithmetic path is the one that matches float8_e4m3fn everywhere. Also seen in the interpreter:
-pointer casts from uint8 to float32 / bfloat16 pointers load correctly, and `.to(tl.bfloat16)` from
-float32 truncates where the GPU rounds to nearest even (so interpreted bfloat16 tiles can differ from
-`dequantize_latent(..., dtype=bfloat16)` by one bfloat16 ulp; float32 tiles are exact).
+pointer casts from uint8 to float32 / bfloat16 pointers load correctly. Its own `.to(tl.bfloat16)` from float32
+truncates, but interpreted launches (ops/_launch.py) patch that cast to round to nearest even as the GPU does,
+so interpreted bfloat16 tiles equal `dequantize_latent(..., dtype=bfloat16)` exactly, as float32 tiles do.
 
 How the decode kernel's tile step uses them (kv_rows, tokens, hi as in `_attend_tile`; kv_ptr a uint8
 pointer, already offset to the layer):
