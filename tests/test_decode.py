@@ -217,6 +217,22 @@ def test_interpret_paged_with_nan_pages(page_size):
     assert rel_err(out, ref) < 1e-2
 
 
+def test_tile_rules_are_static_asserts(monkeypatch):
+    """A plan that breaks a tile rule the kernels document (here a key tile wider than a page, which would
+    read the next page's rows) stops at the kernel's tl.static_assert instead of answering."""
+    from flashmla_jax.ops import decode as decode_ops
+
+    monkeypatch.setattr(decode_ops, "decode_tiles", lambda *args: decode_ops.DecodeTiles.with_defaults(16, 32, 4, 1))
+    jax.clear_caches()              # traces planned with the real tiles must not be reused
+    try:
+        q, kv, sl = make_inputs(23, 2, 1, 4, SMALL["d"], 64, jnp.float32, [64, 20])
+        pages, table = to_pages(kv, 16, seed=5)
+        with pytest.raises(Exception, match="BLOCK_N <= PAGE_SIZE"):
+            jax.block_until_ready(fm.mla_decode(q, pages, sl, table, head_dim_v=64, implementation="interpret"))
+    finally:
+        jax.clear_caches()
+
+
 @pytest.mark.parametrize("seqlens", [[0, 256, 37, 1, 190, 250, 70, 9, 130], [256] * 8 + [250],
                                      [-3, 10 ** 6, 64, 0, 129, 5, 256, 256, 33]],
                          ids=["ragged", "uniform", "clamped"])

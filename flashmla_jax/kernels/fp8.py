@@ -77,6 +77,8 @@ def load_blockscale_tile(kv_ptr, rows, valid, D_V: tl.constexpr, D_R: tl.constex
     k_v = e4m3 * scale[token, column // 128], computed in float32, then cast; k_r is the stored bfloat16
     k_pe, cast. D_V / 128 must be a power of two (512 gives 4)."""
     NUM_SCALES: tl.constexpr = D_V // BLOCKSCALE_GROUP
+    tl.static_assert(NUM_SCALES * BLOCKSCALE_GROUP == D_V and (NUM_SCALES & (NUM_SCALES - 1)) == 0,
+                     "fp8_blockscale: D_V must be 128 times a power of two")
     TOKEN_BYTES: tl.constexpr = D_V + 4 * NUM_SCALES + 2 * D_R
     tok = kv_ptr + rows[:, None] * TOKEN_BYTES                                # [BLOCK_N, 1] uint8 pointers
     scale_ptr = (tok + D_V).to(tl.pointer_type(tl.float32))
