@@ -217,6 +217,21 @@ def test_interpret_paged_with_nan_pages(page_size):
     assert rel_err(out, ref) < 1e-2
 
 
+def test_plan_names_the_split_outputs():
+    """The split kernel's outputs by name: with a few splits the last one merges and only its arrival
+    counters start at 0; with many the combine kernel reads the splits each sequence took."""
+    from flashmla_jax.ops import decode as decode_ops
+
+    few = decode_ops.plan_decode((2, 1, 4, SMALL["d"]), jnp.float32, 64, True, (2, 256, SMALL["d"]), None, 4, 132)
+    assert few.split_outputs._fields == ("out", "lse", "o_part", "lse_part", "splits_taken", "arrivals")
+    assert few.zeroed == ("arrivals",) and few.zeroed_outputs == (5,) and few.combine_grid is None
+    assert few.split_outputs.arrivals.shape == (2 * few.grid[0],) and few.split_outputs.o_part.shape == (2, 4, 4, 64)
+    many = decode_ops.plan_decode((2, 1, 4, SMALL["d"]), jnp.float32, 64, True, (2, 256, SMALL["d"]), None,
+                                  decode_ops.MAX_SPLITS_MERGED_IN_KERNEL + 1, 132)
+    assert many.zeroed == () and many.zeroed_outputs == () and many.combine_grid is not None
+    assert many.split_outputs.splits_taken.shape == (2,) and many.split_outputs.arrivals.shape == (1,)
+
+
 def test_tile_rules_are_static_asserts(monkeypatch):
     """A plan that breaks a tile rule the kernels document (here a key tile wider than a page, which would
     read the next page's rows) stops at the kernel's tl.static_assert instead of answering."""
