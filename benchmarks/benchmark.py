@@ -1,4 +1,4 @@
-"""Decode benchmark: rows D1-D6 of the design card, against measured ceilings and two XLA baselines.
+"""Decode benchmark: rows D1-D6 (ROWS below), against measured ceilings and two XLA baselines.
 
     python benchmarks/benchmark.py                 # every row; on a CPU-only machine: xla at reduced sizes
     python benchmarks/benchmark.py --rows D1 D3    # a subset
@@ -102,7 +102,8 @@ def make_inputs(row: Row, seed: int):
 
 
 def cost(row: Row, seqlens: np.ndarray) -> tuple[float, float]:
-    """(bytes, FLOPs) of one decode step, counted by the real lengths (design card §1)."""
+    """(bytes, FLOPs) of one decode step, counted by the real lengths: the cache read once, q and out;
+    2 FLOPs per multiply-add of QK^T (D wide) and PV (D_V wide)."""
     tokens = float(np.sum(seqlens))
     q_out = row.batch * row.s_q * row.heads * (D + D_V) * 2
     return tokens * row.bytes_per_token + q_out, 2.0 * row.s_q * row.heads * tokens * (D + D_V)

@@ -1,5 +1,5 @@
 """Model-step benchmark: the decode step of a stack of MLA layers, scanned over layers with one stacked latent
-cache, donated and jitted (rows M1 and M2 of the design card).
+cache, donated and jitted (rows M1 and M2).
 
     python benchmarks/benchmark_model.py                          # M1, M2-H128, M2-H16 at B 64 and 128
     python benchmarks/benchmark_model.py --models M1 --batches 64 # a subset

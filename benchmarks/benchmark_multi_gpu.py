@@ -1,4 +1,4 @@
-"""Many-GPU decode benchmark (issue 12; design card rows X-DP, X-CP, X-TP): plain `jax.jit(mla_decode)` over
+"""Many-GPU decode benchmark (rows X-DP, X-CP, X-TP): plain `jax.jit(mla_decode)` over
 inputs laid out by flashmla_jax.sharding, against the same call on one GPU.
 
     python benchmarks/benchmark_multi_gpu.py                   # every row, over 1 and 2 / 4 GPUs (what exists)

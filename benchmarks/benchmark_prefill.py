@@ -1,4 +1,4 @@
-"""Prefill benchmark: rows P1 and P2 of the design card (causal, d_qk 192 / d_v 128, bf16), forward and
+"""Prefill benchmark: rows P1 and P2 (causal, d_qk 192 / d_v 128, bf16), forward and
 forward+backward, mla_prefill's Triton kernels beside jax.nn.dot_product_attention's "xla" and "cudnn", plus the
 absorbed chunked-prefill row (mla_decode, B=1, S_q=1024, N=16384, H=16) — against a bf16 matmul measured in the
 same run.

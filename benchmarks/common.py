@@ -81,7 +81,7 @@ def _gpu_blocker() -> Callable | None:
 
 def time_call_in_one_dispatch(fn: Callable, input_sets: Sequence[tuple], **kwargs) -> float:
     """Seconds per call of `fn` when all of `input_sets` run inside one jitted dispatch, as in a decode
-    loop under jit. On the lent GPUs' hosts one dispatch costs 28-40 us of host time, more than a short
+    loop under jit. On the H100 and H200 hosts one dispatch costs 28-40 us of host time, more than a short
     decode step takes the GPU. Each set must differ (no common subexpressions to merge), so the calls
     read memory and not L2."""
     many = jax.jit(lambda sets: [fn(*s) for s in sets])

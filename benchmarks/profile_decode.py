@@ -29,7 +29,7 @@ import common  # noqa: E402
 from flashmla_jax.kernels import decode as kernels  # noqa: E402
 from flashmla_jax.ops import decode as decode_ops  # noqa: E402
 
-EXTRA_ROWS = [benchmark.Row("chunk", 1, 16384, 16, 1024)]     # issue 5's absorbed chunked-prefill row
+EXTRA_ROWS = [benchmark.Row("chunk", 1, 16384, 16, 1024)]     # C1, the absorbed chunked-prefill row
 
 
 def make_inputs(row, seed=0):

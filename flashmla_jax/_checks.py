@@ -11,9 +11,8 @@ import operator
 
 import jax.numpy as jnp
 
-from flashmla_jax.fp8 import FP8_FORMATS
-
 IMPLEMENTATIONS = ("triton", "xla", "interpret")
+FP8_FORMATS = ("fp8_blockscale", "fp8_pertensor")          # the kv_format values (flashmla_jax/fp8.py's layouts)
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)     # what the kernels take
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 256                       # a key tile lies in one page; pages are powers of two
 
@@ -109,11 +108,29 @@ def layer_index(name: str, value, num_layers: int | None):
     return value if num_layers is None else jnp.clip(value, 0, num_layers - 1)
 
 
-def kv_format(name: str, value) -> str | None:
-    """None (a cache in the queries' float dtype) or one of fp8.FP8_FORMATS (ValueError otherwise)."""
-    if value is not None and (not isinstance(value, str) or value not in FP8_FORMATS):
+def kv_format(name: str, value, required: bool = False) -> str | None:
+    """None (a cache in the queries' float dtype) or one of FP8_FORMATS: TypeError for a non-string,
+    ValueError for another string, and for None when `required` (quantizing needs a format)."""
+    if value is None:
+        if required:
+            raise ValueError(f"{name}=None stores the latent as it is, in the cache's dtype: there is nothing to "
+                             f"(de)quantize; pass one of {FP8_FORMATS}")
+        return None
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be None or one of {FP8_FORMATS}, got {type(value).__name__}")
+    if value not in FP8_FORMATS:
         raise ValueError(f"{name} must be None or one of {FP8_FORMATS}, got {value!r}")
     return value
+
+
+def float_scale(name: str, value):
+    """A float32 scale as a float32 array of value's shape: a Python or NumPy real, or a float array
+    (TypeError for a bool, a non-number or a non-float array). Shapes are the caller's rule."""
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "dtype")):
+        raise TypeError(f"{name} must be a float or a float32 array, got {type(value).__name__}")
+    if hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.floating):
+        raise TypeError(f"{name} must be float32, got {value.dtype}")
+    return jnp.asarray(value, jnp.float32)
 
 
 def kv_scale(name: str, value, kv_format: str | None, num_layers: int | None, default: float | None = None):
@@ -129,11 +146,7 @@ def kv_scale(name: str, value, kv_format: str | None, num_layers: int | None, de
         if default is None:
             raise ValueError(f"kv_format='fp8_pertensor' needs {name}, the cache's float32 scale")
         value = default
-    if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "dtype")):
-        raise TypeError(f"{name} must be a float or a float32 array, got {type(value).__name__}")
-    if hasattr(value, "dtype") and not jnp.issubdtype(value.dtype, jnp.floating):
-        raise TypeError(f"{name} must be float32, got {value.dtype}")
-    value = jnp.asarray(value, jnp.float32)
+    value = float_scale(name, value)
     shapes = ((), (num_layers,)) if num_layers is not None else ((),)
     if value.shape not in shapes:
         want = "a scalar or [L] (one per layer)" if num_layers is not None else "a scalar"

@@ -36,11 +36,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.custom_partitioning import custom_partitioning
 
-from flashmla_jax import _checks
+from flashmla_jax import _checks, _mesh
 from flashmla_jax.fp8 import LatentFormat, dequantize_latent, latent_format, quantize_latent
-from flashmla_jax.ops.decode import mla_decode
-from flashmla_jax.ops.partition import append_contiguous
+from flashmla_jax.ops.decode import index_layer, mla_decode
 
 
 @functools.partial(jax.tree_util.register_dataclass,
@@ -255,7 +255,7 @@ class LatentCache:
     def lengths(self, layer: int | jax.Array | None = None) -> jax.Array:
         """[B] int32: the tokens each sequence holds (in `layer`, for a stacked cache; as in `append`)."""
         layer = self._layer(layer)
-        return self.seqlens if layer is None else _at_layer(self.seqlens, layer)
+        return self.seqlens if layer is None else index_layer(self.seqlens, layer)
 
     def _layer(self, layer) -> jax.Array | None:
         """Checks `layer` against the cache's stacking: None for one layer's cache, a 0-d int32 else."""
@@ -290,7 +290,7 @@ def _fp8_fields(kv_format, kv_scale, dim: int, rope_dim: int, lead: tuple) -> di
 
 def _layer_scale(kv_scale: jax.Array | None, layer: jax.Array | None) -> jax.Array | None:
     """The scale of one layer: kv_scale [L] at layer, or kv_scale itself (0-d or None)."""
-    return kv_scale if kv_scale is None or layer is None else _at_layer(kv_scale, layer)
+    return kv_scale if kv_scale is None or layer is None else index_layer(kv_scale, layer)
 
 
 def _quantized(cache: LatentCache, latent: jax.Array, scale: jax.Array | None) -> jax.Array:
@@ -306,9 +306,39 @@ def _packed_rows(cache: LatentCache, kv_new: jax.Array, layer: jax.Array | None)
     return kv_new.reshape(-1, kv_new.shape[-1])
 
 
-def _at_layer(per_layer: jax.Array, layer: jax.Array) -> jax.Array:
-    """per_layer [L, ...] (lengths [L, B], scales [L]), layer 0-d int32 in range -> that layer's [...]."""
-    return jax.lax.dynamic_index_in_dim(per_layer, layer, 0, keepdims=False)
+def _new_positions(seqlens: jax.Array, num_new: jax.Array, s: int, capacity: int
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(pos, keep, new lengths) of an append of S tokens: pos [B, S] the global position of each token,
+    clip(seqlens, 0, capacity) + s; keep [B, S] whether it is written (s < clip(num_new, 0, S) and pos <
+    capacity); the new lengths [B]. seqlens, num_new: [B] int32."""
+    start = jnp.clip(seqlens, 0, capacity)                                  # [B]
+    count = jnp.clip(num_new, 0, s)
+    pos = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]          # [B, S]
+    keep = (jnp.arange(s)[None, :] < count[:, None]) & (pos < capacity)
+    return pos, keep, jnp.minimum(start + count, capacity)
+
+
+def _contiguous_rows(pos: jax.Array, keep: jax.Array, n_rows: int, offset=0) -> tuple[jax.Array, jax.Array]:
+    """(rows, keep) of positions pos [B, S] in a contiguous buffer [B, n_rows] that holds positions [offset,
+    offset + n_rows) of each sequence (the whole cache: offset 0, n_rows the capacity; a sequence shard: its
+    slice): row b * n_rows + pos - offset, kept where it lands in the buffer."""
+    local = pos - offset
+    keep = keep & (local >= 0) & (local < n_rows)
+    return jnp.arange(pos.shape[0], dtype=jnp.int32)[:, None] * n_rows + local, keep
+
+
+def _dropped_past(rows: jax.Array, keep: jax.Array, end: int) -> jax.Array:
+    """rows [B, S] with each dropped token (keep False) given a distinct index >= end (the buffer's rows), so
+    that the indices stay unique and a scatter with mode="drop" skips it."""
+    b, s = rows.shape
+    return jnp.where(keep, rows, end + jnp.arange(b * s, dtype=jnp.int32).reshape(b, s))
+
+
+def _scatter_rows(kv: jax.Array, rows: jax.Array, new_rows: jax.Array) -> jax.Array:
+    """kv [..., W] with new_rows [R, W] written at the flat rows [R] (any shape) of kv.reshape(-1, W),
+    indices past the end skipped: one scatter, in place when kv is donated."""
+    flat = kv.reshape(-1, kv.shape[-1]).at[rows.reshape(-1)].set(new_rows, mode="drop", unique_indices=True)
+    return flat.reshape(kv.shape)
 
 
 def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Array, layer: jax.Array | None
@@ -317,16 +347,12 @@ def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Ar
     cache), and the new [B] lengths.
 
     seqlens: [B], the lengths of the layer written. A dropped token gets a distinct index past the end of
-    the whole buffer (>= kv.size / W), so the indices stay unique and a scatter with mode="drop" skips it."""
+    the whole buffer (`_dropped_past`)."""
     layer_shape = cache.kv.shape[-3:]
     per_layer = layer_shape[0] * layer_shape[1]
-    total = per_layer * (cache.num_layers or 1)
-    start = jnp.clip(seqlens, 0, cache.capacity)                            # [B]
-    count = jnp.clip(num_new, 0, s)
-    pos = start[:, None] + jnp.arange(s, dtype=jnp.int32)[None, :]          # [B, S]
-    keep = (jnp.arange(s)[None, :] < count[:, None]) & (pos < cache.capacity)
+    pos, keep, new_lengths = _new_positions(seqlens, num_new, s, cache.capacity)
     if cache.block_table is None:
-        rows = jnp.arange(cache.batch, dtype=jnp.int32)[:, None] * cache.capacity + pos
+        rows, keep = _contiguous_rows(pos, keep, cache.capacity)
     else:
         max_blocks = cache.block_table.shape[1]
         block = jnp.minimum(pos // cache.page_size, max_blocks - 1)        # in range where keep holds
@@ -335,8 +361,45 @@ def _target_rows(cache: LatentCache, seqlens: jax.Array, s: int, num_new: jax.Ar
         rows = page * cache.page_size + pos % cache.page_size
     if layer is not None:
         rows = rows + layer * per_layer
-    rows = jnp.where(keep, rows, total + jnp.arange(cache.batch * s, dtype=jnp.int32).reshape(cache.batch, s))
-    return rows, jnp.minimum(start + count, cache.capacity)
+    return _dropped_past(rows, keep, per_layer * (cache.num_layers or 1)), new_lengths
+
+
+def _append_slice(kv, seqlens, kv_new, num_new, capacity: int, offset):
+    """`append` on a contiguous cache slice holding positions [offset, offset + N_local) of each sequence.
+
+    kv [B, N_local, D]; seqlens, num_new [B] int32; kv_new [B, S, D] in kv's dtype; capacity the global N.
+    Returns (kv, new seqlens): the tokens `_new_positions` keeps that land in this slice are written."""
+    b, n_local, d = kv.shape
+    pos, keep, new_lengths = _new_positions(seqlens, num_new, kv_new.shape[1], capacity)
+    rows, keep = _contiguous_rows(pos, keep, n_local, offset)
+    return _scatter_rows(kv, _dropped_past(rows, keep, b * n_local), kv_new.reshape(-1, d)), new_lengths
+
+
+@functools.lru_cache(maxsize=None)
+def _append_partitioned(capacity: int):
+    """The partitioning rule of a contiguous cache's append (flashmla_jax/_mesh.py): a batch- or
+    sequence-sharded cache writes its own rows with no communication; a sequence-sharded one is never
+    gathered (which XLA's own scatter partitioning would do)."""
+    def fn(kv, seqlens, kv_new, num_new):
+        return _append_slice(kv, seqlens, kv_new, num_new, capacity, 0)
+
+    def partition(mesh, arg_shapes, result_shape):
+        del result_shape
+        kv_s = arg_shapes[0]
+        batch = _mesh.axes_of(kv_s.sharding, 0)
+        sequence = _mesh.minus(_mesh.axes_of(kv_s.sharding, 1) + _mesh.axes_of(kv_s.sharding, 2), batch)
+        _mesh.check_divides(mesh, batch, kv_s.shape[0], "the cache's batch B (kv axis 0)")
+        _mesh.check_divides(mesh, sequence, kv_s.shape[1], "the cache's N (kv axis 1)")
+        kv_sh, lens_sh = _mesh.named(mesh, batch, sequence, ()), _mesh.named(mesh, batch)
+
+        def lower(kv, seqlens, kv_new, num_new):
+            return _append_slice(kv, seqlens, kv_new, num_new, capacity, _mesh.shard_index(sequence) * kv.shape[1])
+
+        return mesh, lower, (kv_sh, lens_sh), (kv_sh, lens_sh, _mesh.named(mesh, batch, (), ()), lens_sh)
+
+    wrapped = custom_partitioning(fn)
+    wrapped.def_partition(partition=partition, sharding_rule="b n d, b, b s e, b -> b n d, b")
+    return wrapped
 
 
 @jax.jit
@@ -346,15 +409,14 @@ def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: ja
     the layer's rows, and one update of that layer's lengths."""
     b, s, _ = kv_new.shape
     if cache.block_table is None and layer is None:
-        # Through a partitioning rule, so a sequence-sharded cache is not gathered (ops/partition.py); the
-        # same rows as below. (A batch-sharded cache, paged or stacked, XLA's scatter partitions by itself.)
-        kv, seqlens = append_contiguous(cache.kv, cache.seqlens, _packed_rows(cache, kv_new, None).reshape(b, s, -1),
-                                        num_new)
+        # Through a partitioning rule, so a sequence-sharded cache is not gathered; the same rows as below.
+        # (A batch-sharded cache, paged or stacked, XLA's scatter partitions by itself.)
+        kv, seqlens = _append_partitioned(cache.capacity)(
+            cache.kv, cache.seqlens, _packed_rows(cache, kv_new, None).reshape(b, s, -1), num_new)
         return dataclasses.replace(cache, kv=kv, seqlens=seqlens)
-    seqlens = cache.seqlens if layer is None else _at_layer(cache.seqlens, layer)
+    seqlens = cache.seqlens if layer is None else index_layer(cache.seqlens, layer)
     rows, new_lengths = _target_rows(cache, seqlens, s, num_new, layer)
     if layer is not None:
         new_lengths = jax.lax.dynamic_update_index_in_dim(cache.seqlens, new_lengths, layer, 0)
-    flat = cache.kv.reshape(-1, cache.kv.shape[-1]).at[rows.reshape(-1)].set(
-        _packed_rows(cache, kv_new, layer), mode="drop", unique_indices=True)
-    return dataclasses.replace(cache, kv=flat.reshape(cache.kv.shape), seqlens=new_lengths)
+    kv = _scatter_rows(cache.kv, rows, _packed_rows(cache, kv_new, layer))
+    return dataclasses.replace(cache, kv=kv, seqlens=new_lengths)

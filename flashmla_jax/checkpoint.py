@@ -7,7 +7,7 @@ weights, [out, in]:
   kv_a_proj_with_mqa [C+R, M] (c_kv rows, then k_pe rows), kv_a_layernorm [C]
   kv_b_proj [H·(Dn+Dv), C] (per head: the Dn k_nope rows, then the Dv value rows)
   o_proj [M, H·Dv]
-(each name + ".weight"). `flashmla_jax.flax.param_shapes` names the other side: each Linear is transposed
+(each name + ".weight"). `flashmla_jax.config.param_shapes` names the other side: each Linear is transposed
 and its head axis split out (wq [M, H, Dn+R], wq_a [M, Q], q_norm [Q], wq_b [Q, H, Dn+R], wkv_a [M, C+R],
 kv_norm [C], wkv_b [C, H, Dn+Dv], wo [H, Dv, M]), and `stack_params` puts the layers on a leading L axis,
 the layout a model scanned over layers (`lax.scan`, `nnx.scan`) takes.
@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from flashmla_jax.flax import MLAConfig, param_shapes
+from flashmla_jax.config import MLAConfig, param_shapes
 
 __all__ = ["HFCheckpointConfig", "read_hf_config", "hf_param_shapes", "rope_permutation",
            "mla_params_from_state_dict", "stack_params", "SafetensorsStateDict", "load_mla_stack"]

@@ -15,7 +15,8 @@ in Python and nothing has to be refreshed when the parameters change.
 
 The public pieces: `MultiHeadLatentAttention` (the nnx module), `mla_attention` (the same layer as a pure
 function of a parameter dict, for Linen, Equinox or plain JAX), `MLAConfig` / `YarnScaling` (its
-hyperparameters), `init_params`, and the absorption helpers `absorb_query` / `absorb_output`.
+hyperparameters, from flashmla_jax/config.py, which needs no Flax), `init_params`, and the absorption helpers
+`absorb_query` / `absorb_output`.
 
 RoPE convention: interleaved pairs, as DeepSeek's own inference code. Within the R rotary features, the
 pair (x[2i], x[2i+1]) is rotated by the angle position · inv_freq[i], and the result keeps that layout.
@@ -28,11 +29,7 @@ them. (Only the k_pe part of this layer's cache is in the interleaved layout.)
 """
 from __future__ import annotations
 
-import dataclasses
 import functools
-import json
-import math
-import os
 from typing import Any, Mapping
 
 import jax
@@ -42,6 +39,7 @@ from flax import nnx
 
 from flashmla_jax import _checks
 from flashmla_jax.cache import LatentCache
+from flashmla_jax.config import MLAConfig, YarnScaling, param_shapes
 from flashmla_jax.ops.decode import mla_decode
 from flashmla_jax.ops.prefill import mla_prefill
 
@@ -50,235 +48,7 @@ __all__ = ["MLAConfig", "YarnScaling", "MultiHeadLatentAttention", "mla_attentio
            "project_queries", "project_latent", "attend_expanded", "attend_absorbed"]
 
 
-# ---------------------------------------------------------------- hyperparameters
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    """DeepSeek's YaRN attention factor: 0.1 · mscale · ln(factor) + 1 when factor > 1, else 1."""
-    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
-
-
-@dataclasses.dataclass(frozen=True)
-class YarnScaling:
-    """YaRN context extension, with the keys of DeepSeek's `rope_scaling` config.
-
-    factor: context extension factor (DeepSeek-V3: 40); original_max_position_embeddings: the pretraining
-    context (4096); beta_fast / beta_slow: rotations that bound the frequency ramp (32 / 1); mscale and
-    mscale_all_dim: attention-temperature knobs. The softmax scale gets mscale(factor, mscale_all_dim)²;
-    cos and sin get mscale(factor, mscale) / mscale(factor, mscale_all_dim) (1 for DeepSeek-V2/V3).
-    """
-    factor: float
-    original_max_position_embeddings: int = 4096
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float = 1.0
-    mscale_all_dim: float = 0.0
-
-    def __post_init__(self):
-        if not self.factor > 0:
-            raise ValueError(f"rope_scaling['factor'] must be > 0, got {self.factor!r}")
-        if not self.original_max_position_embeddings > 0:
-            raise ValueError("rope_scaling['original_max_position_embeddings'] must be > 0, got "
-                             f"{self.original_max_position_embeddings!r}")
-        if not self.beta_fast > self.beta_slow > 0:
-            raise ValueError(f"rope_scaling needs beta_fast > beta_slow > 0, got {self.beta_fast!r}, "
-                             f"{self.beta_slow!r}")
-
-    @classmethod
-    def from_config(cls, rope_scaling: Mapping[str, Any]) -> "YarnScaling":
-        """A DeepSeek/Hugging Face `rope_scaling` dict, or transformers v5's `rope_parameters` -> YarnScaling.
-
-        "type" / "rope_type" must be "yarn" when present. A `rope_theta` key (v5 keeps the RoPE base in this
-        dict) is ignored here: the base is `MLAConfig.rope_theta`, and `MLAConfig` checks that the two agree.
-        transformers' `truncate` key is accepted only as True (this layer floors/ceils the correction range,
-        as DeepSeek does). Any other key outside the dataclass fields is an error.
-        """
-        if not isinstance(rope_scaling, Mapping):
-            raise TypeError(f"rope_scaling must be None, a dict or a YarnScaling, got {type(rope_scaling).__name__}")
-        d = dict(rope_scaling)
-        d.pop("rope_theta", None)
-        if not d.pop("truncate", True):
-            raise ValueError("rope_scaling['truncate'] = False is not supported (DeepSeek's YaRN truncates)")
-        kinds = {d.pop("type", "yarn"), d.pop("rope_type", "yarn")}
-        if kinds != {"yarn"}:
-            kind = sorted(kinds - {"yarn"})[0]
-            raise ValueError(f"rope_scaling type must be 'yarn' (DeepSeek's), got {kind!r}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"rope_scaling has unknown keys {unknown}; known: {sorted(names)}")
-        if "factor" not in d:
-            raise ValueError("rope_scaling needs a 'factor'")
-        return cls(**{k: (int(v) if k == "original_max_position_embeddings" else float(v)) for k, v in d.items()})
-
-
-@dataclasses.dataclass(frozen=True)
-class MLAConfig:
-    """Hyperparameters of one MLA layer (names as DeepSeek's config; hashable, so usable as a static arg).
-
-    hidden_size M; num_heads H; q_lora_rank: rank of the query LoRA (DeepSeek-V3: 1536), or None for a
-    direct query projection (V2-Lite); kv_lora_rank C (512); qk_nope_head_dim Dn (128); qk_rope_head_dim R
-    (64, even); v_head_dim Dv (128); rope_theta: RoPE base; rope_scaling: None, a YarnScaling, or
-    DeepSeek's `rope_scaling` dict (or transformers v5's `rope_parameters`: rope_type "default" means None,
-    and a `rope_theta` inside it must equal rope_theta); rms_norm_eps: epsilon of the latents' RMSNorms.
-    `MLAConfig.from_hf_config` reads a DeepSeek `config.json`.
-    """
-    hidden_size: int
-    num_heads: int
-    q_lora_rank: int | None = None
-    kv_lora_rank: int = 512
-    qk_nope_head_dim: int = 128
-    qk_rope_head_dim: int = 64
-    v_head_dim: int = 128
-    rope_theta: float = 10000.0
-    rope_scaling: YarnScaling | None = None
-    rms_norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                     "v_head_dim"):
-            _checks.integer(name, getattr(self, name), lo=1)
-        _checks.optional_integer("q_lora_rank", self.q_lora_rank, lo=1)
-        if self.qk_rope_head_dim % 2:
-            raise ValueError(f"qk_rope_head_dim must be even (RoPE rotates pairs), got {self.qk_rope_head_dim}")
-        if not self.rope_theta > 1:
-            raise ValueError(f"rope_theta must be > 1, got {self.rope_theta!r}")
-        if not self.rms_norm_eps > 0:
-            raise ValueError(f"rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
-        rs = self.rope_scaling
-        if isinstance(rs, Mapping):
-            # A v5 `rope_parameters` dict carries the base too: two different bases would be silently lost.
-            if "rope_theta" in rs and float(rs["rope_theta"]) != float(self.rope_theta):
-                raise ValueError(f"rope_scaling['rope_theta'] = {rs['rope_theta']!r} differs from rope_theta = "
-                                 f"{self.rope_theta!r}")
-            if rs.get("rope_type", rs.get("type")) == "default":
-                extra = sorted(set(rs) - {"rope_type", "type", "rope_theta"})
-                if extra:
-                    raise ValueError(f"rope_scaling of rope_type 'default' has unexpected keys {extra}")
-                rs = None
-            object.__setattr__(self, "rope_scaling", rs)
-        if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnScaling):
-            object.__setattr__(self, "rope_scaling", YarnScaling.from_config(self.rope_scaling))
-
-    @classmethod
-    def from_hf_config(cls, hf_config: Mapping[str, Any] | str | os.PathLike) -> "MLAConfig":
-        """The attention hyperparameters of a DeepSeek-V2/V3 `config.json` (a dict, or a path to the file).
-
-        Reads hidden_size, num_attention_heads, q_lora_rank (null: V2-Lite's direct query projection),
-        kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim (all required), rms_norm_eps (1e-6) and
-        the RoPE settings in either transformers layout: v4's top-level `rope_theta` + `rope_scaling`, or v5's
-        `rope_parameters` (rope_theta inside, rope_type "default" or "yarn" with the YaRN keys). A YaRN dict
-        without original_max_position_embeddings gets max_position_embeddings, as transformers does. Other
-        keys (MoE, vocab, num_hidden_layers, rope_interleave) are not this layer's: `flashmla_jax.checkpoint`
-        reads the last two. Raises ValueError naming a missing or inconsistent key.
-        """
-        if isinstance(hf_config, (str, os.PathLike)):
-            with open(hf_config) as f:
-                hf_config = json.load(f)
-        if not isinstance(hf_config, Mapping):
-            raise TypeError(f"hf_config must be a dict or a path to config.json, got {type(hf_config).__name__}")
-        required = ("hidden_size", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-                    "v_head_dim")
-        missing = [k for k in required if hf_config.get(k) is None]
-        if missing:
-            raise ValueError(f"hf_config lacks {missing} (needed for an MLA layer)")
-        if hf_config.get("attention_bias"):
-            raise ValueError("hf_config has attention_bias = true; this layer's projections have no biases")
-        rope = hf_config.get("rope_parameters")
-        if rope is None:
-            rope = hf_config.get("rope_scaling")
-        rope = dict(rope or {})
-        theta = rope.pop("rope_theta", None)
-        top_theta = hf_config.get("rope_theta")
-        if theta is not None and top_theta is not None and float(theta) != float(top_theta):
-            raise ValueError(f"hf_config's rope_theta {top_theta!r} and rope_parameters['rope_theta'] {theta!r} differ")
-        theta = float(theta if theta is not None else top_theta if top_theta is not None else 10000.0)
-        if not rope:
-            rope = None   # rope_type "default" dicts are left to __post_init__, which checks their keys
-        elif (rope.get("rope_type", rope.get("type")) != "default" and "original_max_position_embeddings" not in rope
-              and hf_config.get("max_position_embeddings")):
-            rope["original_max_position_embeddings"] = hf_config["max_position_embeddings"]
-        return cls(hidden_size=int(hf_config["hidden_size"]), num_heads=int(hf_config["num_attention_heads"]),
-                   q_lora_rank=None if hf_config.get("q_lora_rank") is None else int(hf_config["q_lora_rank"]),
-                   kv_lora_rank=int(hf_config["kv_lora_rank"]), qk_nope_head_dim=int(hf_config["qk_nope_head_dim"]),
-                   qk_rope_head_dim=int(hf_config["qk_rope_head_dim"]), v_head_dim=int(hf_config["v_head_dim"]),
-                   rope_theta=theta, rope_scaling=rope, rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)))
-
-    @property
-    def qk_head_dim(self) -> int:
-        """Dn + R (192): the width of a non-absorbed query/key head."""
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def latent_dim(self) -> int:
-        """C + R (576): numbers cached per token, for all heads together."""
-        return self.kv_lora_rank + self.qk_rope_head_dim
-
-    @property
-    def softmax_scale(self) -> float:
-        """1 / sqrt(Dn + R), times YaRN's mscale(factor, mscale_all_dim)² (DeepSeek's rule)."""
-        scale = self.qk_head_dim ** -0.5
-        if self.rope_scaling is not None and self.rope_scaling.mscale_all_dim:
-            m = _yarn_mscale(self.rope_scaling.factor, self.rope_scaling.mscale_all_dim)
-            scale *= m * m
-        return scale
-
-    def rope_inv_freq(self) -> np.ndarray:
-        """[R / 2] float64 inverse frequencies, YaRN-blended when rope_scaling is set.
-
-        Plain RoPE: theta^(-2i/R). YaRN: frequencies that turn more than beta_fast times over the original
-        context are kept, those that turn fewer than beta_slow times are divided by `factor`, and a linear
-        ramp over the pair index blends the two in between.
-        """
-        r = self.qk_rope_head_dim
-        base = float(self.rope_theta)
-        extrapolated = base ** (-np.arange(0, r, 2, dtype=np.float64) / r)
-        ys = self.rope_scaling
-        if ys is None:
-            return extrapolated
-
-        def pair_index_for(rotations: float) -> float:
-            # The pair index whose wavelength fits `rotations` times into the original context.
-            return r * math.log(ys.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(base))
-
-        low = max(math.floor(pair_index_for(ys.beta_fast)), 0)
-        high = min(math.ceil(pair_index_for(ys.beta_slow)), r - 1)
-        high = high if high > low else low + 1e-3
-        ramp = np.clip((np.arange(r // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)  # 1: interpolate
-        return extrapolated * (1.0 - ramp) + (extrapolated / ys.factor) * ramp
-
-    @property
-    def rope_magnitude(self) -> float:
-        """The factor on cos and sin: mscale(factor, mscale) / mscale(factor, mscale_all_dim), 1 without YaRN."""
-        ys = self.rope_scaling
-        if ys is None:
-            return 1.0
-        return _yarn_mscale(ys.factor, ys.mscale) / _yarn_mscale(ys.factor, ys.mscale_all_dim)
-
-
 # ---------------------------------------------------------------- parameters
-
-def param_shapes(config: MLAConfig) -> dict[str, tuple[int, ...]]:
-    """Name -> shape of every parameter (M hidden, H heads, Q = q_lora_rank, C, R, Dn, Dv as above).
-
-    wq [M, H, Dn+R] (q_lora_rank None) or wq_a [M, Q], q_norm [Q], wq_b [Q, H, Dn+R];
-    wkv_a [M, C+R] (the latent c_kv, then k_pe); kv_norm [C]; wkv_b [C, H, Dn+Dv] (W_UK, then W_UV);
-    wo [H, Dv, M]. From a Hugging Face checkpoint: each `*_proj.weight` transposed and reshaped to these
-    shapes (wkv_b = kv_b_proj.weight.T.reshape(C, H, Dn+Dv)), norms as they are.
-    """
-    c = config
-    shapes: dict[str, tuple[int, ...]] = {}
-    if c.q_lora_rank is None:
-        shapes["wq"] = (c.hidden_size, c.num_heads, c.qk_head_dim)
-    else:
-        shapes["wq_a"] = (c.hidden_size, c.q_lora_rank)
-        shapes["q_norm"] = (c.q_lora_rank,)
-        shapes["wq_b"] = (c.q_lora_rank, c.num_heads, c.qk_head_dim)
-    shapes["wkv_a"] = (c.hidden_size, c.latent_dim)
-    shapes["kv_norm"] = (c.kv_lora_rank,)
-    shapes["wkv_b"] = (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
-    shapes["wo"] = (c.num_heads, c.v_head_dim, c.hidden_size)
-    return shapes
-
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def init_params(config: MLAConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, jax.Array]:

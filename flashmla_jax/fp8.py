@@ -1,4 +1,4 @@
-"""FP8 formats of the latent cache (issue 13): the byte layouts, and quantize / dequantize in pure JAX.
+"""FP8 formats of the latent cache: the byte layouts, and quantize / dequantize in pure JAX.
 
 A latent token is `[c_kv ; k_pe]`: D_V (512) values of c_kv, then D_R (64) of k_pe, 576 in all. `kv_format`
 names how a cache stores it:
@@ -48,6 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashmla_jax import _checks
+from flashmla_jax._checks import FP8_FORMATS
+
 __all__ = ["LatentFormat", "LATENT_FORMATS", "FP8_FORMATS", "E4M3_MAX", "INV_E4M3_MAX", "SCALE_FLOOR",
            "latent_format", "bytes_per_token", "quantize_latent", "dequantize_latent"]
 
@@ -55,15 +58,6 @@ E4M3_MAX = 448.0          # largest finite float8_e4m3fn
 INV_E4M3_MAX = np.float32(1.0 / 448.0)   # scale = amax · this (what XLA makes of amax / 448 anyway)
 SCALE_FLOOR = 2.0 ** -126  # the smallest scale: all-zero (and underflowing) groups get it
 BLOCKSCALE_GROUP = 128    # c_kv values per float32 scale in "fp8_blockscale"
-FP8_FORMATS = ("fp8_blockscale", "fp8_pertensor")
-
-
-def _check_kv_format(kv_format) -> None:
-    if kv_format is None:
-        raise ValueError("kv_format=None stores the latent as it is, in the cache's dtype: there is nothing to "
-                         f"(de)quantize; pass one of {FP8_FORMATS}")
-    if not isinstance(kv_format, str) or kv_format not in FP8_FORMATS:
-        raise ValueError(f"kv_format must be None or one of {FP8_FORMATS}, not {kv_format!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,12 +103,10 @@ def latent_format(kv_format: str, d_v: int = 512, d_r: int = 64) -> LatentFormat
 
     "fp8_blockscale" needs d_v a positive multiple of 128 and d_r even (so that every float32 scale and
     bfloat16 k_pe value of every token stays aligned to its size); "fp8_pertensor" any d_v ≥ 1, d_r ≥ 0.
-    Raises ValueError for an unknown kv_format or widths the format cannot take."""
-    _check_kv_format(kv_format)
-    for name, value in (("d_v", d_v), ("d_r", d_r)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, not {value!r}")
-    d_v, d_r = int(d_v), int(d_r)
+    Raises TypeError for a kv_format that is not a string or widths that are not ints, ValueError for an
+    unknown kv_format or widths the format cannot take."""
+    _checks.kv_format("kv_format", kv_format, required=True)
+    d_v, d_r = _checks.integer("d_v", d_v, lo=0), _checks.integer("d_r", d_r, lo=0)
     if kv_format == "fp8_blockscale":
         if d_v == 0 or d_v % BLOCKSCALE_GROUP:
             raise ValueError(f"fp8_blockscale needs d_v (the c_kv width) a positive multiple of "
@@ -156,14 +148,10 @@ def _check_latent(latent) -> jax.Array:
 
 def _check_scale(scale) -> jax.Array:
     """A per-tensor scale as a float32 0-d array (a Python float, a NumPy or JAX scalar or 1-element array)."""
-    if isinstance(scale, bool) or not (isinstance(scale, (float, int, np.floating, np.integer))
-                                       or hasattr(scale, "dtype")):
-        raise TypeError(f"scale must be a float32 scalar array or a float, not {type(scale).__name__}")
-    if hasattr(scale, "dtype") and not jnp.issubdtype(scale.dtype, jnp.floating):
-        raise TypeError(f"scale must be a float (float32) scalar, not {scale.dtype}")
-    if hasattr(scale, "shape") and int(np.prod(scale.shape)) != 1:
+    scale = _checks.float_scale("scale", scale)
+    if scale.size != 1:
         raise ValueError(f"scale must hold one value (one scale per cache), not shape {tuple(scale.shape)}")
-    return jnp.reshape(jnp.asarray(scale, jnp.float32), ())
+    return jnp.reshape(scale, ())
 
 
 def _scale_of(amax: jax.Array) -> jax.Array:
@@ -210,11 +198,12 @@ def quantize_latent(latent, kv_format: str, scale=None, *, d_r: int = 64):
         0-d float32 array: this is how an append quantizes new tokens into an existing cache. Values
         beyond ±448 · scale saturate there. The scale must be a positive, finite, normal float32 (not
         checked: it may be traced).
-    Raises TypeError for a non-float latent or a scale of the wrong type, ValueError for an unknown
-    kv_format, a last axis the format cannot split (blockscale: d_v a multiple of 128), or a blockscale
-    scale.
+    Raises TypeError for a non-float latent, a non-string kv_format, a non-int d_r or a scale of the wrong
+    type; ValueError for an unknown kv_format, a last axis the format cannot split (blockscale: d_v a
+    multiple of 128), or a blockscale scale.
     """
-    _check_kv_format(kv_format)
+    _checks.kv_format("kv_format", kv_format, required=True)
+    d_r = _checks.integer("d_r", d_r, lo=0)
     latent = _check_latent(latent)
     width = latent.shape[-1]
     if width <= d_r:
@@ -245,10 +234,11 @@ def dequantize_latent(packed, kv_format: str, scale=None, dtype=jnp.bfloat16, *,
     (the float32 scale quantize_latent returned); "fp8_blockscale" reads its scales from the bytes and
     takes scale=None. Bytes 0x7F / 0xFF (e4m3 NaN) give NaN; a blockscale token holding NaN or infinite
     scales gives NaN / inf in its c_kv.
-    Raises TypeError for a non-uint8 packed or a non-float dtype, ValueError for an unknown kv_format, a
-    last axis no d_v fits, or a missing / extra scale.
+    Raises TypeError for a non-uint8 packed, a non-float dtype, a non-string kv_format or a non-int d_r;
+    ValueError for an unknown kv_format, a last axis no d_v fits, or a missing / extra scale.
     """
-    _check_kv_format(kv_format)
+    _checks.kv_format("kv_format", kv_format, required=True)
+    d_r = _checks.integer("d_r", d_r, lo=0)
     if not hasattr(packed, "dtype") or not hasattr(packed, "shape"):
         raise TypeError(f"packed must be a uint8 array [..., bytes_per_token], not {type(packed).__name__}")
     if packed.dtype != jnp.uint8:

@@ -1,5 +1,8 @@
 """The jax.numpy ground truth for every kernel in this package (also the "xla" implementation).
 
+It is itself checked against float64 NumPy loops, and the kernels against it (tests/_util.py lists the
+hierarchy of references).
+
 Shapes: B batch, S_q new query tokens per sequence, H heads, D = 576 latent width ([c_kv (512) ; k_pe (64)]),
 D_v = head_dim_v (512: V is the first D_v columns of the latent), N the cache capacity per sequence.
 """

@@ -5,8 +5,8 @@
     q, kv, lens, table = sharding.shard_decode_inputs(layout, q, kv, lens)
     out = jax.jit(flashmla_jax.mla_decode)(q, kv, lens)          # runs per shard; out is laid out as layout.out
 
-Plain `jax.jit` over inputs placed this way partitions every op (ops/partition.py has the rules); nothing
-here is needed inside the jitted function. The roles:
+Plain `jax.jit` over inputs placed this way partitions every op (flashmla_jax/_mesh.py says how the rules
+work); nothing here is needed inside the jitted function. The roles:
   * batch (DP): q, cache, lengths, block table and outputs sharded on B.
   * heads (TP): q and outputs sharded on H; the latent cache is replicated over the head axes (all heads
     read the same latent rows).
@@ -21,23 +21,13 @@ gets NaN. `pool="replicated"` keeps the whole pool on every device (any table; D
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Literal
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-Axes = tuple[str, ...]
-
-
-def _entry(axes: Axes):
-    return None if not axes else (axes[0] if len(axes) == 1 else tuple(axes))
-
-
-def _as_axes(axis) -> Axes:
-    if axis is None:
-        return ()
-    return (axis,) if isinstance(axis, str) else tuple(axis)
+from flashmla_jax import _mesh
+from flashmla_jax._mesh import Axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,37 +58,38 @@ class DecodeLayout:
 
     @property
     def q(self) -> P:
-        return P(_entry(self.batch), None, _entry(self.heads), None)
+        return P(_mesh.entry(self.batch), None, _mesh.entry(self.heads), None)
 
     @property
     def kv_cache(self) -> P:
-        return P(_entry(self.batch), _entry(self.sequence), None)
+        return P(_mesh.entry(self.batch), _mesh.entry(self.sequence), None)
 
     @property
     def paged_kv_cache(self) -> P:
-        return P(_entry(self.batch) if self.pool == "sharded" else None, None, None)
+        return P(_mesh.entry(self.batch) if self.pool == "sharded" else None, None, None)
 
     @property
     def cache_seqlens(self) -> P:
-        return P(_entry(self.batch))
+        return P(_mesh.entry(self.batch))
 
     @property
     def block_table(self) -> P:
-        return P(_entry(self.batch), None)
+        return P(_mesh.entry(self.batch), None)
 
     @property
     def out(self) -> P:
-        return P(_entry(self.batch), None, _entry(self.heads), None)
+        return P(_mesh.entry(self.batch), None, _mesh.entry(self.heads), None)
 
     @property
     def lse(self) -> P:
-        return P(_entry(self.batch), None, _entry(self.heads))
+        return P(_mesh.entry(self.batch), None, _mesh.entry(self.heads))
 
     def sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
 
     def size(self, axes: Axes) -> int:
-        return math.prod(self.mesh.shape[a] for a in axes)
+        """Devices along `axes` of this layout's mesh."""
+        return _mesh.size(self.mesh, axes)
 
     def check(self, q_shape: tuple, kv_shape: tuple, paged: bool):
         """Raises ValueError naming the mesh axis and the dimension when an axis does not divide it, or
@@ -107,41 +98,39 @@ class DecodeLayout:
         dims = [(self.batch, b, "the batch B (q axis 0)"), (self.heads, h, "the heads H (q axis 2)")]
         if paged:
             if self.sequence:
-                raise ValueError(f"sequence (context-parallel) sharding over {_entry(self.sequence)!r} needs a "
+                raise ValueError(f"sequence (context-parallel) sharding over {_mesh.entry(self.sequence)!r} needs a "
                                  "contiguous kv_cache [B, N, D]; a paged pool is sharded only over the batch axes")
             if self.pool == "sharded":
                 dims.append((self.batch, kv_shape[0], "the paged kv_cache's num_blocks (axis 0)"))
         else:
             dims.append((self.sequence, kv_shape[1], "the kv_cache's N (axis 1)"))
-        for axes, size, what in dims:
-            if axes and size % self.size(axes):
-                raise ValueError(f"mesh axis {_entry(axes)!r} (size {self.size(axes)}) does not divide {what} = "
-                                 f"{size}")
+        for axes, extent, what in dims:
+            _mesh.check_divides(self.mesh, axes, extent, what)
 
 
 def data_parallel(mesh: Mesh, axis="data", pool: str = "sharded") -> DecodeLayout:
     """Batch over `axis` (a name or a tuple of names)."""
-    return DecodeLayout(mesh, batch=_as_axes(axis), pool=pool)
+    return DecodeLayout(mesh, batch=_mesh.as_axes(axis), pool=pool)
 
 
 def tensor_parallel(mesh: Mesh, axis="model") -> DecodeLayout:
     """Heads over `axis`; the cache replicated."""
-    return DecodeLayout(mesh, heads=_as_axes(axis))
+    return DecodeLayout(mesh, heads=_mesh.as_axes(axis))
 
 
 def context_parallel(mesh: Mesh, axis="seq") -> DecodeLayout:
     """The contiguous cache's N over `axis`; q and outputs replicated."""
-    return DecodeLayout(mesh, sequence=_as_axes(axis))
+    return DecodeLayout(mesh, sequence=_mesh.as_axes(axis))
 
 
 def data_tensor_parallel(mesh: Mesh, data="data", model="model", pool: str = "sharded") -> DecodeLayout:
     """Batch over `data`, heads over `model`."""
-    return DecodeLayout(mesh, batch=_as_axes(data), heads=_as_axes(model), pool=pool)
+    return DecodeLayout(mesh, batch=_mesh.as_axes(data), heads=_mesh.as_axes(model), pool=pool)
 
 
 def data_context_parallel(mesh: Mesh, data="data", seq="seq") -> DecodeLayout:
     """Batch over `data`, the contiguous cache's N over `seq`."""
-    return DecodeLayout(mesh, batch=_as_axes(data), sequence=_as_axes(seq))
+    return DecodeLayout(mesh, batch=_mesh.as_axes(data), sequence=_mesh.as_axes(seq))
 
 
 def shard_decode_inputs(layout: DecodeLayout, q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array,

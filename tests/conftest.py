@@ -1,24 +1,15 @@
-"""Shared test fixtures: GPU gating and the relative-error measure every comparison uses."""
-import numpy as np
+"""The one GPU gate: `@pytest.mark.gpu` tests need a CUDA GPU with jax-triton and are skipped elsewhere;
+`@pytest.mark.no_gpu` tests check what happens without one and are skipped where there is one. Shared
+helpers are in tests/_util.py."""
 import pytest
 
 from flashmla_jax._backend import has_cuda_gpu
 
 
 def pytest_collection_modifyitems(config, items):
-    """`@pytest.mark.gpu` tests need a CUDA GPU with jax-triton; elsewhere they are skipped."""
-    if has_cuda_gpu():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the device)")
+    gpu = has_cuda_gpu()
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run `pytest -m gpu` on the device)" if not gpu else
+                            "checks the behaviour without a CUDA GPU")
     for item in items:
-        if "gpu" in item.keywords:
+        if ("gpu" in item.keywords and not gpu) or ("no_gpu" in item.keywords and gpu):
             item.add_marker(skip)
-
-
-def rel_err(out, ref) -> float:
-    """‖out − ref‖ / ‖ref‖ in float64; NaN anywhere gives inf, so it never passes a bound."""
-    out = np.asarray(out, dtype=np.float64)
-    ref = np.asarray(ref, dtype=np.float64)
-    if not (np.all(np.isfinite(out)) and np.all(np.isfinite(ref))):
-        return float("inf")
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))

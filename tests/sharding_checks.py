@@ -28,7 +28,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 import flashmla_jax as fm
 from flashmla_jax import sharding
-from flashmla_jax.ops.partition import partition_prefill, xla_prefill_bodies
+from flashmla_jax.ops.prefill_partition import partition_prefill
+from _util import rel_err, xla_prefill_bodies
 
 D, D_V = 576, 512
 CHECKS = {}
@@ -37,13 +38,6 @@ CHECKS = {}
 def check(fn):
     CHECKS[fn.__name__] = fn
     return fn
-
-
-def rel_err(out, ref) -> float:
-    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
-    if not (np.all(np.isfinite(out)) and np.all(np.isfinite(ref))):
-        return float("inf")
-    return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
 
 def same_lse(lse, ref, tol):

@@ -16,12 +16,10 @@ import pytest
 pytest.importorskip("flax")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-import flashmla_jax as fm  # noqa: E402
 from flashmla_jax import checkpoint as ck  # noqa: E402
+from flashmla_jax import config as fm_config  # noqa: E402
 from flashmla_jax import flax as fmx  # noqa: E402
-from conftest import rel_err  # noqa: E402
-
-needs_prefill = pytest.mark.skipif(not hasattr(fm, "mla_prefill"), reason="flashmla_jax.mla_prefill not built yet")
+from _util import rel_err, run_python  # noqa: E402
 
 M, H, C, R, DN, DV, LAYERS = 64, 2, 32, 8, 16, 16, 3
 TOL = 1e-5
@@ -257,7 +255,6 @@ CASES = [  # q_lora_rank, rope_interleave, sharded, stored dtype, config style, 
 ]
 
 
-@needs_prefill
 @pytest.mark.parametrize("q_lora_rank,interleave,sharded,dtype,style,yarn", CASES)
 def test_loaded_stack_matches_hf_forward(tmp_path, q_lora_rank, interleave, sharded, dtype, style, yarn):
     hf_cfg = make_hf_config(q_lora_rank, interleave, style, yarn)
@@ -277,7 +274,6 @@ def test_loaded_stack_matches_hf_forward(tmp_path, q_lora_rank, interleave, shar
     np.testing.assert_array_equal(kept["wkv_b"].astype(np.float32), params["wkv_b"][1:2])
 
 
-@needs_prefill
 def test_rope_interleave_false_needs_the_permutation_in_this_direction(tmp_path):
     """A rotate_half checkpoint matches only with new rotary row j = old row perm[j]: loaded unpermuted,
     or permuted the other way, its scores differ."""
@@ -308,7 +304,6 @@ def test_rope_interleave_false_needs_the_permutation_in_this_direction(tmp_path)
     np.testing.assert_array_equal(loaded["wq_b"][0][:, :, DN:], wq_b[:, DN + perm].transpose(2, 0, 1))
 
 
-@needs_prefill
 def test_fp8_block_scaled_checkpoint_is_dequantized(tmp_path):
     """DeepSeek-V3's release format: float8_e4m3 Linear weights with a float32 weight_scale_inv per block
     (16 x 16 here, from quantization_config); norms in bfloat16."""
@@ -358,7 +353,6 @@ def test_raw_reader_matches_safetensors(tmp_path):
         sd["d"]
 
 
-@needs_prefill
 def test_stack_scans_over_layers(tmp_path):
     """The stacked parameters drive a lax.scan over layers exactly as L separate calls."""
     hf_cfg = make_hf_config(32, interleave=False, yarn=YARN)
@@ -522,16 +516,29 @@ def test_stack_params_and_path_errors(tmp_path):
 
 
 def test_import_flashmla_jax_does_not_import_safetensors():
-    import subprocess
-    import sys
-    code = "import sys, flashmla_jax; print('safetensors' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert run_python("import sys, flashmla_jax; print('safetensors' in sys.modules)").strip() == "False"
+
+
+def test_config_and_checkpoint_config_need_no_flax():
+    """flashmla_jax.config and the loader's config reading run where `import flax` fails, and read what the
+    Flax layer's re-exported MLAConfig reads."""
+    code = f"""
+import sys
+sys.modules["flax"] = None                      # every `import flax` now raises ImportError
+from flashmla_jax import checkpoint, config
+hf = {make_hf_config(q_lora_rank=16, yarn=YARN)!r}
+read = checkpoint.read_hf_config(hf)
+assert read.config == config.MLAConfig.from_hf_config(hf) and read.num_layers == {LAYERS}
+assert set(config.param_shapes(read.config)) >= {{"wq_a", "wkv_b"}}
+print(sorted(m for m in sys.modules if m.split(".")[0] == "flax" and sys.modules[m] is not None))
+"""
+    assert run_python(code).strip() == "[]"
+    assert fmx.MLAConfig is fm_config.MLAConfig and fmx.YarnScaling is fm_config.YarnScaling
+    assert fmx.param_shapes is fm_config.param_shapes
 
 
 # ---------------------------------------------------------------- transformers itself, when installed
 
-@needs_prefill
 @pytest.mark.parametrize("interleave", [True, False])
 def test_matches_transformers_deepseek_v3_attention(tmp_path, interleave):
     transformers = pytest.importorskip("transformers")

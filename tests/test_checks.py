@@ -72,3 +72,24 @@ def test_softmax_scale():
     for bad in (True, "0.1", 1j):
         with pytest.raises(TypeError, match="softmax_scale"):
             _checks.softmax_scale(bad, 64)
+
+
+def test_kv_format():
+    assert _checks.kv_format("kv_format", None) is None
+    assert _checks.kv_format("kv_format", "fp8_pertensor") == "fp8_pertensor"
+    with pytest.raises(ValueError, match="^kv_format must be None or one of"):
+        _checks.kv_format("kv_format", "fp8_e5m2")
+    for bad in (1, b"fp8_blockscale", ("fp8_blockscale",)):
+        with pytest.raises(TypeError, match="^kv_format must be None or one of"):
+            _checks.kv_format("kv_format", bad)
+    with pytest.raises(ValueError, match="^kv_format=None stores the latent as it is"):
+        _checks.kv_format("kv_format", None, required=True)
+
+
+def test_float_scale():
+    assert _checks.float_scale("s", 2).dtype == jnp.float32
+    assert _checks.float_scale("s", np.float64(0.5)).shape == ()
+    assert _checks.float_scale("s", jnp.ones((3,), jnp.bfloat16)).shape == (3,)
+    for bad in (True, "1.0", None, jnp.ones((), jnp.int32)):
+        with pytest.raises(TypeError, match="^s must be"):
+            _checks.float_scale("s", bad)

@@ -9,13 +9,14 @@ import pytest
 import flashmla_jax as fm
 from flashmla_jax import reference
 from flashmla_jax.ops.decode import choose_num_splits
-from conftest import rel_err
+from _util import rel_err
 
 TOL = {jnp.float32: 1e-3, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 
 
 def decode_numpy(q, kv, seqlens, head_dim_v, scale, causal):
-    """float64 loop over (b, s, h): the definition of §1 of the design card."""
+    """float64 loop over (b, s, h): the definition, softmax(q · K^T * scale) over the visible keys times
+    V = K[:, :head_dim_v]."""
     q = np.asarray(q, np.float64)
     kv = np.asarray(kv, np.float64)
     b_, s_q, h_, _ = q.shape
@@ -110,7 +111,7 @@ def test_default_implementation_on_cpu_is_xla():
     (lambda a: {**a, "implementation": 1}, TypeError, "implementation must be"),
     (lambda a: {**a, "num_splits": 257}, ValueError, "num_splits"),
     (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
-    (lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU"),
+    pytest.param(lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU", marks=pytest.mark.no_gpu),
     (lambda a: {**a, "block_table": jnp.zeros((2, 2), jnp.int32), "kv_cache": a["kv_cache"].reshape(4, 16, 96)[:, :12]},
      ValueError, "page_size"),
     (lambda a: {**a, "block_table": jnp.zeros((3, 2), jnp.int32)}, ValueError, "block_table"),
@@ -214,6 +215,37 @@ def test_interpret_paged_with_nan_pages(page_size):
     out = fm.mla_decode(q, pages, sl, table, head_dim_v=64, num_splits=2, implementation="interpret")
     ref = fm.mla_decode(q, kv, sl, head_dim_v=64, implementation="xla")
     assert rel_err(out, ref) < 1e-2
+
+
+def test_plan_names_the_split_outputs():
+    """The split kernel's outputs by name: with a few splits the last one merges and only its arrival
+    counters start at 0; with many the combine kernel reads the splits each sequence took."""
+    from flashmla_jax.ops import decode as decode_ops
+
+    few = decode_ops.plan_decode((2, 1, 4, SMALL["d"]), jnp.float32, 64, True, (2, 256, SMALL["d"]), None, 4, 132)
+    assert few.split_outputs._fields == ("out", "lse", "o_part", "lse_part", "splits_taken", "arrivals")
+    assert few.zeroed == ("arrivals",) and few.zeroed_outputs == (5,) and few.combine_grid is None
+    assert few.split_outputs.arrivals.shape == (2 * few.grid[0],) and few.split_outputs.o_part.shape == (2, 4, 4, 64)
+    many = decode_ops.plan_decode((2, 1, 4, SMALL["d"]), jnp.float32, 64, True, (2, 256, SMALL["d"]), None,
+                                  decode_ops.MAX_SPLITS_MERGED_IN_KERNEL + 1, 132)
+    assert many.zeroed == () and many.zeroed_outputs == () and many.combine_grid is not None
+    assert many.split_outputs.splits_taken.shape == (2,) and many.split_outputs.arrivals.shape == (1,)
+
+
+def test_tile_rules_are_static_asserts(monkeypatch):
+    """A plan that breaks a tile rule the kernels document (here a key tile wider than a page, which would
+    read the next page's rows) stops at the kernel's tl.static_assert instead of answering."""
+    from flashmla_jax.ops import decode as decode_ops
+
+    monkeypatch.setattr(decode_ops, "decode_tiles", lambda *args: decode_ops.DecodeTiles.with_defaults(16, 32, 4, 1))
+    jax.clear_caches()              # traces planned with the real tiles must not be reused
+    try:
+        q, kv, sl = make_inputs(23, 2, 1, 4, SMALL["d"], 64, jnp.float32, [64, 20])
+        pages, table = to_pages(kv, 16, seed=5)
+        with pytest.raises(Exception, match="BLOCK_N <= PAGE_SIZE"):
+            jax.block_until_ready(fm.mla_decode(q, pages, sl, table, head_dim_v=64, implementation="interpret"))
+    finally:
+        jax.clear_caches()
 
 
 @pytest.mark.parametrize("seqlens", [[0, 256, 37, 1, 190, 250, 70, 9, 130], [256] * 8 + [250],

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 import flashmla_jax as fm
-from conftest import rel_err
+from _util import rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -17,7 +17,7 @@ SHAPES = {
     "D4": (128, 8192, 16, 1, True),
     "D5": (128, 4096, 128, 1, False),
     "D6": (64, 8192, 128, 2, False),
-    "chunk": (1, 16384, 16, 1024, False),      # issue 5's absorbed chunked prefill
+    "chunk": (1, 16384, 16, 1024, False),      # C1, the absorbed chunked prefill
 }
 
 

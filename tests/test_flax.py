@@ -14,7 +14,7 @@ from flax import nnx  # noqa: E402
 
 import flashmla_jax as fm  # noqa: E402
 from flashmla_jax import flax as fmx  # noqa: E402
-from conftest import rel_err  # noqa: E402
+from _util import rel_err  # noqa: E402
 
 
 # Small dims; RoPE theta and YaRN's original context are small too, so that positions < 40 turn the

@@ -1,4 +1,4 @@
-"""Many devices (issue 12): the partitioning rules of mla_decode, mla_prefill and LatentCache.append, and the
+"""Many devices: the partitioning rules of mla_decode, mla_prefill and LatentCache.append, and the
 named layouts of flashmla_jax.sharding.
 
 The multi-device checks live in tests/sharding_checks.py and run once, in a subprocess started with
@@ -27,6 +27,7 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from flashmla_jax import sharding
+from _util import subprocess_env
 from sharding_checks import CHECKS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -34,9 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
-    env["JAX_PLATFORMS"] = "cpu"
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    env = subprocess_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     proc = subprocess.run([sys.executable, os.path.join(HERE, "sharding_checks.py")], env=env,
                           capture_output=True, text=True, timeout=600)
     lines = [json.loads(l) for l in proc.stdout.splitlines() if l.startswith("{")]

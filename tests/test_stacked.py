@@ -11,7 +11,7 @@ from flax import nnx
 import flashmla_jax as fm
 from flashmla_jax import LatentCache
 from flashmla_jax.flax import MultiHeadLatentAttention, mla_attention
-from conftest import rel_err
+from _util import rel_err
 
 SMALL = dict(head_dim_v=64)          # D = 96: the same kernels as 576 wide, fast to interpret
 D = 96

@@ -176,7 +176,22 @@ def mla_decode_split_kernel(
       [B * ROW_TILES] int32, zeroed, counts arrivals), or else by `mla_decode_combine_kernel`, which
       reads splits_ptr [B] int32, the splits each sequence took. Neither is used when NUM_SPLITS == 1.
     LSE is natural-log; a row that sees no key in its range gets lse -inf and output 0.
+    Tile rules (ops/decode.py's plans keep them): BLOCK_M, BLOCK_N, D_V and D_R powers of two >= 16; paged,
+    BLOCK_N <= PAGE_SIZE (a power of two), so that a key tile lies in one page; the *_POW2 sizes powers of two
+    at least what they cover.
     """
+    tl.static_assert(BLOCK_M >= 16 and (BLOCK_M & (BLOCK_M - 1)) == 0, "BLOCK_M must be a power of two >= 16")
+    tl.static_assert(BLOCK_N >= 16 and (BLOCK_N & (BLOCK_N - 1)) == 0, "BLOCK_N must be a power of two >= 16")
+    tl.static_assert(D_V >= 16 and (D_V & (D_V - 1)) == 0 and D_R >= 16 and (D_R & (D_R - 1)) == 0,
+                     "D_V and D_R must be powers of two >= 16")
+    tl.static_assert(not PAGED or (BLOCK_N <= PAGE_SIZE and (PAGE_SIZE & (PAGE_SIZE - 1)) == 0),
+                     "paged: BLOCK_N <= PAGE_SIZE, a power of two (a key tile lies in one page)")
+    tl.static_assert(TABLE_POW2 >= MAX_BLOCKS and (TABLE_POW2 & (TABLE_POW2 - 1)) == 0,
+                     "TABLE_POW2 must be a power of two >= MAX_BLOCKS")
+    tl.static_assert(SPLITS_POW2 >= NUM_SPLITS and (SPLITS_POW2 & (SPLITS_POW2 - 1)) == 0,
+                     "SPLITS_POW2 must be a power of two >= NUM_SPLITS")
+    tl.static_assert(BATCH_POW2 >= BATCH and (BATCH_POW2 & (BATCH_POW2 - 1)) == 0,
+                     "BATCH_POW2 must be a power of two >= BATCH")
     R: tl.constexpr = S_Q * H
     if NUM_LAYERS > 0:
         layer = tl.minimum(tl.maximum(tl.load(layer_ptr), 0), NUM_LAYERS - 1)
@@ -364,6 +379,10 @@ def mla_decode_combine_kernel(
     rows of a sequence that took one split already hold their result and are left alone.
     A row with no key gives 0 and -inf.
     """
+    tl.static_assert(D_V % BLOCK_D == 0 and (BLOCK_D & (BLOCK_D - 1)) == 0,
+                     "BLOCK_D must be a power of two dividing D_V")
+    tl.static_assert(SPLITS_POW2 >= NUM_SPLITS and (SPLITS_POW2 & (SPLITS_POW2 - 1)) == 0,
+                     "SPLITS_POW2 must be a power of two >= NUM_SPLITS")
     r = tl.program_id(0)
     d_tile = tl.program_id(1)
     b = tl.program_id(2)

@@ -18,9 +18,9 @@ exactly (subnormals, ±0 included), but 0x7F / 0xFF decode to ±480 instead of N
 no NaN case for e4m3fn). Caches written by `quantize_latent` never hold those bytes (it saturates at
 ±448), and the loaders' masks keep bytes of unused tokens out, so either path reads our caches the same;
 the bit-arithmetic path is the one that matches float8_e4m3fn everywhere. Also seen in the interpreter:
-pointer casts from uint8 to float32 / bfloat16 pointers load correctly, and `.to(tl.bfloat16)` from
-float32 truncates where the GPU rounds to nearest even (so interpreted bfloat16 tiles can differ from
-`dequantize_latent(..., dtype=bfloat16)` by one bfloat16 ulp; float32 tiles are exact).
+pointer casts from uint8 to float32 / bfloat16 pointers load correctly. Its own `.to(tl.bfloat16)` from float32
+truncates, but interpreted launches (ops/_launch.py) patch that cast to round to nearest even as the GPU does,
+so interpreted bfloat16 tiles equal `dequantize_latent(..., dtype=bfloat16)` exactly, as float32 tiles do.
 
 How the decode kernel's tile step uses them (kv_rows, tokens, hi as in `_attend_tile`; kv_ptr a uint8
 pointer, already offset to the layer):
@@ -30,7 +30,7 @@ pointer, already offset to the layer):
                                    MASKED)                       # kv_scale = tl.load(scale_ptr), once
 
 in place of the two `tl.load`s; the products and `p.to(k_v.dtype)` stay as they are. FP8_NATIVE=True is the
-GPU path (checked against the reference on the H100 by tests/test_fp8_decode.py's GPU tests); its speed is
+GPU path (checked against the reference on the H100 by tests/test_fp8.py's GPU tests); its speed is
 below the bf16 kernel's (benchmarks/NOTES.md).
 """
 import triton
@@ -77,6 +77,8 @@ def load_blockscale_tile(kv_ptr, rows, valid, D_V: tl.constexpr, D_R: tl.constex
     k_v = e4m3 * scale[token, column // 128], computed in float32, then cast; k_r is the stored bfloat16
     k_pe, cast. D_V / 128 must be a power of two (512 gives 4)."""
     NUM_SCALES: tl.constexpr = D_V // BLOCKSCALE_GROUP
+    tl.static_assert(NUM_SCALES * BLOCKSCALE_GROUP == D_V and (NUM_SCALES & (NUM_SCALES - 1)) == 0,
+                     "fp8_blockscale: D_V must be 128 times a power of two")
     TOKEN_BYTES: tl.constexpr = D_V + 4 * NUM_SCALES + 2 * D_R
     tok = kv_ptr + rows[:, None] * TOKEN_BYTES                                # [BLOCK_N, 1] uint8 pointers
     scale_ptr = (tok + D_V).to(tl.pointer_type(tl.float32))

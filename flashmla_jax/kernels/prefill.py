@@ -28,6 +28,22 @@ from flashmla_jax.kernels._common import LOG2E, row_divisor, row_lse
 
 
 @triton.jit
+def _check_layout(H: tl.constexpr, H_KV: tl.constexpr, D_QK: tl.constexpr, QA: tl.constexpr, QB: tl.constexpr,
+                  D_V: tl.constexpr, VA: tl.constexpr, VB: tl.constexpr, BLOCK_M: tl.constexpr,
+                  BLOCK_N: tl.constexpr):
+    """The layout rules every attention kernel here relies on, checked when it compiles (no code): GQA
+    H % H_KV == 0; the column chunks powers of two >= 16 covering their head dims; BLOCK_M and BLOCK_N
+    powers of two >= 16."""
+    tl.static_assert(H % H_KV == 0, "H must be a multiple of H_KV")
+    tl.static_assert(QA >= 16 and (QA & (QA - 1)) == 0 and QB >= 16 and (QB & (QB - 1)) == 0 and QA + QB >= D_QK,
+                     "QA and QB must be powers of two >= 16 with QA + QB >= D_QK")
+    tl.static_assert(VA >= 16 and (VA & (VA - 1)) == 0 and VB >= 16 and (VB & (VB - 1)) == 0 and VA + VB >= D_V,
+                     "VA and VB must be powers of two >= 16 with VA + VB >= D_V")
+    tl.static_assert(BLOCK_M >= 16 and (BLOCK_M & (BLOCK_M - 1)) == 0 and BLOCK_N >= 16
+                     and (BLOCK_N & (BLOCK_N - 1)) == 0, "BLOCK_M and BLOCK_N must be powers of two >= 16")
+
+
+@triton.jit
 def _load_tile(ptr, row_off, row_ok, offs_d, D: tl.constexpr, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
     """[R, len(offs_d)] tile: element row_off[r] + offs_d[c] of ptr. Masked elements read 0."""
     ptrs = ptr + row_off[:, None] + offs_d[None, :]
@@ -195,6 +211,8 @@ def mla_prefill_fwd_kernel(
     only when HAS_SEG), scale float32 -> o_ptr [B, S, H, D_V] (q's dtype), lse_ptr [B, H, S] float32.
     Query blocks run from the last (the most causal work) to the first, for a shorter tail.
     """
+    _check_layout(H, H_KV, D_QK, QA, QB, D_V, VA, VB, BLOCK_M, BLOCK_N)
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "the forward needs BLOCK_M % BLOCK_N == 0")
     start_m, bh, b, h, offs_m, row_ok, q_rows, q_a, q_b, k_base, v_base, seg_base, seg_q = _query_block(
         q_ptr, k_ptr, v_ptr, seg_ptr, S, H, H_KV, D_QK, QA, QB, QK_MASK_B, D_V, HAS_SEG, BLOCK_M)
     offs_n, offs_qa, offs_qb, offs_va, offs_vb = _offsets(BLOCK_N, QA, QB, VA, VB)
@@ -310,6 +328,8 @@ def mla_prefill_bwd_dkdv_kernel(
     -> dk_ptr [B, S, H_KV, D_QK], dv_ptr [B, S, H_KV, D_V] (input dtype), summed over the H // H_KV query
     heads that share each KV head.
     """
+    _check_layout(H, H_KV, D_QK, QA, QB, D_V, VA, VB, BLOCK_M, BLOCK_N)
+    tl.static_assert(BLOCK_N % BLOCK_M == 0, "dK, dV need BLOCK_N % BLOCK_M == 0")
     G: tl.constexpr = H // H_KV
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -405,6 +425,8 @@ def mla_prefill_bwd_dq_kernel(
 ):
     """dQ. Grid (cdiv(S, BLOCK_M), B * H); BLOCK_M % BLOCK_N == 0. Inputs as mla_prefill_bwd_dkdv_kernel's
     -> dq_ptr [B, S, H, D_QK] (q's dtype)."""
+    _check_layout(H, H_KV, D_QK, QA, QB, D_V, VA, VB, BLOCK_M, BLOCK_N)
+    tl.static_assert(BLOCK_M % BLOCK_N == 0, "dQ needs BLOCK_M % BLOCK_N == 0")
     start_m, bh, b, h, offs_m, row_ok, q_rows, q_a, q_b, k_base, v_base, seg_base, seg_q = _query_block(
         q_ptr, k_ptr, v_ptr, seg_ptr, S, H, H_KV, D_QK, QA, QB, QK_MASK_B, D_V, HAS_SEG, BLOCK_M)
     offs_n, offs_qa, offs_qb, offs_va, offs_vb = _offsets(BLOCK_N, QA, QB, VA, VB)

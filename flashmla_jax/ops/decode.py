@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -13,7 +14,7 @@ from flashmla_jax import _checks, reference
 from flashmla_jax._backend import num_sms, resolve_implementation
 from flashmla_jax.fp8 import dequantize_latent, latent_format
 from flashmla_jax.ops._launch import launch
-from flashmla_jax.ops.partition import partitioned_decode
+from flashmla_jax.ops.decode_partition import partitioned_decode
 
 MAX_SPLITS = 256
 MAX_SPLITS_MERGED_IN_KERNEL = 16   # more splits than this are merged by the combine kernel
@@ -175,6 +176,17 @@ def _pow2_at_least(n: int, floor: int = 2) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
 
+class SplitOutputs(NamedTuple):
+    """The split kernel's outputs, in its pointer order (each a jax.ShapeDtypeStruct in a plan, an array after
+    the launch; a buffer the launch does not use is one element, never touched). R = S_q * H."""
+    out: Any            # [B, R, D_v] in q's dtype: the result
+    lse: Any            # [B, R] float32
+    o_part: Any         # [B, splits, R, D_v] float32: the partials of split sequences
+    lse_part: Any       # [B, splits, R] float32
+    splits_taken: Any   # [B] int32: splits each sequence took, for the combine kernel
+    arrivals: Any       # [B * row tiles] int32: splits finished per (sequence, row tile), counted up from 0
+
+
 @dataclasses.dataclass(frozen=True)
 class DecodePlan:
     """Static launch parameters of one decode call: the split kernel's grid, warps, stages, constexprs
@@ -185,10 +197,15 @@ class DecodePlan:
     num_stages: int
     constexprs: dict
     num_splits: int
-    split_outputs: tuple          # jax.ShapeDtypeStruct: out, lse, o_part, lse_part, splits taken, arrivals
-    zeroed_outputs: tuple         # indices into split_outputs that must start at 0
+    split_outputs: SplitOutputs
+    zeroed: tuple[str, ...]       # names of the split outputs that must start at 0
     combine_grid: tuple | None
     combine_constexprs: dict | None
+
+    @property
+    def zeroed_outputs(self) -> tuple[int, ...]:
+        """Indices of `zeroed` in the split kernel's outputs (a launch's zeroed_outputs)."""
+        return tuple(SplitOutputs._fields.index(name) for name in self.zeroed)
 
 
 def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
@@ -235,14 +252,15 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
                                   BLOCK_D=block_d)
     # Buffers a launch does not use are one element (the kernel never touches them).
     part = (batch, num_splits, rows) if num_splits > 1 else (1,)
-    split_outputs = (jax.ShapeDtypeStruct((batch, rows, head_dim_v), dtype),
-                     jax.ShapeDtypeStruct((batch, rows), jnp.float32),
-                     jax.ShapeDtypeStruct(part + ((head_dim_v,) if num_splits > 1 else ()), jnp.float32),
-                     jax.ShapeDtypeStruct(part, jnp.float32),
-                     jax.ShapeDtypeStruct((batch,) if combine_grid else (1,), jnp.int32),
-                     jax.ShapeDtypeStruct((batch * row_tiles,) if last_merges else (1,), jnp.int32))
+    split_outputs = SplitOutputs(
+        out=jax.ShapeDtypeStruct((batch, rows, head_dim_v), dtype),
+        lse=jax.ShapeDtypeStruct((batch, rows), jnp.float32),
+        o_part=jax.ShapeDtypeStruct(part + ((head_dim_v,) if num_splits > 1 else ()), jnp.float32),
+        lse_part=jax.ShapeDtypeStruct(part, jnp.float32),
+        splits_taken=jax.ShapeDtypeStruct((batch,) if combine_grid else (1,), jnp.int32),
+        arrivals=jax.ShapeDtypeStruct((batch * row_tiles,) if last_merges else (1,), jnp.int32))
     return DecodePlan((row_tiles, batch, num_splits), tiles.num_warps, tiles.num_stages, constexprs, num_splits,
-                      split_outputs, (5,) if last_merges else (), combine_grid, combine_constexprs)
+                      split_outputs, ("arrivals",) if last_merges else (), combine_grid, combine_constexprs)
 
 
 def _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
@@ -262,15 +280,18 @@ def _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, s
     table = cache_seqlens if block_table is None else block_table      # unused pointer when contiguous
     layer = cache_seqlens if layer is None else layer                   # unused pointer when not stacked
     kv_scale = cache_seqlens if kv_scale is None else kv_scale         # unused pointer unless fp8_pertensor
-    out, lse, o_part, lse_part, splits_taken, _ = launch(
+    split = SplitOutputs(*launch(
         kernels.mla_decode_split_kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table, layer,
         kv_scale, np.float32(scale), out_shape=plan.split_outputs, grid=plan.grid, implementation=implementation,
         num_warps=plan.num_warps, num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs,
-        **plan.constexprs)
+        **plan.constexprs))
+    out, lse = split.out, split.lse
     if plan.combine_grid is not None:
-        out, lse = launch(kernels.mla_decode_combine_kernel, o_part, lse_part, splits_taken, out, lse,
-                          out_shape=plan.split_outputs[:2], grid=plan.combine_grid, implementation=implementation,
-                          num_warps=4, num_stages=1, input_output_aliases={3: 0, 4: 1}, **plan.combine_constexprs)
+        # The combine updates out and lse in place (inputs 3 and 4 alias outputs 0 and 1).
+        out, lse = launch(kernels.mla_decode_combine_kernel, split.o_part, split.lse_part, split.splits_taken, out,
+                          lse, out_shape=(plan.split_outputs.out, plan.split_outputs.lse), grid=plan.combine_grid,
+                          implementation=implementation, num_warps=4, num_stages=1, input_output_aliases={3: 0, 4: 1},
+                          **plan.combine_constexprs)
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
 
 
@@ -347,15 +368,15 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     def decode(q, kv_cache, cache_seqlens, block_table, causal, layer, kv_scale):
         if impl == "xla":
             if layer is not None:    # fuses into the einsums: no copy of the layer
-                kv_cache = _index_layer(kv_cache, layer)
+                kv_cache = index_layer(kv_cache, layer)
             kv_cache = _dequantized(kv_cache, kv_format, kv_scale, layer, q.dtype, q.shape[-1] - head_dim_v)
             return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
                                                   softmax_scale=scale, causal=causal)
         return _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
                               impl, kv_format, kv_scale)
 
-    # Partitioning rules under jit over sharded inputs (ops/partition.py). "interpret" stays unwrapped: a host
-    # callback inside custom_partitioning segfaults (jax PR #23620). layer and kv_scale reach every shard whole.
+    # Partitioning rules under jit over sharded inputs (ops/decode_partition.py). "interpret" stays unwrapped: a
+    # host callback inside custom_partitioning segfaults (jax PR #23620). layer and kv_scale reach every shard whole.
     shard = partitioned_decode(decode, causal=causal) if impl != "interpret" else functools.partial(_with_causal,
                                                                                                       decode, causal)
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
@@ -367,10 +388,11 @@ def _with_causal(decode, causal, q, kv_cache, cache_seqlens, block_table, *extra
     return decode(q, kv_cache, cache_seqlens, block_table, causal, *extras)
 
 
-def _index_layer(kv_stack: jax.Array, layer: jax.Array) -> jax.Array:
-    """kv_stack [L, ...], layer 0-d int -> kv_stack[clip(layer, 0, L - 1)], as the kernels clamp (a plain
-    dynamic index would wrap a negative layer around)."""
-    return jax.lax.dynamic_index_in_dim(kv_stack, jnp.clip(layer, 0, kv_stack.shape[0] - 1), 0, keepdims=False)
+def index_layer(stack: jax.Array, layer: jax.Array) -> jax.Array:
+    """stack [L, ...] (a stacked cache, per-layer lengths [L, B] or scales [L]), layer a 0-d integer ->
+    stack[clip(layer, 0, L - 1)], clamped as the kernels clamp (a plain dynamic index would wrap a negative
+    layer around)."""
+    return jax.lax.dynamic_index_in_dim(stack, jnp.clip(layer, 0, stack.shape[0] - 1), 0, keepdims=False)
 
 
 def _dequantized(kv_cache, kv_format, kv_scale, layer, dtype, d_r):
@@ -380,7 +402,7 @@ def _dequantized(kv_cache, kv_format, kv_scale, layer, dtype, d_r):
     if kv_format is None:
         return kv_cache
     if kv_scale is not None and layer is not None:
-        kv_scale = _index_layer(kv_scale, layer)
+        kv_scale = index_layer(kv_scale, layer)
     return dequantize_latent(kv_cache, kv_format, kv_scale, dtype, d_r=d_r)
 
 
@@ -404,13 +426,13 @@ def _fold_vmap_into_batch(decode):
             return x if is_batched else jnp.broadcast_to(x, (v,) + x.shape)
 
         if layer is not None:
-            kv_cache = jax.vmap(_index_layer)(batched(kv_cache, kv_b), batched(layer, layer_b))
+            kv_cache = jax.vmap(index_layer)(batched(kv_cache, kv_b), batched(layer, layer_b))
             kv_b = True
             if kv_scale is not None and (scale_b or layer_b):
-                kv_scale = jax.vmap(_index_layer)(batched(kv_scale, scale_b), batched(layer, layer_b))
+                kv_scale = jax.vmap(index_layer)(batched(kv_scale, scale_b), batched(layer, layer_b))
                 scale_b = True
             elif kv_scale is not None:
-                kv_scale = _index_layer(kv_scale, layer)
+                kv_scale = index_layer(kv_scale, layer)
         if kv_scale is not None and scale_b:
             # Members with their own per-tensor scales cannot share one launch: they run one by one.
             table = None if block_table is None else batched(block_table, table_b)

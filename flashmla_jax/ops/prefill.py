@@ -11,7 +11,7 @@ import numpy as np
 from flashmla_jax import _checks, reference
 from flashmla_jax._backend import resolve_implementation
 from flashmla_jax.ops._launch import launch
-from flashmla_jax.ops.partition import partition_prefill
+from flashmla_jax.ops.prefill_partition import partition_prefill
 
 MAX_HEAD_DIM = 256
 
@@ -247,7 +247,7 @@ def _backward(q, k, v, segment_ids, out, lse, dout, dlse, scale, plan: PrefillPl
     return dq, dk, dv
 
 
-# Partitioning rules for the kernel launchers under jit over sharded inputs (ops/partition.py); _flash,
+# Partitioning rules for the kernel launchers under jit over sharded inputs (ops/prefill_partition.py); _flash,
 # _flash_fwd and _flash_bwd call these module globals. An "interpret" plan passes through unwrapped.
 _forward, _backward = partition_prefill(_forward, _backward)
 
