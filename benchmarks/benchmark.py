@@ -23,12 +23,14 @@ import functools
 import os
 import sys
 
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")     # the torch peers share the GPU
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import peers  # noqa: E402
 import flashmla_jax as fm  # noqa: E402
 from flashmla_jax import reference  # noqa: E402
 from flashmla_jax._backend import has_cuda_gpu  # noqa: E402
@@ -60,7 +62,7 @@ class Row:
 
     def reduced(self) -> "Row":
         """The same row at CPU-friendly size."""
-        return dataclasses.replace(self, batch=min(self.batch, 4), seqlen=min(self.seqlen, 1024))
+        return dataclasses.replace(self, batch=min(self.batch, 4), seqlen=min(self.seqlen, 1024), s_q=min(self.s_q, 16))
 
 
 ROWS = [
@@ -70,6 +72,7 @@ ROWS = [
     Row("D4", 128, 8192, 16, 1, ragged=True),
     Row("D5", 128, 4096, 128, 1),
     Row("D6", 64, 8192, 128, 2),
+    Row("C1", 1, 16384, 16, 1024),           # a chunk of 1024 new tokens against a 16K prefix (chunked prefill)
     Row("D1-paged", 128, 4096, 16, 1, paged=True),
     Row("D2-paged", 64, 16384, 16, 1, paged=True),
 ]
@@ -142,6 +145,23 @@ def run_row(row: Row, implementation: str, bandwidth: float, flops_rate: float) 
                 gpu_pct_of_ceiling=None if gpu_ms is None else 100 * floor / (gpu_ms * 1e-3))
 
 
+def run_peer_row(row: Row, peer: str, bandwidth: float, flops_rate: float) -> dict | None:
+    """A CUDA peer (benchmarks/peers.py) on the first of the row's input sets: its GPU time per call from CUDA
+    events around a short burst. None for rows the peer does not serve here (FP8 caches)."""
+    if row.kv_format is not None:
+        return None
+    q, kv, seqlens, table = make_inputs(row, 0)
+    timer = dict(flashmla=peers.flashmla_decode_ms, flashinfer=peers.flashinfer_decode_ms)[peer]
+    ms = timer(q, kv, seqlens, table, SCALE, PAGE_SIZE)
+    nbytes, flops = cost(row, np.asarray(seqlens))
+    floor = max(nbytes / bandwidth, flops / flops_rate)
+    return dict(row=row.name, implementation=peer, batch=row.batch, seqlen=row.seqlen, heads=row.heads, s_q=row.s_q,
+                ragged=row.ragged, paged=row.paged, kv_format=row.kv_format, bytes_per_token=row.bytes_per_token,
+                ms=None, gpu_ms=ms, clock="cuda events", tb_s=nbytes / ms / 1e9, tflop_s=flops / ms / 1e9,
+                bound="memory" if nbytes / bandwidth >= flops / flops_rate else "compute", pct_of_ceiling=None,
+                gpu_pct_of_ceiling=100 * floor / (ms * 1e-3))
+
+
 def print_fp8_speedups(results: list[dict], rows: list[Row]) -> None:
     """Each FP8 row's speed-up over the bf16 row of its shape, per implementation, both from this run."""
     ms = {(r["row"], r["implementation"]): r["ms"] for r in results}
@@ -162,14 +182,16 @@ def plot(results: list[dict], path: str) -> None:
 
     names = list(dict.fromkeys(r["row"] for r in results))
     impls = list(dict.fromkeys(r["implementation"] for r in results))
-    fig, ax = plt.subplots(figsize=(9, 4))
+    gpu = any(r.get("gpu_pct_of_ceiling") is not None for r in results)
+    key = "gpu_pct_of_ceiling" if gpu else "pct_of_ceiling"
+    fig, ax = plt.subplots(figsize=(max(9, 0.9 * len(names) * len(impls) / 2), 4.5))
     width = 0.8 / len(impls)
     for i, impl in enumerate(impls):
-        vals = [next((r["pct_of_ceiling"] for r in results if r["row"] == n and r["implementation"] == impl), 0)
+        vals = [next((r[key] or 0 for r in results if r["row"] == n and r["implementation"] == impl), 0)
                 for n in names]
         ax.bar(np.arange(len(names)) + i * width, vals, width, label=impl)
-    ax.set_xticks(np.arange(len(names)) + width * (len(impls) - 1) / 2, names)
-    ax.set_ylabel("% of the binding ceiling")
+    ax.set_xticks(np.arange(len(names)) + width * (len(impls) - 1) / 2, names, rotation=30, ha="right")
+    ax.set_ylabel("% of the binding ceiling" + (" (kernel GPU time)" if gpu else " (wall time)"))
     ax.set_title(f"MLA decode on {common.device_name()}")
     ax.axhline(100, color="gray", lw=0.5)
     ax.legend()
@@ -180,37 +202,57 @@ def plot(results: list[dict], path: str) -> None:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", nargs="*", help="row names to run (default: all)")
+    parser.add_argument("--merge", action="store_true", help="keep the rows of other names from the existing JSON")
+    parser.add_argument("--impls", nargs="*", help="implementations and peers to run (default: triton, gluon, jnp, "
+                                                   "xla and every peer that imports; on a CPU jnp and xla)")
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
     gpu = has_cuda_gpu()
     rows = [r for r in ROWS if not args.rows or r.name in args.rows]
-    impls = ["triton", "jnp", "xla"] if gpu else ["jnp", "xla"]
+    impls = (["triton", "gluon", "jnp", "xla"] if gpu else ["jnp", "xla"]) if not args.impls else args.impls
+    peer_names = [p for p in peers.available() if gpu and (not args.impls or p in args.impls)]
     if not gpu:
         rows = [r.reduced() for r in rows]
         print("No CUDA GPU: running the xla rows only, at reduced sizes (batch <= 4, cache <= 1024).")
     bandwidth = common.measure_read_bandwidth(2.0 if gpu else 0.25)
     flops_rate = common.measure_matmul_rate(8192 if gpu else 1024)
     print(f"device: {common.device_name()}  read bandwidth {bandwidth / 1e12:.2f} TB/s  "
-          f"bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s")
+          f"bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s  peers: {', '.join(peer_names) or 'none'}")
     results = []
-    for row, impl in tqdm([(r, i) for r in rows for i in impls], desc="decode sweep"):
+    jobs = [(r, i) for r in rows for i in impls if not (i == "gluon" and (r.kv_format or r.name == "C1"))]
+    for row, impl in tqdm(jobs, desc="decode sweep"):
         results.append(run_row(row, impl, bandwidth, flops_rate))
+    for row, peer in tqdm([(r, p) for r in rows for p in peer_names], desc="peers"):
+        result = run_peer_row(row, peer, bandwidth, flops_rate)
+        if result is not None:
+            results.append(result)
     for base in ("jnp", "xla"):
         base_ms = {r["row"]: r["ms"] for r in results if r["implementation"] == base}
         for r in results:
-            r[f"speedup_vs_{base}"] = base_ms[r["row"]] / r["ms"] if r["row"] in base_ms else None
+            r[f"speedup_vs_{base}"] = base_ms[r["row"]] / r["ms"] if r["row"] in base_ms and r["ms"] else None
+    for peer in peer_names:      # kernel GPU time against the peer's, same row, same run
+        peer_ms = {r["row"]: r["gpu_ms"] for r in results if r["implementation"] == peer}
+        for r in results:
+            r[f"gpu_speedup_vs_{peer}"] = (peer_ms[r["row"]] / r["gpu_ms"]
+                                           if r["row"] in peer_ms and r["gpu_ms"] else None)
 
-    print(f"\n{'row':13} {'impl':7} {'ms':>9} {'gpu ms':>9} {'TB/s':>6} {'TFLOP/s':>8} {'bound':>7} {'% ceil':>7} "
-          f"{'gpu %':>7} {'vs jnp':>7} {'vs xla':>7}")
-    nan = float("nan")
+    columns = [("ms", "ms", "9.4f"), ("gpu_ms", "gpu ms", "9.4f"), ("tb_s", "TB/s", "6.2f"),
+               ("tflop_s", "TFLOP/s", "8.1f"), ("pct_of_ceiling", "% ceil", "6.1f"),
+               ("gpu_pct_of_ceiling", "gpu %", "6.1f"), ("speedup_vs_jnp", "vs jnp", "6.2f"),
+               ("speedup_vs_xla", "vs xla", "6.2f")] + [(f"gpu_speedup_vs_{p}", f"vs {p}", "6.2f") for p in peer_names]
+    shown = [c for c in columns if any(r.get(c[0]) is not None for r in results)]
+    print(f"\n{'row':13} {'impl':10} {'bound':>7} " + " ".join(f"{title:>{len(format(0.0, spec))}}"
+                                                             for _, title, spec in shown))
     for r in results:
-        print(f"{r['row']:13} {r['implementation']:7} {r['ms']:9.4f} {r['gpu_ms'] or nan:9.4f} {r['tb_s']:6.2f} "
-              f"{r['tflop_s']:8.1f} {r['bound']:>7} {r['pct_of_ceiling']:6.1f}% {r['gpu_pct_of_ceiling'] or nan:6.1f}% "
-              f"{r['speedup_vs_jnp'] or nan:6.2f}x {r['speedup_vs_xla'] or nan:6.2f}x")
+        cells = [format(r[key], spec) if r.get(key) is not None else " " * len(format(0.0, spec))
+                 for key, _, spec in shown]
+        print(f"{r['row']:13} {r['implementation']:10} {r['bound']:>7} " + " ".join(cells))
     print_fp8_speedups(results, rows)
     payload = dict(device=common.device_name(), reduced_sizes=not gpu, jax=jax.__version__,
                    read_bandwidth_tb_s=bandwidth / 1e12, matmul_tflop_s=flops_rate / 1e12, results=results)
+    if args.merge:
+        payload = common.merged_rows("decode", payload)
     path = common.write_json("decode", payload)
     plot(results, path.replace(".json", ".png"))
     print(f"wrote {path} and its .png")

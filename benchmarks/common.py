@@ -105,6 +105,22 @@ def measure_matmul_rate(n: int = 8192) -> float:
     return 2 * n ** 3 / time_call(mm, [(a, b), (b, a)], repeats=10, calls_per_repeat=5)
 
 
+def merged_rows(name: str, payload: dict) -> dict:
+    """payload with the results of the existing {name}_<device>.json whose rows it does not measure again (runs
+    of one benchmark split over several calls; each row keeps the ceilings of its own run: `run_ceilings`)."""
+    path = os.path.join(RESULTS_DIR, f"{name}_{device_slug()}.json")
+    if not os.path.exists(path):
+        return payload
+    with open(path) as f:
+        old = json.load(f)
+    fresh = {r["row"] for r in payload["results"]}
+    kept = [r for r in old["results"] if r["row"] not in fresh]
+    ceilings = dict(read_bandwidth_tb_s=old.get("read_bandwidth_tb_s"), matmul_tflop_s=old.get("matmul_tflop_s"))
+    for r in kept:
+        r.setdefault("run_ceilings", ceilings)
+    return dict(payload, results=kept + payload["results"])
+
+
 def write_json(name: str, payload: dict) -> str:
     os.makedirs(RESULTS_DIR, exist_ok=True)
     path = os.path.join(RESULTS_DIR, f"{name}_{device_slug()}.json")

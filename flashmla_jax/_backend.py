@@ -22,6 +22,16 @@ def has_cuda_gpu() -> bool:
     return device.platform == "gpu" and "cuda" in getattr(device.client, "platform_version", "cuda").lower()
 
 
+@functools.lru_cache(maxsize=None)
+def cuda_compute_capability() -> tuple[int, int] | None:
+    """(major, minor) of JAX's default CUDA device, e.g. (9, 0) on an H100 or H200; None without one."""
+    if not has_cuda_gpu():
+        return None
+    text = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+    major, _, minor = text.partition(".")
+    return (int(major), int(minor or 0)) if major.isdigit() else None
+
+
 def resolve_implementation(implementation: str | None) -> str:
     """Maps the user's `implementation` to one of _checks.IMPLEMENTATIONS.
 

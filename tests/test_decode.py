@@ -111,7 +111,7 @@ def test_default_implementation_on_cpu_is_xla():
     (lambda a: {**a, "implementation": 1}, TypeError, "implementation must be"),
     (lambda a: {**a, "num_splits": 257}, ValueError, "num_splits"),
     (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
-    pytest.param(lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU", marks=pytest.mark.no_gpu),
+    pytest.param(lambda a: {**a, "implementation": "triton"}, ValueError, "need a CUDA GPU as JAX.s default backend", marks=pytest.mark.no_gpu),
     (lambda a: {**a, "block_table": jnp.zeros((2, 2), jnp.int32), "kv_cache": a["kv_cache"].reshape(4, 16, 96)[:, :12]},
      ValueError, "page_size"),
     (lambda a: {**a, "block_table": jnp.zeros((3, 2), jnp.int32)}, ValueError, "block_table"),

@@ -1,4 +1,6 @@
-"""Tier 3: mla_decode through jax-triton on the GPU, full D1-D6 shapes against the reference."""
+"""Tier 3: mla_decode through jax-triton on the GPU, full D1-D6 shapes against the reference: "triton" (the tl
+kernels, and on a Hopper GPU the Gluon kernel for more than 32 query rows) and "gluon" (the Gluon kernel for every
+call it can run: bf16 / fp16 caches, pages of 64 tokens or more)."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,26 +32,28 @@ def _inputs(b, n, h, s_q, ragged, seed):
     return q, kv, seqlens
 
 
+@pytest.mark.parametrize("implementation", ["triton", "gluon"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_decode_full_shapes(name):
+def test_decode_full_shapes(name, implementation):
     q, kv, sl = _inputs(*SHAPES[name], seed=hash(name) % 1000)
     kw = dict(softmax_scale=192 ** -0.5, return_lse=True)
-    out, lse = fm.mla_decode(q, kv, sl, implementation="triton", **kw)
+    out, lse = fm.mla_decode(q, kv, sl, implementation=implementation, **kw)
     ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
     assert rel_err(out, ref) < 1e-2
     finite = np.isfinite(np.asarray(ref_lse))
     np.testing.assert_array_equal(np.isneginf(lse), ~finite)
     np.testing.assert_allclose(np.asarray(lse)[finite], np.asarray(ref_lse)[finite], rtol=1e-3, atol=1e-3)
-    again, lse_again = fm.mla_decode(q, kv, sl, implementation="triton", **kw)
+    again, lse_again = fm.mla_decode(q, kv, sl, implementation=implementation, **kw)
     np.testing.assert_array_equal(np.asarray(out.view(jnp.uint16)), np.asarray(again.view(jnp.uint16)))
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse_again))
 
 
+@pytest.mark.parametrize("implementation", ["triton", "gluon"])
 @pytest.mark.parametrize("num_splits", [1, 7, 64])
-def test_decode_splits_and_edge_lengths(num_splits):
+def test_decode_splits_and_edge_lengths(num_splits, implementation):
     q, kv, _ = _inputs(6, 1024, 16, 2, False, seed=num_splits)
     sl = jnp.asarray([0, 1, 2, 63, 1024, 5000], jnp.int32)      # 5000 is clamped to the capacity
-    out = fm.mla_decode(q, kv, sl, num_splits=num_splits, implementation="triton")
+    out = fm.mla_decode(q, kv, sl, num_splits=num_splits, implementation=implementation)
     ref = fm.mla_decode(q, kv, jnp.minimum(sl, 1024), implementation="xla")
     assert rel_err(out, ref) < 1e-2
     assert np.all(np.asarray(out[0], np.float32) == 0)
@@ -69,13 +73,14 @@ def _nan_pages(kv, sl, page_size):
     return pages, jnp.where(unused, jnp.int32(2 ** 30), table)
 
 
-@pytest.mark.parametrize("page_size", [16, 64, 256])
-def test_decode_paged_nan_pages(page_size):
+@pytest.mark.parametrize("implementation, page_size", [("triton", 16), ("triton", 64), ("triton", 256),
+                                                       ("gluon", 64), ("gluon", 128)])
+def test_decode_paged_nan_pages(page_size, implementation):
     b, n, h = 8, 2048, 16
     q, kv, _ = _inputs(b, n, h, 1, False, seed=page_size)
     sl = jax.random.randint(jax.random.PRNGKey(5), (b,), 0, n + 1, jnp.int32)
     pages, table = _nan_pages(kv, sl, page_size)
-    out = fm.mla_decode(q, pages, sl, table, implementation="triton")
+    out = fm.mla_decode(q, pages, sl, table, implementation=implementation)
     ref = fm.mla_decode(q, kv, sl, implementation="xla")
     assert rel_err(out, ref) < 1e-2
 
@@ -84,8 +89,9 @@ def test_decode_paged_nan_pages(page_size):
     (jnp.bfloat16, None, None), (jnp.bfloat16, 7, None), (jnp.bfloat16, 64, None), (jnp.bfloat16, None, 16),
     (jnp.bfloat16, None, 64), (jnp.float16, None, None), (jnp.float32, None, None)])
 def test_decode_wide_row_tiles(dtype, num_splits, page_size):
-    """S_q * H = 128 rows (64-row tiles with the wide-tile options; float32 keeps 32-row tiles): lengths
-    below S_q, mid-tile ends, split and paged variants."""
+    """S_q * H = 128 rows (64-row tiles with the wide-tile options; float32 keeps 32-row tiles; on a Hopper GPU
+    the bf16 / fp16 cases with pages of 64 or more run the Gluon kernel): lengths below S_q, mid-tile ends,
+    split and paged variants."""
     q, kv, _ = _inputs(6, 2048, 16, 8, False, seed=11)
     q, kv = q.astype(dtype), kv.astype(dtype)
     sl = jnp.asarray([0, 3, 100, 1000, 2048, 1500], jnp.int32)

@@ -4,16 +4,17 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, ClassVar, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flashmla_jax import _checks, reference
-from flashmla_jax._backend import num_sms, resolve_implementation
+from flashmla_jax._backend import cuda_compute_capability, has_cuda_gpu, num_sms
 from flashmla_jax.fp8 import dequantize_latent, latent_format
 from flashmla_jax.ops._launch import launch
+from flashmla_jax.ops._registry import Implementation, Registry
 from flashmla_jax.ops.decode_partition import partitioned_decode
 
 MAX_SPLITS = 256
@@ -61,13 +62,6 @@ def _token_width(kv_cache, d: int, head_dim_v: int, kv_format: str | None, q) ->
                          f"D - head_dim_v={d - head_dim_v} k_pe values: {e}") from None
 
 
-def _check_kernel_dims(d: int, head_dim_v: int):
-    is_pow2 = _checks.is_pow2
-    if not (is_pow2(head_dim_v) and is_pow2(d - head_dim_v) and head_dim_v >= 16 and d - head_dim_v >= 16):
-        raise ValueError(f"the Triton kernels need head_dim_v ({head_dim_v}) and D - head_dim_v ({d - head_dim_v}) "
-                         "to be powers of two >= 16 (DeepSeek: 512 and 64)")
-
-
 # ---------------------------------------------------------------- tiles and the split-KV schedule
 
 WIDE_TILE_ROWS = 64       # row tiles this tall are bound by the matrix units: the wide-tile options are on
@@ -92,6 +86,11 @@ class DecodeTiles:
     split_masked: bool        # unmasked tiles in their own loop, before the masked ones
     late_row_sum: bool        # row sums kept per column, reduced after the loop
     waves: int = BALANCE_WAVES
+    merges_in_kernel: ClassVar[bool] = True     # the last split to finish merges a few splits itself
+
+    def kernel_constexprs(self) -> dict:
+        return dict(BLOCK_M=self.block_m, UNCHAIN_SCORES=self.unchain_scores, SPLIT_MASKED=self.split_masked,
+                    LATE_ROW_SUM=self.late_row_sum)
 
     @classmethod
     def with_defaults(cls, block_m: int, block_n: int, num_warps: int, num_stages: int, *,
@@ -103,6 +102,23 @@ class DecodeTiles:
         pick = lambda option: wide if option is None else bool(option)     # noqa: E731
         return cls(block_m, block_n, num_warps, num_stages, pick(unchain_scores), pick(split_masked),
                    pick(late_row_sum), waves)
+
+
+@dataclasses.dataclass(frozen=True)
+class GluonDecodeTiles:
+    """The Hopper kernel's tiling (kernels/gluon_decode.py): 64 query rows and 64-key blocks are fixed by its
+    design (one wgmma M extent per consumer group; a block's rope box holds its probabilities); the launch
+    names 4 warps (the left consumer group: the kernel adds the right one and its producer). Every split
+    sequence is merged by the combine kernel."""
+    block_m: int = 64
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+    waves: int = BALANCE_WAVES
+    merges_in_kernel: ClassVar[bool] = False
+
+    def kernel_constexprs(self) -> dict:
+        return {}
 
 
 def decode_tiles(rows: int, dtype, page_size: int | None, kv_format: str | None = None) -> DecodeTiles:
@@ -209,8 +225,8 @@ class DecodePlan:
 
 
 def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
-                num_splits: int | None, sms: int, tiles: DecodeTiles | None = None, num_layers: int = 0,
-                kv_format: str | None = None, fp8_native: bool = True) -> DecodePlan:
+                num_splits: int | None, sms: int, tiles: DecodeTiles | GluonDecodeTiles | None = None,
+                num_layers: int = 0, kv_format: str | None = None, fp8_native: bool = True) -> DecodePlan:
     """q_shape [B, S_q, H, D]; kv_shape [B, N, W] (contiguous, table_shape None) or [num_pages,
     page_size, W] with table_shape [B, max_blocks]: one layer's cache, W = D, or the bytes per token of an
     FP8 kv_format. num_layers > 0: the cache is a
@@ -234,16 +250,15 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
                     BALANCE=num_splits > uniform, BATCH=batch, BATCH_POW2=_pow2_at_least(batch),
                     SLOTS=slots, ROW_TILES=row_tiles, BLOCK_N=tiles.block_n,
                     UNIFORM_NUM=UNIFORM_FRACTION[0], UNIFORM_DEN=UNIFORM_FRACTION[1])
-    last_merges = 1 < num_splits <= MAX_SPLITS_MERGED_IN_KERNEL
+    last_merges = tiles.merges_in_kernel and 1 < num_splits <= MAX_SPLITS_MERGED_IN_KERNEL
     splits_pow2 = _pow2_at_least(num_splits)
     constexprs = dict(
         LAST_MERGES=last_merges, SPLITS_POW2=splits_pow2, H=heads, S_Q=s_q, N_MAX=0 if paged else capacity,
         NUM_LAYERS=num_layers, LAYER_STRIDE=math.prod(kv_shape) if num_layers else 0,
         PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
         TABLE_POW2=_pow2_at_least(max_blocks), D_V=head_dim_v, D_R=d - head_dim_v,
-        CAUSAL=causal, BLOCK_M=tiles.block_m, UNCHAIN_SCORES=tiles.unchain_scores,
-        SPLIT_MASKED=tiles.split_masked, LATE_ROW_SUM=tiles.late_row_sum, KV_FORMAT=KV_FORMATS[kv_format],
-        FP8_NATIVE=bool(fp8_native), **schedule)
+        CAUSAL=causal, KV_FORMAT=KV_FORMATS[kv_format], FP8_NATIVE=bool(fp8_native), **tiles.kernel_constexprs(),
+        **schedule)
     combine_grid = combine_constexprs = None
     if num_splits > 1 and not last_merges:
         block_d = max(16, min(head_dim_v, COMBINE_VALUES // splits_pow2))
@@ -263,36 +278,166 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
                       split_outputs, ("arrivals",) if last_merges else (), combine_grid, combine_constexprs)
 
 
-def _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
-                   implementation, kv_format=None, kv_scale=None):
-    """The Triton path: the split kernel (which merges a few splits itself), then for many splits the
-    in-place combine. layer: None, or a 0-d int32 array indexing a stacked kv_cache [L, ...].
-    kv_format: None, or an FP8 format of kv_cache (uint8), with kv_scale (fp8_pertensor): float32, 0-d, or
-    [L] with layer."""
-    b, s_q, h, d = q.shape
-    stacked = layer is not None
-    plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
-                       None if block_table is None else block_table.shape, num_splits, num_sms(implementation),
-                       num_layers=kv_cache.shape[0] if stacked else 0, kv_format=kv_format,
-                       fp8_native=FP8_NATIVE[implementation])
+def _launch_split_kernel(kernel, plan: DecodePlan, runner: str, q, kv_cache, cache_seqlens, block_table, layer,
+                         kv_scale, scale):
+    """The split kernel (tl or Gluon: the same pointers), then for split sequences the plan's in-place combine.
+    Returns out [B, S_q, H, D_v] and lse [B, S_q, H]."""
     from flashmla_jax.kernels import decode as kernels
 
+    b, s_q, h, d = q.shape
+    head_dim_v = plan.split_outputs.out.shape[-1]
     table = cache_seqlens if block_table is None else block_table      # unused pointer when contiguous
     layer = cache_seqlens if layer is None else layer                   # unused pointer when not stacked
     kv_scale = cache_seqlens if kv_scale is None else kv_scale         # unused pointer unless fp8_pertensor
+    constexprs = {k: v for k, v in plan.constexprs.items() if k in kernel.arg_names}
     split = SplitOutputs(*launch(
-        kernels.mla_decode_split_kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table, layer,
-        kv_scale, np.float32(scale), out_shape=plan.split_outputs, grid=plan.grid, implementation=implementation,
-        num_warps=plan.num_warps, num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs,
-        **plan.constexprs))
+        kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table, layer, kv_scale, np.float32(scale),
+        out_shape=plan.split_outputs, grid=plan.grid, implementation=runner, num_warps=plan.num_warps,
+        num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs, **constexprs))
     out, lse = split.out, split.lse
     if plan.combine_grid is not None:
         # The combine updates out and lse in place (inputs 3 and 4 alias outputs 0 and 1).
         out, lse = launch(kernels.mla_decode_combine_kernel, split.o_part, split.lse_part, split.splits_taken, out,
                           lse, out_shape=(plan.split_outputs.out, plan.split_outputs.lse), grid=plan.combine_grid,
-                          implementation=implementation, num_warps=4, num_stages=1, input_output_aliases={3: 0, 4: 1},
+                          implementation=runner, num_warps=4, num_stages=1, input_output_aliases={3: 0, 4: 1},
                           **plan.combine_constexprs)
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
+
+
+# ---------------------------------------------------------------- the implementations and their registry
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeCall:
+    """The static facts of one decode call that decide which implementation can run it."""
+    q_shape: tuple            # [B, S_q, H, D]
+    dtype: Any                # q's (and a float cache's) dtype
+    head_dim_v: int
+    page_size: int | None     # None: a contiguous cache
+    kv_format: str | None
+
+    @property
+    def rows(self) -> int:
+        """Query rows per sequence, S_q * H."""
+        return self.q_shape[1] * self.q_shape[2]
+
+    @property
+    def d_r(self) -> int:
+        return self.q_shape[3] - self.head_dim_v
+
+
+class DecodeImplementation(Implementation[DecodeCall]):
+    """decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal, num_splits,
+    kv_format) -> (out [B, S_q, H, D_v], lse [B, S_q, H]): the per-shard body of `mla_decode` (layer None or a 0-d
+    int32 array into a stacked cache; kv_scale None or float32, [L] with layer)."""
+
+    def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
+               num_splits, kv_format):
+        raise NotImplementedError
+
+
+class XlaDecode(DecodeImplementation):
+    """The jnp reference (any shapes, dtypes and devices); an FP8 cache is dequantized first."""
+    name = "xla"
+
+    def unsupported(self, call: DecodeCall) -> str | None:
+        return None
+
+    def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
+               num_splits, kv_format):
+        if layer is not None:    # fuses into the einsums: no copy of the layer
+            kv_cache = index_layer(kv_cache, layer)
+        kv_cache = _dequantized(kv_cache, kv_format, kv_scale, layer, q.dtype, q.shape[-1] - head_dim_v)
+        return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
+                                              softmax_scale=scale, causal=causal)
+
+
+class TritonDecode(DecodeImplementation):
+    """The tl split and combine kernels (kernels/decode.py), through jax-triton on a CUDA GPU (runner "triton")
+    or Triton's interpreter on the CPU ("interpret"); `decode_tiles` picks their tiles."""
+
+    def __init__(self, runner: str):
+        self.name = runner
+        self.partitionable = runner != "interpret"
+
+    def unsupported(self, call: DecodeCall) -> str | None:
+        if self.name == "triton" and not has_cuda_gpu():
+            return ("the Triton kernels need a CUDA GPU as JAX's default backend (\"interpret\" runs them on the CPU "
+                    "through Triton's interpreter)")
+        return _kernel_dims_unsupported(call)
+
+    def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
+               num_splits, kv_format):
+        from flashmla_jax.kernels import decode as kernels
+
+        stacked = layer is not None
+        plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
+                           None if block_table is None else block_table.shape, num_splits, num_sms(self.name),
+                           num_layers=kv_cache.shape[0] if stacked else 0, kv_format=kv_format,
+                           fp8_native=FP8_NATIVE[self.name])
+        return _launch_split_kernel(kernels.mla_decode_split_kernel, plan, self.name, q, kv_cache, cache_seqlens,
+                                    block_table, layer, kv_scale, scale)
+
+
+class GluonDecode(DecodeImplementation):
+    """The Hopper kernel in Gluon (kernels/gluon_decode.py: TMA, wgmma, warp specialization) and the tl combine,
+    through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), DeepSeek's 512 + 64
+    latent, pages of 64 tokens or more.
+
+    min_rows: the fewest query rows (S_q * H) it takes. Under "triton" it takes the 64-row tile class (more
+    than 32 rows), where it runs 1.46-1.63x the tl kernel on the H200; at 16 rows, bound by reading the cache,
+    the tl kernel was as fast or faster (benchmarks/NOTES.md). "gluon" takes every row count."""
+
+    name = "gluon"
+
+    def __init__(self, min_rows: int = 1):
+        self.min_rows = min_rows
+
+    def unsupported(self, call: DecodeCall) -> str | None:
+        capability = cuda_compute_capability()
+        if capability is None or capability[0] != 9:
+            return "the Gluon kernels need a Hopper GPU (compute capability 9.x) as JAX's default backend"
+        if call.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"the Gluon kernels take bfloat16 or float16 queries and caches, not {jnp.dtype(call.dtype)}"
+        if call.kv_format is not None:
+            return f"the Gluon kernels read caches in q's dtype, not kv_format={call.kv_format!r}"
+        if (call.head_dim_v, call.d_r) != (512, 64):
+            return f"the Gluon kernels take 512 + 64 latents, not {call.head_dim_v} + {call.d_r}"
+        if call.page_size is not None and call.page_size < GluonDecodeTiles.block_n:
+            return f"the Gluon kernels read 64-token blocks of one page: page_size {call.page_size} < 64"
+        if call.rows < self.min_rows:
+            return (f"{call.rows} query rows (S_q * H): below {self.min_rows}, the tl kernel is as fast or faster "
+                    "(benchmarks/NOTES.md)")
+        return None
+
+    def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
+               num_splits, kv_format):
+        from flashmla_jax.kernels import gluon_decode
+
+        stacked = layer is not None
+        plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
+                           None if block_table is None else block_table.shape, num_splits, num_sms("triton"),
+                           tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0)
+        return _launch_split_kernel(gluon_decode.mla_decode_gluon_kernel, plan, "triton", q, kv_cache, cache_seqlens,
+                                    block_table, layer, kv_scale, scale)
+
+
+def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
+    is_pow2 = _checks.is_pow2
+    if not (is_pow2(call.head_dim_v) and is_pow2(call.d_r) and call.head_dim_v >= 16 and call.d_r >= 16):
+        return (f"the Triton kernels need head_dim_v ({call.head_dim_v}) and D - head_dim_v ({call.d_r}) to be "
+                "powers of two >= 16 (DeepSeek: 512 and 64)")
+    return None
+
+
+# "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, the tl kernels for the rest.
+WIDE_ROWS = 33
+DECODE = Registry("mla_decode", {
+    "triton": (GluonDecode(min_rows=WIDE_ROWS), TritonDecode("triton")),
+    "gluon": (GluonDecode(),),
+    "xla": (XlaDecode(),),
+    "interpret": (TritonDecode("interpret"),),
+})
 
 
 def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, block_table: jax.Array | None = None,
@@ -320,8 +465,12 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         ragged batch splits its long sequences more than its short ones. An int: exactly that many
         equal splits for every sequence.
       return_lse: also return the log-sum-exp of the scaled scores.
-      implementation: "triton" (CUDA GPU), "xla" (the jnp reference) or "interpret" (the Triton kernels
-        on the CPU through Triton's interpreter); None means "triton" on a CUDA device, else "xla".
+      implementation: "triton" (CUDA GPU: on a Hopper GPU the Gluon kernel for calls of more than 32 query
+        rows S_q * H, the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for every call it can run:
+        bf16 / fp16 caches in q's dtype, 512 + 64 latents, pages of 64 tokens or more), "xla" (the jnp
+        reference) or "interpret" (the tl kernels on the CPU through Triton's interpreter); None means
+        "triton" on a CUDA device, else "xla". A call the chosen implementation cannot run raises ValueError
+        saying why and which implementation can.
       layer: None (kv_cache is one layer's), or the layer of a stacked kv_cache to attend: a Python int
         in [0, L) (ValueError otherwise), or a traced integer scalar, clamped to [0, L - 1]
         (a negative one counts as 0). The kernels offset their cache pointer by the layer: no slice of the
@@ -358,27 +507,21 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None, kv_format)
     if kv_scale is not None and layer is not None:     # one per layer of a stacked cache: the kernels' [L] pointer
         kv_scale = jnp.broadcast_to(kv_scale, kv_cache.shape[:1])
-    impl = resolve_implementation(implementation)
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
     head_dim_v = int(head_dim_v)
     num_splits = None if num_splits is None else int(num_splits)     # NumPy integers too
-    if impl != "xla":
-        _check_kernel_dims(q.shape[-1], head_dim_v)
+    page_size = None if block_table is None else kv_cache.shape[-2]
+    impl = DECODE.select(implementation, DecodeCall(q.shape, q.dtype, head_dim_v, page_size, kv_format))
 
     def decode(q, kv_cache, cache_seqlens, block_table, causal, layer, kv_scale):
-        if impl == "xla":
-            if layer is not None:    # fuses into the einsums: no copy of the layer
-                kv_cache = index_layer(kv_cache, layer)
-            kv_cache = _dequantized(kv_cache, kv_format, kv_scale, layer, q.dtype, q.shape[-1] - head_dim_v)
-            return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
-                                                  softmax_scale=scale, causal=causal)
-        return _decode_triton(q, kv_cache, cache_seqlens, block_table, layer, head_dim_v, scale, causal, num_splits,
-                              impl, kv_format, kv_scale)
+        return impl.decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v=head_dim_v,
+                           scale=scale, causal=causal, num_splits=num_splits, kv_format=kv_format)
 
-    # Partitioning rules under jit over sharded inputs (ops/decode_partition.py). "interpret" stays unwrapped: a
-    # host callback inside custom_partitioning segfaults (jax PR #23620). layer and kv_scale reach every shard whole.
-    shard = partitioned_decode(decode, causal=causal) if impl != "interpret" else functools.partial(_with_causal,
-                                                                                                      decode, causal)
+    # Partitioning rules under jit over sharded inputs (ops/decode_partition.py), except for implementations
+    # that host-callback (Triton's interpreter: a callback inside custom_partitioning segfaults, jax PR #23620).
+    # layer and kv_scale reach every shard whole.
+    shard = (partitioned_decode(decode, causal=causal) if impl.partitionable
+             else functools.partial(_with_causal, decode, causal))
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
     return (out, lse) if return_lse else out
 
