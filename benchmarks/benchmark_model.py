@@ -36,7 +36,8 @@ which holds what CUPTI's kernel records do not: XLA's device-to-device copies (a
 jax's CUPTI hook records kernels only), launch gaps and the host's sync; and, from the compiled HLO
 (flashmla_jax.scanned_step.stack_slices), the buffers holding one layer's slice of a weight stack or of the
 cache, with the MB they copy per step. tokens/s = B / wall. Writes benchmarks/results/model_<device>.json
-and a PNG beside it.
+(rewritten after every row, so a run stopped early keeps its rows) and a PNG beside it; --dump-hlo DIR also
+writes each compiled model step's HLO text.
 """
 from __future__ import annotations
 
@@ -239,7 +240,7 @@ def kernel_summary(kernels: list[tuple[str, float]] | None) -> dict:
 
 
 def run_form(part: str, form: str, dims: ModelDims, batch: int, context: int, dtype, inputs,
-             compile_way: str = "default") -> dict:
+             compile_way: str = "default", dump_hlo: str | None = None) -> dict:
     scale = dims.config().softmax_scale
     if part == "attention":
         step = attention_step(form, scale)
@@ -250,6 +251,10 @@ def run_form(part: str, form: str, dims: ModelDims, batch: int, context: int, dt
     t_compile = time.perf_counter()
     step = step.lower(state, *inputs).compile()
     t_compile = time.perf_counter() - t_compile
+    if dump_hlo:
+        os.makedirs(dump_hlo, exist_ok=True)
+        with open(os.path.join(dump_hlo, f"{part}_{dims.name}_B{batch}_{form}_{compile_way}.hlo"), "w") as f:
+            f.write(step.as_text())
     slices = {}
     if part == "model":
         hlo, per_step = step.as_text(), 1 if COMPILE_WAYS[compile_way][1] else dims.layers
@@ -314,6 +319,7 @@ def main(argv=None):
     parser.add_argument("--parts", nargs="*", default=["attention", "model"], choices=["attention", "model"])
     parser.add_argument("--compile", nargs="*", default=["default", "step"], choices=list(COMPILE_WAYS),
                         help="ways to compile the model part's step, every form each way (see the docstring)")
+    parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled step's HLO text there")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (3 layers, B 2, 256 tokens)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an earlier run's JSON that this run does not measure again")
@@ -327,6 +333,19 @@ def main(argv=None):
     forms = dict(attention=["scan", "separate", "xla", "jnp"] if gpu else ["xla", "jnp"],
                  model=["triton", "xla", "jnp"] if gpu else ["xla", "jnp"])
     ways = dict(attention=["default"], model=args.compile)
+    path = os.path.join(common.RESULTS_DIR, f"model_{common.device_slug()}.json")
+    earlier = []
+    if args.merge and os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)["results"]
+    meta = dict(device=common.device_name(), reduced_sizes=bool(args.smoke or not gpu), jax=jax.__version__,
+                dtype=jnp.dtype(dtype).name, steps=STEPS, projections_in_model_part=True,
+                compile_ways={k: dict(compiler_options=v[0], unrolled=v[1]) for k, v in COMPILE_WAYS.items()})
+
+    def rows(fresh: list[dict]) -> list[dict]:
+        keys = {row_key(r) for r in fresh}
+        return [r for r in earlier if row_key(r) not in keys] + fresh
+
     results = []
     for dims in models:
         for batch in batches:
@@ -344,28 +363,21 @@ def main(argv=None):
                 for way in ways[part]:
                     for form in forms[part]:
                         try:
-                            r = run_form(part, form, dims, batch, context, dtype, inputs, way)
+                            r = run_form(part, form, dims, batch, context, dtype, inputs, way, args.dump_hlo)
                         except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, keep the other rows
                             print(f"{part} {dims.name} B{batch} {form} [{way}]: {type(e).__name__}: {str(e)[:200]}",
                                   flush=True)
                             continue
                         results.append(r)
                         print(report_line(r), flush=True)
+                        # Written after every row, so that a run stopped early keeps what it measured.
+                        common.write_json("model", dict(meta, results=rows(results), summary=summarize(rows(results))))
                 del inputs
-    path = os.path.join(common.RESULTS_DIR, f"model_{common.device_slug()}.json")
-    if args.merge and os.path.exists(path):
-        with open(path) as f:
-            earlier = json.load(f)["results"]
-        fresh = {row_key(r) for r in results}
-        results = [r for r in earlier if row_key(r) not in fresh] + results
+    results = rows(results)
     summary = summarize(results)
     for line in summary:
         print(line)
-    payload = dict(device=common.device_name(), reduced_sizes=bool(args.smoke or not gpu), jax=jax.__version__,
-                   dtype=jnp.dtype(dtype).name, steps=STEPS, projections_in_model_part=True,
-                   compile_ways={k: dict(compiler_options=v[0], unrolled=v[1]) for k, v in COMPILE_WAYS.items()},
-                   results=results, summary=summary)
-    path = common.write_json("model", payload)
+    path = common.write_json("model", dict(meta, results=results, summary=summary))
     plot(results, path.replace(".json", ".png"))
     print(f"wrote {path} and its .png")
 
@@ -405,7 +417,7 @@ def summarize(results: list[dict]) -> list[str]:
         if (model, batch) in TOKENS_PER_S_BEFORE:
             before = TOKENS_PER_S_BEFORE[(model, batch)]
             lines.append(f"{model} B{batch} [{way}]: triton {r['tokens_per_s']:.0f} tokens/s, {r['tokens_per_s'] / before:.2f}x "
-                         f"the {before} before the compile options (target >= 1.3x)")
+                         f"the {before} of the default compile on the H200 (target >= 1.3x)")
         for base_way in dict.fromkeys((way, "default")):
             jnp_r = by.get(("model", model, batch, "jnp", base_way))
             if jnp_r is not None:

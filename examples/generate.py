@@ -16,7 +16,7 @@ the stacks on every call (its Triton GEMMs do not read a slice in place); the co
 to cuBLAS, which does (the CPU ignores them). `--compile default` compiles with plain jax.jit, for
 comparison; the example prints how many weight-slice buffers each compiled call holds. The weights are
 stored in the activations' dtype (as a bf16 checkpoint is): float32 weights would be converted, slice by
-slice, on every call, which no compiler option avoids.
+slice, on every call, which the compiler options do not avoid.
 
     python examples/generate.py                                    # CPU (xla): 2 layers, 64 tokens
     python examples/generate.py --layers 4 --batch 16 --tokens 256 # GPU (triton kernels, bf16, paged cache)

@@ -6,15 +6,16 @@ GEMMs to its Triton GEMM emitter, whose fusion pass takes a producer into the GE
 little more than it writes or its operands are the computation's parameters (`IsInputWorthFusing` in XLA's
 gemm_fusion.cc). A one-layer slice of a stack inside a loop is neither (it reads from the whole stack, a
 loop-state element), so it stays outside the GEMM and is copied into a buffer of its own: every layer's
-weights on every step, as an async device-to-device memcpy that CUPTI's kernel list does not show. cuBLAS
-GEMMs read the slice in place. Measured on the H200 (M2-H128, 61 layers, B 64): 374 MB copied a layer, about
-11 ms of a 36.3 ms step; with Triton GEMMs off the step took 27.3 ms.
+weights on every step, as an async device-to-device memcpy, which CUPTI's kernel records do not show.
+Measured on the H200 (M2-H128, 61 layers, B 64): 374 MB copied a layer, about 11 ms of a 36.3 ms step. With
+Triton GEMMs off process-wide (XLA_FLAGS) the GEMMs ran on cuBLAS, which read the slices in place: 27.3 ms.
 
 `SCANNED_STEP_COMPILER_OPTIONS` turns the Triton GEMM emitter off for one executable (jax.jit's
-`compiler_options` become that executable's XLA DebugOptions; nothing process-wide changes), and
-`jit_scanned_step` is `jax.jit` with them. The cost: every GEMM of that executable runs on cuBLAS, which for
-XLA's own attention GEMMs (the "xla" implementation, plain-jnp einsums) was slower. `stack_slices` lists the
-buffers a compiled module fills with one layer's slice of a stack, to check what a compile did.
+`compiler_options` become that executable's XLA DebugOptions; nothing process-wide changes) and
+`jit_scanned_step` is `jax.jit` with them (that form is yet to be timed on the GPU). The cost: every GEMM of that executable runs on cuBLAS, which, with
+the flag process-wide, made XLA's own attention GEMMs (the "xla" implementation, plain-jnp einsums) slower
+(GPU 39.6 -> 50.5 ms). `stack_slices` lists the buffers a compiled module fills with one layer's slice of a
+stack, to check what a compile did. The CPU accepts the GPU options and ignores them.
 """
 from __future__ import annotations
 
