@@ -7,12 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from conftest import rel_err
 from flashmla_jax import LatentCache
 from flashmla_jax import flax as fmx
-from flashmla_jax.flax import MultiHeadLatentAttention
+from flashmla_jax import scanned_step as scanned_step_module
 from flashmla_jax.scanned_step import SCANNED_STEP_COMPILER_OPTIONS, jit_scanned_step, stack_slices
 
 PROJECTIONS = ("wq", "wq_a", "wq_b", "wkv_a", "wkv_b", "wo")
@@ -73,66 +72,53 @@ def test_scanned_step_options_are_xla_debug_options():
             f.lower(x).compile(compiler_options={name + "_misspelt": False})
 
 
+# A CPU-visible option: with XLA's fusion pass off, a scanned layer's weight slice compiles to a lone
+# `wrapped_dynamic-slice`; with it on, to a `dynamic-slice_bitcast_fusion`.
+NO_FUSION = {"xla_disable_hlo_passes": "fusion"}
+
+
+def scanned_matmul(scale):
+    """f(w [L, 8, 8], x [2, 8]) -> x through L layers tanh(h @ w[i]) * scale, scanned."""
+    return lambda w, x: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi) * scale, None), x, w)[0]
+
+
 def test_compiler_options_change_one_executable_only():
     """compiler_options change the executable they are given to and no other one compiled after it (nor
-    XLA_FLAGS). Seen through a CPU-visible option: with the fusion pass off, the layer's weight slice is a
-    lone `wrapped_dynamic-slice`; with it on, a `dynamic-slice_bitcast_fusion`."""
-    def make(scale):
-        return lambda w, x: jax.lax.scan(lambda h, wi: (jnp.tanh(h @ wi) * scale, None), x, w)[0]
-
+    XLA_FLAGS)."""
     w, x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8)), jnp.ones((2, 8))
     flags = os.environ.get("XLA_FLAGS")
-    no_fusion = jax.jit(make(2.0), compiler_options={"xla_disable_hlo_passes": "fusion"}).lower(w, x).compile()
-    later = jax.jit(make(3.0)).lower(w, x).compile()           # another computation: compiled afresh
+    no_fusion = jax.jit(scanned_matmul(2.0), compiler_options=NO_FUSION).lower(w, x).compile()
+    later = jax.jit(scanned_matmul(3.0)).lower(w, x).compile()     # another computation: compiled afresh
     assert "wrapped_dynamic-slice" in no_fusion.as_text()
     assert "wrapped_dynamic-slice" not in later.as_text() and "dynamic-slice_bitcast_fusion" in later.as_text()
     assert os.environ.get("XLA_FLAGS") == flags
-    np.testing.assert_allclose(no_fusion(w, x), make(2.0)(w, x), rtol=1e-6)
+    np.testing.assert_allclose(no_fusion(w, x), scanned_matmul(2.0)(w, x), rtol=1e-6)
 
 
-def test_jit_scanned_step_equals_default_compile_and_merges_options():
-    """The CPU ignores the GPU options, so the helper's executable computes what plain jax.jit's does, with
-    the donation passed through; a caller's compiler_options reach XLA beside the helper's."""
+def test_jit_scanned_step_equals_default_compile():
+    """The CPU ignores the GPU options, so jit_scanned_step's executable computes what plain jax.jit's does,
+    with the donation passed through."""
     cache, params, x = model_inputs(SMALL, 3, 2, 32, jnp.float32)
     step = scanned_step(SMALL, "xla")
     want_cache, want = jax.jit(step)(cache, params, x)
     got_cache, got = jit_scanned_step(step, donate_argnums=0)(jax.tree.map(jnp.copy, cache), params, x)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(got_cache.kv, want_cache.kv)
-    with pytest.raises(jax.errors.JaxRuntimeError, match="No such compile option: 'xla_not_an_option'"):
-        jit_scanned_step(step, compiler_options={"xla_not_an_option": True}).lower(cache, params, x).compile()
 
 
-def test_documented_nnx_pattern_runs_under_jit_scanned_step():
-    """MultiHeadLatentAttention's docstring pattern, as written there: an nnx.vmap-built stack, nnx.scan over
-    it inside a step compiled by jit_scanned_step (the cache donated); equals the same scan run eagerly."""
-    layers, b, hidden, heads = 3, 2, 32, 2
-    dims = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, implementation="xla")
-
-    @nnx.split_rngs(splits=layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def make(rngs):
-        return MultiHeadLatentAttention(hidden, heads, rngs=rngs, **dims)
-
-    stack = make(nnx.Rngs(0))
-    positions = jnp.full((b, 1), 0, jnp.int32)
-
-    @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
-    def run(attn, carry):
-        x, cache, i = carry
-        y, cache = attn(x, positions, cache, layer=i)
-        return x + y, cache, i + 1
-
-    graphdef, state = nnx.split(stack)
-    step = jit_scanned_step(
-        lambda state, x, cache: run(nnx.merge(graphdef, state), (x, cache, jnp.int32(0)))[:2],
-        donate_argnums=2)
-    cache = LatentCache.create(b, 16, dim=40, dtype=jnp.float32, num_layers=layers)
-    x = jax.random.normal(jax.random.PRNGKey(3), (b, 1, hidden))
-    want, want_cache, _ = run(stack, (x, cache, jnp.int32(0)))
-    got, got_cache = step(state, x, jax.tree.map(jnp.copy, cache))
-    assert rel_err(got, want) < 1e-6
-    np.testing.assert_array_equal(got_cache.seqlens, want_cache.seqlens)
+def test_jit_scanned_step_passes_its_options_and_the_callers(monkeypatch):
+    """jit_scanned_step hands XLA its constant (a bad value put there is refused at compile), a caller's
+    compiler_options beside it (the fusion pass turned off shows in the HLO), and the caller's value where
+    both name an option."""
+    w, x = jax.random.normal(jax.random.PRNGKey(0), (3, 8, 8)), jnp.ones((2, 8))
+    hlo = jit_scanned_step(scanned_matmul(2.0), compiler_options=NO_FUSION).lower(w, x).compile().as_text()
+    assert "wrapped_dynamic-slice" in hlo
+    name = next(iter(SCANNED_STEP_COMPILER_OPTIONS))
+    with pytest.raises(jax.errors.JaxRuntimeError, match=f"While setting option {name}"):
+        jit_scanned_step(scanned_matmul(2.0), compiler_options={name: "not-a-bool"}).lower(w, x).compile()
+    monkeypatch.setattr(scanned_step_module, "SCANNED_STEP_COMPILER_OPTIONS", {name: "not-a-bool"})
+    with pytest.raises(jax.errors.JaxRuntimeError, match=f"While setting option {name}"):
+        jit_scanned_step(scanned_matmul(2.0)).lower(w, x).compile()
 
 
 # ---------------------------------------------------------------- the HLO check, tested on the CPU
