@@ -4,22 +4,40 @@ cache, donated and jitted (rows M1 and M2).
     python benchmarks/benchmark_model.py                          # M1, M2-H128, M2-H16 at B 64 and 128
     python benchmarks/benchmark_model.py --models M1 --batches 64 # a subset
     python benchmarks/benchmark_model.py --smoke                  # tiny sizes (CPU: xla and plain jnp only)
+    python benchmarks/benchmark_model.py --parts model --compile default step gemm-any-off unrolled
 
 Two parts, each one decode step (one new token per sequence, every layer), the cache at --context tokens:
 - "attention": per layer, append the new latent and run absorbed decode attention (no projections: q and
   the latent are given). Forms: `scan` (lax.scan over layers, the stacked cache read in place through
   `layer=`), `separate` (the same layers over L separate cache buffers, unrolled in one jit: what the
   kernel costs alone), `xla` (scan, implementation="xla") and `jnp` (scan, the plain-jnp einsum attention
-  of common.plain_jnp_decode over the layer's slice of the stacked cache).
+  of common.plain_jnp_decode over the layer's slice of the stacked cache). Compiled with XLA's defaults.
   Target: scan's per-layer time within 10% of separate's.
 - "model": the whole MLA layer, projections included (`flashmla_jax.flax.mla_attention`: q LoRA, kv LoRA,
   RoPE, absorption, output projection; no MLP, no MoE, no embedding), with stacked random parameters and a
   residual, scanned over layers. Forms: `triton`, `xla` and `jnp` (the same layer with the plain-jnp
-  attention). Target: triton's tokens/s at least 2x jnp's at D1-like sizes.
+  attention), each compiled every way named by --compile (default: `default` and `step`), so that the
+  baselines run under the same options as triton and under XLA's defaults:
+    default            jax.jit as it is
+    step               flashmla_jax.scanned_step.SCANNED_STEP_COMPILER_OPTIONS (Triton GEMMs off: cuBLAS)
+    step-dsf           step + xla_gpu_enable_dynamic_slice_fusion (cuBLAS GEMMs fold the slice in, if the
+                       default leaves that off)
+    gemm-any-off       xla_gpu_triton_gemm_any=False: Triton GEMMs only where they fuse a producer or
+                       consumer (a convert, a transpose), the pure GEMMs on cuBLAS
+    gemm-any-off-dsf   gemm-any-off + dynamic-slice fusion
+    unrolled           default options, the layer scan unrolled (static slices of the parameters, which
+                       XLA's Triton GEMM fusion takes in; compile time grows with the layers)
+  Target: triton's tokens/s at least 2x jnp's at D1-like sizes.
 
 Per form: wall ms per step, synced every step like a sampling loop (the host waits for each step); GPU ms
-per step from CUPTI (all kernels) and the attention kernels' share (names containing "mla_decode");
-tokens/s = B / wall. Writes benchmarks/results/model_<device>.json and a PNG beside it.
+per step from CUPTI's kernel records (all kernels; the attention kernels' share, names containing
+"mla_decode"; the GEMM kernels' share, names containing "gemm" or "nvjet"); the gap wall - kernel GPU time,
+which holds what CUPTI's kernel records do not: XLA's device-to-device copies (an async memcpy is no kernel;
+jax's CUPTI hook records kernels only), launch gaps and the host's sync; and, from the compiled HLO
+(flashmla_jax.scanned_step.stack_slices), the buffers holding one layer's slice of a weight stack or of the
+cache, with the MB they copy per step. tokens/s = B / wall. Writes benchmarks/results/model_<device>.json
+(rewritten after every row, so a run stopped early keeps its rows) and a PNG beside it; --dump-hlo DIR also
+writes each compiled model step's HLO text.
 """
 from __future__ import annotations
 
@@ -40,6 +58,7 @@ import common  # noqa: E402
 from flashmla_jax import LatentCache  # noqa: E402
 from flashmla_jax._backend import has_cuda_gpu  # noqa: E402
 from flashmla_jax import flax as fmx  # noqa: E402
+from flashmla_jax.scanned_step import SCANNED_STEP_COMPILER_OPTIONS, stack_slices  # noqa: E402
 
 D, D_V = 576, 512
 
@@ -120,9 +139,24 @@ def attention_step(form: str, scale: float):
 
 # ---------------------------------------------------------------- the model step (projections included)
 
+# The ways --compile names: (XLA compiler options for the step's executable, layer scan unrolled).
+_DSF = {"xla_gpu_enable_dynamic_slice_fusion": True}
+_GEMM_ANY_OFF = {"xla_gpu_triton_gemm_any": False}
+COMPILE_WAYS = {
+    "default": ({}, False),
+    "step": (dict(SCANNED_STEP_COMPILER_OPTIONS), False),
+    "step-dsf": ({**SCANNED_STEP_COMPILER_OPTIONS, **_DSF}, False),
+    "gemm-any-off": (_GEMM_ANY_OFF, False),
+    "gemm-any-off-dsf": ({**_GEMM_ANY_OFF, **_DSF}, False),
+    "unrolled": ({}, True),
+}
+TOKENS_PER_S_BEFORE = {("M2-H128", 64): 1761}    # the H200's triton model step before the compile options
 
-def model_step(form: str, config: fmx.MLAConfig):
-    """step(cache, params {name: [L, ...]}, x [B, 1, M]) -> (cache, y [B, 1, M]), jitted and donated."""
+
+def model_step(form: str, config: fmx.MLAConfig, compile_way: str = "default"):
+    """step(cache, params {name: [L, ...]}, x [B, 1, M]) -> (cache, y [B, 1, M]), jitted (compiled as
+    COMPILE_WAYS[compile_way] says) and donated."""
+    compiler_options, unroll = COMPILE_WAYS[compile_way]
 
     def layer_jnp(params, x, positions, cache, i):
         # mla_attention's absorbed path with the attention itself written as plain jnp.
@@ -147,10 +181,20 @@ def model_step(form: str, config: fmx.MLAConfig):
                 y, cache = fmx.mla_attention(p, h, positions, cache, config=config, layer=i, implementation=form)
             return (h + y, cache), None
 
-        (h, cache), _ = jax.lax.scan(layer, (x, cache), (jnp.arange(cache.num_layers), params))
+        (h, cache), _ = jax.lax.scan(layer, (x, cache), (jnp.arange(cache.num_layers), params), unroll=unroll)
         return cache, h
 
-    return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, donate_argnums=0, compiler_options=compiler_options or None)
+
+
+def slice_buffers(hlo: str, stacks: dict, per_step: int) -> tuple[dict[str, int], float]:
+    """({stack: buffers holding one layer's slice of it}, MB those buffers take per step) from compiled HLO;
+    per_step: how many times the module's layer body runs a step (the layers, or 1 when unrolled)."""
+    found = stack_slices(hlo, stacks)
+    counts: dict[str, int] = {}
+    for s in found:
+        counts[s.stack] = counts.get(s.stack, 0) + 1
+    return counts, sum(s.nbytes for s in found) * per_step / 1e6
 
 
 # ---------------------------------------------------------------- timing
@@ -170,39 +214,71 @@ def time_steps(step, state, args) -> tuple[float, object]:
     return statistics.median(samples), state
 
 
-def gpu_times(step, state, args) -> tuple[float | None, float | None, object]:
-    """(GPU ms of all kernels, of the mla_decode kernels) for one step, from CUPTI; the state after."""
+def gpu_times(step, state, args) -> tuple[list[tuple[str, float]] | None, object]:
+    """([(kernel name, ms)] of one step from CUPTI, None without a GPU; the state after)."""
     box = [state]
 
     def run():
         box[0], out = step(box[0], *args)
         return out
 
-    kernels = common.gpu_kernel_times(run)
+    return common.gpu_kernel_times(run), box[0]
+
+
+def kernel_summary(kernels: list[tuple[str, float]] | None) -> dict:
+    """GPU ms of all kernels, of the attention kernels, of the GEMM kernels (cuBLAS and XLA's Triton GEMMs),
+    and the ten longest kernels by name (summed over launches)."""
     if kernels is None:
-        return None, None, box[0]
-    return sum(t for _, t in kernels), sum(t for n, t in kernels if "mla_decode" in n), box[0]
+        return dict(gpu_ms=None, attention_gpu_ms=None, gemm_gpu_ms=None, top_kernels=None)
+    by_name: dict[str, float] = {}
+    for name, ms in kernels:
+        by_name[name] = by_name.get(name, 0.0) + ms
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
+    return dict(gpu_ms=sum(t for _, t in kernels), attention_gpu_ms=sum(t for n, t in kernels if "mla_decode" in n),
+                gemm_gpu_ms=sum(t for n, t in kernels if "gemm" in n.lower() or "nvjet" in n.lower()),
+                top_kernels=[(n[:120], round(t, 4)) for n, t in top])
 
 
-def run_form(part: str, form: str, dims: ModelDims, batch: int, context: int, dtype, inputs) -> dict:
+def run_form(part: str, form: str, dims: ModelDims, batch: int, context: int, dtype, inputs,
+             compile_way: str = "default", dump_hlo: str | None = None) -> dict:
     scale = dims.config().softmax_scale
     if part == "attention":
         step = attention_step(form, scale)
         state = filled_cache(dims, batch, context, dtype, separate=form == "separate")
     else:
-        step = model_step(form, dims.config())
+        step = model_step(form, dims.config(), compile_way)
         state = filled_cache(dims, batch, context, dtype, separate=False)
     t_compile = time.perf_counter()
     step = step.lower(state, *inputs).compile()
     t_compile = time.perf_counter() - t_compile
+    if dump_hlo:
+        os.makedirs(dump_hlo, exist_ok=True)
+        with open(os.path.join(dump_hlo, f"{part}_{dims.name}_B{batch}_{form}_{compile_way}.hlo"), "w") as f:
+            f.write(step.as_text())
+    slices = {}
+    if part == "model":
+        hlo, per_step = step.as_text(), 1 if COMPILE_WAYS[compile_way][1] else dims.layers
+        weights = {k: v for k, v in inputs[0].items() if v.ndim >= 3}
+        slices["weight_slice_buffers"], slices["weight_slice_mb_per_step"] = slice_buffers(hlo, weights, per_step)
+        slices["cache_slice_buffers"], slices["cache_slice_mb_per_step"] = slice_buffers(hlo, {"kv": state.kv},
+                                                                                         per_step)
     wall, state = time_steps(step, state, inputs)
-    gpu_ms, attn_ms, state = gpu_times(step, state, inputs)
+    kernels, state = gpu_times(step, state, inputs)
     del state
+    k = kernel_summary(kernels)
+    attn_ms = k["attention_gpu_ms"]
     return dict(part=part, form=form, model=dims.name, layers=dims.layers, hidden=dims.hidden, heads=dims.heads,
-                batch=batch, context=context, compile_s=t_compile, wall_ms=wall * 1e3,
-                per_layer_wall_ms=wall * 1e3 / dims.layers, gpu_ms=gpu_ms, attention_gpu_ms=attn_ms,
+                batch=batch, context=context, compile=compile_way, compiler_options=COMPILE_WAYS[compile_way][0],
+                unrolled=COMPILE_WAYS[compile_way][1], compile_s=t_compile, wall_ms=wall * 1e3,
+                per_layer_wall_ms=wall * 1e3 / dims.layers, **k,
+                wall_minus_kernel_ms=None if k["gpu_ms"] is None else wall * 1e3 - k["gpu_ms"],
                 per_layer_attention_gpu_ms=None if attn_ms is None else attn_ms / dims.layers,
-                tokens_per_s=batch / wall)
+                tokens_per_s=batch / wall, **slices)
+
+
+def row_key(r: dict) -> tuple:
+    """What a row measures; rows from before --compile were all compiled the default way."""
+    return r["part"], r["model"], r["batch"], r["form"], r.get("compile", "default")
 
 
 def plot(results: list[dict], path: str) -> None:
@@ -210,23 +286,29 @@ def plot(results: list[dict], path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
     for ax, part, key, label in ((axes[0], "attention", "per_layer_wall_ms", "ms per layer (wall)"),
                                  (axes[1], "model", "tokens_per_s", "tokens/s")):
         rows = [r for r in results if r["part"] == part]
         cases = list(dict.fromkeys(f"{r['model']} B{r['batch']}" for r in rows))
-        forms = list(dict.fromkeys(r["form"] for r in rows))
-        width = 0.8 / max(len(forms), 1)
-        for j, form in enumerate(forms):
-            vals = [next((r[key] for r in rows if f"{r['model']} B{r['batch']}" == c and r["form"] == form), 0)
+        series = list(dict.fromkeys(bar_label(r) for r in rows))
+        width = 0.8 / max(len(series), 1)
+        for j, name in enumerate(series):
+            vals = [next((r[key] for r in rows if f"{r['model']} B{r['batch']}" == c and bar_label(r) == name), 0)
                     for c in cases]
-            ax.bar(np.arange(len(cases)) + j * width, vals, width, label=form)
-        ax.set_xticks(np.arange(len(cases)) + width * (len(forms) - 1) / 2, cases, rotation=20)
+            ax.bar(np.arange(len(cases)) + j * width, vals, width, label=name)
+        ax.set_xticks(np.arange(len(cases)) + width * (len(series) - 1) / 2, cases, rotation=20)
         ax.set_ylabel(label)
         ax.set_title(f"{part} step on {common.device_name()}")
-        ax.legend()
+        if series:
+            ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def bar_label(r: dict) -> str:
+    way = r.get("compile", "default")
+    return r["form"] if way == "default" else f"{r['form']} ({way})"
 
 
 def main(argv=None):
@@ -235,6 +317,9 @@ def main(argv=None):
     parser.add_argument("--batches", nargs="*", type=int, default=[64, 128])
     parser.add_argument("--context", type=int, default=4096)
     parser.add_argument("--parts", nargs="*", default=["attention", "model"], choices=["attention", "model"])
+    parser.add_argument("--compile", nargs="*", default=["default", "step"], choices=list(COMPILE_WAYS),
+                        help="ways to compile the model part's step, every form each way (see the docstring)")
+    parser.add_argument("--dump-hlo", default=None, metavar="DIR", help="write each compiled step's HLO text there")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (3 layers, B 2, 256 tokens)")
     parser.add_argument("--merge", action="store_true",
                         help="keep the rows of an earlier run's JSON that this run does not measure again")
@@ -247,6 +332,20 @@ def main(argv=None):
         models, batches, context = [m.reduced() for m in models], [2], 256
     forms = dict(attention=["scan", "separate", "xla", "jnp"] if gpu else ["xla", "jnp"],
                  model=["triton", "xla", "jnp"] if gpu else ["xla", "jnp"])
+    ways = dict(attention=["default"], model=args.compile)
+    path = os.path.join(common.RESULTS_DIR, f"model_{common.device_slug()}.json")
+    earlier = []
+    if args.merge and os.path.exists(path):
+        with open(path) as f:
+            earlier = json.load(f)["results"]
+    meta = dict(device=common.device_name(), reduced_sizes=bool(args.smoke or not gpu), jax=jax.__version__,
+                dtype=jnp.dtype(dtype).name, steps=STEPS, projections_in_model_part=True,
+                compile_ways={k: dict(compiler_options=v[0], unrolled=v[1]) for k, v in COMPILE_WAYS.items()})
+
+    def rows(fresh: list[dict]) -> list[dict]:
+        keys = {row_key(r) for r in fresh}
+        return [r for r in earlier if row_key(r) not in keys] + fresh
+
     results = []
     for dims in models:
         for batch in batches:
@@ -261,49 +360,70 @@ def main(argv=None):
                     params = jax.jit(lambda ks: jax.lax.map(lambda k: fmx.init_params(dims.config(), k, dtype), ks))(
                         jax.random.split(key, dims.layers))
                     inputs = (params, jax.random.normal(key, (batch, 1, dims.hidden), jnp.float32).astype(dtype))
-                for form in forms[part]:
-                    try:
-                        r = run_form(part, form, dims, batch, context, dtype, inputs)
-                    except Exception as e:      # noqa: BLE001 - e.g. out of memory: record it, keep the other rows
-                        print(f"{part} {dims.name} B{batch} {form}: {type(e).__name__}: {str(e)[:200]}", flush=True)
-                        continue
-                    results.append(r)
-                    print(f"{part:9} {dims.name:8} B{batch:<4} {form:9} wall {r['wall_ms']:8.3f} ms "
-                          f"({r['per_layer_wall_ms']:.4f} ms/layer)  gpu {r['gpu_ms'] or float('nan'):8.3f} ms  "
-                          f"attention gpu {r['attention_gpu_ms'] or float('nan'):8.3f} ms  "
-                          f"{r['tokens_per_s']:10.0f} tokens/s", flush=True)
+                for way in ways[part]:
+                    for form in forms[part]:
+                        try:
+                            r = run_form(part, form, dims, batch, context, dtype, inputs, way, args.dump_hlo)
+                        except Exception as e:  # noqa: BLE001 - e.g. out of memory: record it, keep the other rows
+                            print(f"{part} {dims.name} B{batch} {form} [{way}]: {type(e).__name__}: {str(e)[:200]}",
+                                  flush=True)
+                            continue
+                        results.append(r)
+                        print(report_line(r), flush=True)
+                        # Written after every row, so that a run stopped early keeps what it measured.
+                        common.write_json("model", dict(meta, results=rows(results), summary=summarize(rows(results))))
                 del inputs
-    path = os.path.join(common.RESULTS_DIR, f"model_{common.device_slug()}.json")
-    if args.merge and os.path.exists(path):
-        with open(path) as f:
-            earlier = json.load(f)["results"]
-        fresh = {(r["part"], r["model"], r["batch"], r["form"]) for r in results}
-        results = [r for r in earlier if (r["part"], r["model"], r["batch"], r["form"]) not in fresh] + results
+    results = rows(results)
     summary = summarize(results)
     for line in summary:
         print(line)
-    payload = dict(device=common.device_name(), reduced_sizes=bool(args.smoke or not gpu), jax=jax.__version__,
-                   dtype=jnp.dtype(dtype).name, steps=STEPS, projections_in_model_part=True, results=results,
-                   summary=summary)
-    path = common.write_json("model", payload)
+    path = common.write_json("model", dict(meta, results=results, summary=summary))
     plot(results, path.replace(".json", ".png"))
     print(f"wrote {path} and its .png")
 
 
+def report_line(r: dict) -> str:
+    nan = float("nan")
+    line = (f"{r['part']:9} {r['model']:8} B{r['batch']:<4} {r['form']:9} {r['compile']:16} wall {r['wall_ms']:8.3f} ms "
+            f"({r['per_layer_wall_ms']:.4f} ms/layer)  kernels {r['gpu_ms'] or nan:8.3f} ms (attention "
+            f"{r['attention_gpu_ms'] or nan:.3f}, gemm {r['gemm_gpu_ms'] or nan:.3f})  wall-kernels "
+            f"{nan if r['wall_minus_kernel_ms'] is None else r['wall_minus_kernel_ms']:7.3f} ms  "
+            f"{r['tokens_per_s']:10.0f} tokens/s")
+    if r["part"] == "model":
+        line += (f"  HLO slice buffers: weights {sum(r['weight_slice_buffers'].values())} "
+                 f"({r['weight_slice_mb_per_step']:.0f} MB/step), cache {sum(r['cache_slice_buffers'].values())}")
+    return line
+
+
 def summarize(results: list[dict]) -> list[str]:
-    """The two targets, per (model, batch): scan vs separate per-layer wall time; triton vs jnp tokens/s."""
+    """The targets, per (model, batch): scan vs separate per-layer wall time; per way of compiling, triton's
+    wall time against its kernel time and its tokens/s against jnp's, compiled the same way and the default
+    way."""
     lines = []
-    by = {(r["part"], r["model"], r["batch"], r["form"]): r for r in results}
-    for (part, model, batch, form), r in by.items():
-        if part == "attention" and form == "scan" and ("attention", model, batch, "separate") in by:
-            sep = by[("attention", model, batch, "separate")]
+    by = {row_key(r): r for r in results}
+    for (part, model, batch, form, way), r in by.items():
+        if part == "attention" and form == "scan" and ("attention", model, batch, "separate", way) in by:
+            sep = by[("attention", model, batch, "separate", way)]
             lines.append(f"{model} B{batch}: scanned/stacked {r['per_layer_wall_ms']:.4f} ms/layer vs separate "
                          f"buffers {sep['per_layer_wall_ms']:.4f} ({100 * (r['wall_ms'] / sep['wall_ms'] - 1):+.1f}%, "
                          f"target within 10%)")
-        if part == "model" and form == "triton" and ("model", model, batch, "jnp") in by:
-            jnp_r = by[("model", model, batch, "jnp")]
-            lines.append(f"{model} B{batch}: model step {r['tokens_per_s']:.0f} tokens/s vs plain jnp "
-                         f"{jnp_r['tokens_per_s']:.0f} ({r['tokens_per_s'] / jnp_r['tokens_per_s']:.2f}x, target >= 2x)")
+        if part != "model" or form != "triton":
+            continue
+        if r["gpu_ms"]:
+            target = "<= 1.05x" if model == "M2-H128" else "within 5%"
+            lines.append(f"{model} B{batch} [{way}]: triton wall {r['wall_ms']:.2f} ms vs kernels {r['gpu_ms']:.2f} "
+                         f"ms ({r['wall_ms'] / r['gpu_ms']:.3f}x, target {target}; HLO weight-slice copies "
+                         f"{r.get('weight_slice_mb_per_step', float('nan')):.0f} MB/step)")
+        if (model, batch) in TOKENS_PER_S_BEFORE:
+            before = TOKENS_PER_S_BEFORE[(model, batch)]
+            lines.append(f"{model} B{batch} [{way}]: triton {r['tokens_per_s']:.0f} tokens/s, {r['tokens_per_s'] / before:.2f}x "
+                         f"the {before} of the default compile on the H200 (target >= 1.3x)")
+        for base_way in dict.fromkeys((way, "default")):
+            jnp_r = by.get(("model", model, batch, "jnp", base_way))
+            if jnp_r is not None:
+                lines.append(f"{model} B{batch} [{way}]: model step {r['tokens_per_s']:.0f} tokens/s vs plain jnp "
+                             f"[{base_way}] {jnp_r['tokens_per_s']:.0f} "
+                             f"({r['tokens_per_s'] / jnp_r['tokens_per_s']:.2f}x, target >= 2x)")
     return lines
 
 

@@ -10,6 +10,14 @@ random, so the text is meaningless: this measures speed (warm executions; the fi
 kernel set is reported apart as start-up cost), the cache's size against the K/V cache an MHA model of the
 same shape would need, and checks the cached decode against a cache-free recompute.
 
+Both jitted calls scan the blocks over stacked weights, so both are compiled by
+`flashmla_jax.scanned_step.jit_scanned_step`: XLA's default GPU compile copies every layer's weights out of
+the stacks on every call (its Triton GEMMs do not read a slice in place); the compiler options give the GEMMs
+to cuBLAS, which does (the CPU ignores them). `--compile default` compiles with plain jax.jit, for
+comparison; the example prints how many weight-slice buffers each compiled call holds. The weights are
+stored in the activations' dtype (as a bf16 checkpoint is): float32 weights would be converted, slice by
+slice, on every call, which the compiler options do not avoid.
+
     python examples/generate.py                                    # CPU (xla): 2 layers, 64 tokens
     python examples/generate.py --layers 4 --batch 16 --tokens 256 # GPU (triton kernels, bf16, paged cache)
     python examples/generate.py --kv-format fp8_blockscale         # an FP8 latent cache (656 bytes a token)
@@ -39,6 +47,7 @@ import flashmla_jax as fm
 from flashmla_jax._backend import has_cuda_gpu
 from flashmla_jax.flax import MultiHeadLatentAttention
 from flashmla_jax.fp8 import E4M3_MAX, FP8_FORMATS, bytes_per_token
+from flashmla_jax.scanned_step import jit_scanned_step, stack_slices
 
 
 def parse_args(argv=None):
@@ -60,6 +69,8 @@ def parse_args(argv=None):
     p.add_argument("--kv-format", default="none", choices=["none", *FP8_FORMATS],
                    help="latent cache format: none (the activations' dtype) or an FP8 format")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", default="step", choices=["step", "default"],
+                   help="step: jit_scanned_step (SCANNED_STEP_COMPILER_OPTIONS); default: plain jax.jit")
     p.add_argument("--compilation-cache", default=None, metavar="DIR",
                    help="JAX's persistent compilation cache directory (kept across processes)")
     args = p.parse_args(argv)
@@ -83,7 +94,7 @@ class RMSNorm(nnx.Module):
 
 class SwiGLU(nnx.Module):
     def __init__(self, dim: int, inner: int, dtype, rngs: nnx.Rngs):
-        make = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, rngs=rngs)
+        make = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
         self.gate, self.up, self.down = make(dim, inner), make(dim, inner), make(inner, dim)
 
     def __call__(self, x):
@@ -95,14 +106,14 @@ class Block(nnx.Module):
     def __init__(self, args, dtype, rngs: nnx.Rngs):
         self.attn_norm, self.mlp_norm = RMSNorm(args.hidden), RMSNorm(args.hidden)
         self.attn = MultiHeadLatentAttention(args.hidden, args.heads, q_lora_rank=args.q_lora_rank, dtype=dtype,
-                                             implementation=args.implementation, rngs=rngs)
+                                             param_dtype=dtype, implementation=args.implementation, rngs=rngs)
         self.mlp = SwiGLU(args.hidden, 2 * args.hidden, dtype, rngs)
 
 
 
 class Decoder(nnx.Module):
     def __init__(self, args, dtype, rngs: nnx.Rngs):
-        self.embed = nnx.Embed(args.vocab, args.hidden, dtype=dtype, rngs=rngs)
+        self.embed = nnx.Embed(args.vocab, args.hidden, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
         @nnx.split_rngs(splits=args.layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -111,7 +122,7 @@ class Decoder(nnx.Module):
 
         self.blocks = blocks(rngs)          # one Block whose parameters carry a leading [layers] axis
         self.norm = RMSNorm(args.hidden)
-        self.head = nnx.Linear(args.hidden, args.vocab, use_bias=False, dtype=dtype, rngs=rngs)
+        self.head = nnx.Linear(args.hidden, args.vocab, use_bias=False, dtype=dtype, param_dtype=dtype, rngs=rngs)
 
     def __call__(self, tokens, positions, cache=None, cache_empty=False):
         """tokens [B, S] int32, positions [B, S], cache None or a layer-stacked LatentCache ->
@@ -135,17 +146,18 @@ class Decoder(nnx.Module):
 
 # ---------------------------------------------------------------- generation
 
-def make_generate(graphdef, num_tokens: int, donate: bool):
-    """Jitted prefill(state, prompt, cache) and decode(state, first, cache) -> (tokens [B, N], logits, cache)."""
+def make_generate(graphdef, num_tokens: int, donate: bool, jit=jit_scanned_step):
+    """Jitted prefill(state, prompt, cache) and decode(state, first, cache) -> (tokens [B, N], logits, cache);
+    `jit` compiles them (jit_scanned_step, or jax.jit)."""
 
-    @jax.jit
+    @jit
     def prefill(state, prompt, cache):
         model = nnx.merge(graphdef, state)
         positions = jnp.broadcast_to(jnp.arange(prompt.shape[1], dtype=jnp.int32), prompt.shape)
         logits, cache = model(prompt, positions, cache, cache_empty=True)
         return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), logits[:, -1], cache
 
-    @functools.partial(jax.jit, donate_argnums=(2,) if donate else ())
+    @functools.partial(jit, donate_argnums=(2,) if donate else ())
     def decode(state, first, cache):
         model = nnx.merge(graphdef, state)
 
@@ -210,7 +222,8 @@ def main(argv=None):
     model = Decoder(args, dtype, nnx.Rngs(args.seed))
     graphdef, state = nnx.split(model)
     capacity = args.prompt + args.tokens
-    prefill, decode = make_generate(graphdef, args.tokens, donate=jax.default_backend() != "cpu")
+    jit = jit_scanned_step if args.compile == "step" else jax.jit
+    prefill, decode = make_generate(graphdef, args.tokens, donate=jax.default_backend() != "cpu", jit=jit)
 
     kv_format = None if args.kv_format == "none" else args.kv_format
 
@@ -235,7 +248,14 @@ def main(argv=None):
     prefill_c = prefill.lower(state, prompt, empty_cache()).compile()
     first, _, cache_sd = jax.eval_shape(prefill, state, prompt, empty_cache())
     decode_c = decode.lower(state, first, cache_sd).compile()
-    print(f"compiled prefill + {args.tokens}-step decode scan in {time.perf_counter() - t0:.1f} s")
+    print(f"compiled prefill + {args.tokens}-step decode scan in {time.perf_counter() - t0:.1f} s "
+          f"({args.compile} compiler options)")
+    weights = {"/".join(str(getattr(k, "key", k)) for k in path): leaf
+               for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model.blocks, nnx.Param))
+               if leaf.ndim >= 3}                 # the blocks' stacked matrices [layers, ...]
+    print("weight-slice buffers in the compiled HLO (each copies one layer's matrix whenever the layer runs): "
+          f"prefill {len(stack_slices(prefill_c.as_text(), weights))}, "
+          f"decode {len(stack_slices(decode_c.as_text(), weights))}")
 
     # The first execution of each kernel set (start-up), then warm executions (the speed).
     (first, first_logits, cache), cold_prefill = timed(prefill_c, state, prompt, empty_cache())

@@ -313,6 +313,17 @@ class MultiHeadLatentAttention(nnx.Module):
             y, cache = attn(x, positions, cache, layer=i)
             return x + y, cache, i + 1
         x, cache, _ = run(stack, (x, cache, jnp.int32(0)))
+
+    Compile that step with `flashmla_jax.scanned_step.jit_scanned_step` (jax.jit with
+    SCANNED_STEP_COMPILER_OPTIONS, for this executable only): XLA's default GPU compile copies every layer's
+    weights out of the stacks on every step; with the options its GEMMs read them in place (cuBLAS instead
+    of XLA's Triton GEMMs; see the README's "Inside a model"):
+
+        graphdef, state = nnx.split(stack)
+        step = jit_scanned_step(
+            lambda state, x, cache: run(nnx.merge(graphdef, state), (x, cache, jnp.int32(0)))[:2],
+            donate_argnums=2)
+        x, cache = step(state, x, cache)
     """
 
     def __init__(self, hidden_size: int, num_heads: int, *, q_lora_rank: int | None = None,

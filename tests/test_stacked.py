@@ -12,6 +12,7 @@ import flashmla_jax as fm
 from flashmla_jax import LatentCache
 from flashmla_jax.flax import MultiHeadLatentAttention, mla_attention
 from _util import rel_err
+from flashmla_jax.scanned_step import jit_scanned_step
 
 SMALL = dict(head_dim_v=64)          # D = 96: the same kernels as 576 wide, fast to interpret
 D = 96
@@ -201,6 +202,8 @@ def test_donated_scanned_step_copies_no_cache_xla():
 
 
 def test_nnx_scan_over_stacked_layers_equals_unrolled():
+    """nnx.scan over an nnx.vmap-built stack equals L unrolled layers, run eagerly and, as
+    MultiHeadLatentAttention's docstring compiles it, by jit_scanned_step with the cache donated."""
     layers, b, s, hidden, heads = 3, 2, 2, 32, 2
     dims = dict(kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, implementation="xla")
 
@@ -224,7 +227,13 @@ def test_nnx_scan_over_stacked_layers_equals_unrolled():
 
     cache = LatentCache.create(b, 16, dim=latent, dtype=jnp.float32, num_layers=layers)
     h1, _, cache, _ = run(stack, (x, pos, cache, jnp.int32(0)))             # a 2-token prompt
+    graphdef, state = nnx.split(stack)
+    step = jit_scanned_step(lambda state, x, cache: run(nnx.merge(graphdef, state), (x, pos2, cache, jnp.int32(0))),
+                            donate_argnums=2)
+    jitted, _, jitted_cache, _ = step(state, x2, jax.tree.map(jnp.copy, cache))
     h2, _, cache, _ = run(stack, (x2, pos2, cache, jnp.int32(0)))           # one decode step
+    assert rel_err(jitted, h2) < 1e-6
+    np.testing.assert_array_equal(jitted_cache.kv, cache.kv)
 
     params = [{k: v[i] for k, v in stack.params_dict().items()} for i in range(layers)]
     caches = [LatentCache.create(b, 16, dim=latent, dtype=jnp.float32) for _ in range(layers)]
