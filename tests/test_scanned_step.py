@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import rel_err
+from _util import rel_err
 from flashmla_jax import LatentCache
 from flashmla_jax import flax as fmx
 from flashmla_jax import scanned_step as scanned_step_module
