@@ -115,8 +115,9 @@ def index_order_keys(scores: jax.Array) -> jax.Array:
     """float32 scores [...] -> uint32 keys [...] whose unsigned order is the scores' order (-0.0 taken as +0.0,
     every NaN as one NaN that ranks above +inf). The kernels compute the same keys."""
     bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
-    bits = jnp.where(scores == 0, jnp.uint32(0), bits)
-    bits = jnp.where(jnp.isnan(scores), jnp.uint32(0x7FC00000), bits)
+    magnitude = bits & jnp.uint32(0x7FFFFFFF)        # tested as bits: no flush of subnormals to zero
+    bits = jnp.where(magnitude == 0, jnp.uint32(0), bits)
+    bits = jnp.where(magnitude > 0x7F800000, jnp.uint32(0x7FC00000), bits)
     negative = (bits >> 31) == 1
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
 

@@ -58,8 +58,9 @@ SHIFT2 = tl.constexpr(10)
 def order_keys(s):
     """float32 scores -> uint32 keys, unsigned order = score order; -0.0 as +0.0, NaN (any) above +inf."""
     bits = s.to(tl.uint32, bitcast=True)
-    bits = tl.where(s == 0.0, 0, bits)
-    bits = tl.where(s != s, 0x7FC00000, bits)
+    magnitude = bits & 0x7FFFFFFF            # tested as bits: a subnormal is not flushed to zero
+    bits = tl.where(magnitude == 0, 0, bits)
+    bits = tl.where(magnitude > 0x7F800000, 0x7FC00000, bits)
     return tl.where((bits >> 31) == 1, bits ^ 0xFFFFFFFF, bits | 0x80000000)
 
 

@@ -154,84 +154,156 @@ def _kernel_inputs(q, weights, kv_format):
     return q, w
 
 
-def _score_launch(q, w, k_cache, cache_seqlens, block_table, layer, q_offset, s_total, capacity, page_size,
-                  num_blocks, kv_format, tiles, impl, topk=None):
+@dataclasses.dataclass(frozen=True)
+class KeyLayout:
+    """The static facts of a key cache the kernels need: capacity N per sequence, page_size (None: contiguous),
+    blocks in the pool, max_blocks of the table, layers of a stack (0: one layer) and the stride between them
+    (elements of the cache's dtype), and whether it is "fp8_paged"."""
+    capacity: int
+    page_size: int | None
+    num_blocks: int
+    max_blocks: int
+    num_layers: int
+    layer_stride: int
+    fp8: bool
+
+    @classmethod
+    def of(cls, k_cache, block_table, capacity, page_size, num_blocks, stacked, kv_format) -> "KeyLayout":
+        return cls(capacity, page_size, num_blocks, 1 if block_table is None else block_table.shape[1],
+                   k_cache.shape[0] if stacked else 0, int(np.prod(k_cache.shape[1:])) if stacked else 0,
+                   kv_format is not None)
+
+    def constexprs(self) -> dict:
+        paged = self.page_size is not None
+        return dict(CAPACITY=self.capacity, PAGED=paged, PAGE_SIZE=self.page_size if paged else self.capacity,
+                    MAX_BLOCKS=self.max_blocks, NUM_BLOCKS=self.num_blocks)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    """One launch: the kernel's name in flashmla_jax/kernels/indexer.py, grid, warps, stages, constexprs and
+    the outputs to zero first."""
+    kernel: str
+    grid: tuple
+    num_warps: int
+    num_stages: int
+    constexprs: dict
+    zeroed_outputs: tuple = ()
+
+    def __call__(self, *args, out_shape, implementation: str):
+        from flashmla_jax.kernels import indexer as kernels
+
+        return launch(getattr(kernels, self.kernel), *args, out_shape=out_shape, grid=self.grid,
+                      implementation=implementation, num_warps=self.num_warps, num_stages=self.num_stages,
+                      zeroed_outputs=self.zeroed_outputs, **self.constexprs)
+
+
+HIST_BINS = (2048, 2048, 1024)     # the radix select's digits (kernels/indexer.py: BINS1, BINS2, BINS3)
+
+
+def plan_scores(batch: int, s_q: int, s_total: int, heads: int, layout: KeyLayout, tiles: IndexerTiles,
+                fp8_native: bool, topk: int | None = None) -> KernelLaunch:
+    """The score kernel for S_q queries of S_TOTAL (a query chunk), `heads` already padded for the kernels;
+    with topk it also counts the top-k's first digit (HIST)."""
+    qg = _query_group(s_q, heads)
+    groups = -(-s_q // qg)
+    return KernelLaunch(
+        "indexer_scores_kernel", (batch * groups, -(-layout.capacity // tiles.split)), tiles.num_warps,
+        tiles.num_stages, dict(S_Q=s_q, S_TOTAL=s_total, H=heads, QG=qg, NUM_GROUPS=groups, SPLIT=tiles.split,
+                               BLOCK_N=tiles.block_n, NUM_LAYERS=layout.num_layers, LAYER_STRIDE=layout.layer_stride,
+                               FP8=layout.fp8, FP8_NATIVE=bool(fp8_native), HIST=topk is not None, TOPK=topk or 0,
+                               **layout.constexprs()),
+        zeroed_outputs=(1,) if topk is not None else ())
+
+
+def plan_topk(rows: int, s_q: int, s_total: int, layout: KeyLayout, topk: int, tiles: IndexerTiles,
+              return_scores: bool) -> dict[str, KernelLaunch]:
+    """The radix select's four launches over the scores of `rows` = B * S_q query rows: "refine2", "refine3",
+    "count", "write"."""
+    num_chunks = -(-layout.capacity // tiles.chunk)
+    grid = (rows, num_chunks)
+    common = dict(S_Q=s_q, S_TOTAL=s_total, CAPACITY=layout.capacity, TOPK=topk, CHUNK=tiles.chunk, TILE=tiles.tile)
+    return dict(
+        refine2=KernelLaunch("indexer_topk_refine_kernel", grid, 4, 2, dict(LEVEL=2, **common), (0,)),
+        refine3=KernelLaunch("indexer_topk_refine_kernel", grid, 4, 2, dict(LEVEL=3, **common), (0,)),
+        count=KernelLaunch("indexer_topk_count_kernel", grid, 4, 2, dict(NUM_CHUNKS=num_chunks, **common)),
+        write=KernelLaunch("indexer_topk_write_kernel", grid, 4, 2, dict(
+            common, TOPK_TILE=min(TOPK_TILE, _pow2_at_least(topk, 16)), NUM_CHUNKS=num_chunks,
+            CHUNKS_POW2=_pow2_at_least(num_chunks), WRITE_SCORES=bool(return_scores), **layout.constexprs())))
+
+
+def _score_launch(q, w, k_cache, cache_seqlens, block_table, layer, q_offset, s_total, layout, tiles, impl,
+                  topk=None):
     """The score kernel over queries [q_offset, q_offset + S) of S_TOTAL: (scores [B * S, N] float32, and with
     topk the digit-1 histogram [B * S, 2048] of the rows that see more than topk keys)."""
-    from flashmla_jax.kernels import indexer as kernels
-
     b, s_q, h, _ = q.shape
-    qg = _query_group(s_q, h)
-    groups = -(-s_q // qg)
-    stacked = layer is not None
-    paged = block_table is not None
-    hist = topk is not None
+    step = plan_scores(b, s_q, s_total, h, layout, tiles, FP8_NATIVE[impl], topk)
     rows = b * s_q
-    out_shape = [jax.ShapeDtypeStruct((rows, capacity), jnp.float32),
-                 jax.ShapeDtypeStruct((rows, int(kernels.BINS1)) if hist else (1,), jnp.int32)]
-    table = cache_seqlens if block_table is None else block_table
-    layer_arg = cache_seqlens if layer is None else layer
-    layer_stride = int(np.prod(k_cache.shape[1:])) if stacked else 0
-    scores, hist1 = launch(
-        kernels.indexer_scores_kernel, q, w, k_cache, cache_seqlens, table, layer_arg, int(q_offset),
-        out_shape=out_shape, grid=(b * groups, -(-capacity // tiles.split)), implementation=impl,
-        num_warps=tiles.num_warps, num_stages=tiles.num_stages, zeroed_outputs=(1,) if hist else (),
-        S_Q=s_q, S_TOTAL=s_total, H=h, QG=qg, NUM_GROUPS=groups, CAPACITY=capacity, SPLIT=tiles.split,
-        BLOCK_N=tiles.block_n, PAGED=paged, PAGE_SIZE=page_size if paged else capacity,
-        MAX_BLOCKS=block_table.shape[1] if paged else 1, NUM_BLOCKS=num_blocks,
-        NUM_LAYERS=k_cache.shape[0] if stacked else 0, LAYER_STRIDE=layer_stride, FP8=kv_format is not None,
-        FP8_NATIVE=FP8_NATIVE[impl], HIST=hist, TOPK=topk or 0)
-    return scores, hist1
+    out_shape = [jax.ShapeDtypeStruct((rows, layout.capacity), jnp.float32),
+                 jax.ShapeDtypeStruct((rows, HIST_BINS[0]) if topk is not None else (1,), jnp.int32)]
+    table = cache_seqlens if block_table is None else block_table      # unused pointer when contiguous
+    layer_arg = cache_seqlens if layer is None else layer               # unused pointer when not stacked
+    return step(q, w, k_cache, cache_seqlens, table, layer_arg, int(q_offset), out_shape=out_shape,
+                implementation=impl)
 
 
-def _topk_launch(scores, hist1, cache_seqlens, block_table, q_offset, s_q, s_total, capacity, page_size,
-                 num_blocks, topk, return_scores, tiles, impl):
+def _topk_launch(scores, hist1, cache_seqlens, block_table, q_offset, s_q, s_total, layout, topk, return_scores,
+                 tiles, impl):
     """The radix select over the scores of one query chunk -> (indices int32 [rows, topk], scores or None)."""
-    from flashmla_jax.kernels import indexer as kernels
-
     rows = scores.shape[0]
-    num_chunks = -(-capacity // tiles.chunk)
-    grid = (rows, num_chunks)
-    common = dict(S_Q=s_q, S_TOTAL=s_total, CAPACITY=capacity, TOPK=topk, CHUNK=tiles.chunk, TILE=tiles.tile)
-    run = functools.partial(launch, grid=grid, implementation=impl, num_warps=4, num_stages=2)
+    steps = plan_topk(rows, s_q, s_total, layout, topk, tiles, return_scores)
     offset = int(q_offset)
-    (hist2,) = run(kernels.indexer_topk_refine_kernel, scores, cache_seqlens, hist1, hist1, offset,
-                   out_shape=[jax.ShapeDtypeStruct((rows, int(kernels.BINS2)), jnp.int32)], zeroed_outputs=(0,),
-                   LEVEL=2, **common)
-    (hist3,) = run(kernels.indexer_topk_refine_kernel, scores, cache_seqlens, hist1, hist2, offset,
-                   out_shape=[jax.ShapeDtypeStruct((rows, int(kernels.BINS3)), jnp.int32)], zeroed_outputs=(0,),
-                   LEVEL=3, **common)
-    (counts,) = run(kernels.indexer_topk_count_kernel, scores, cache_seqlens, hist1, hist2, hist3, offset,
-                    out_shape=[jax.ShapeDtypeStruct((rows, num_chunks, 2), jnp.int32)], NUM_CHUNKS=num_chunks,
-                    **common)
-    paged = block_table is not None
+    hists = [jax.ShapeDtypeStruct((rows, bins), jnp.int32) for bins in HIST_BINS]
+    (hist2,) = steps["refine2"](scores, cache_seqlens, hist1, hist1, offset, out_shape=hists[1:2],
+                                implementation=impl)
+    (hist3,) = steps["refine3"](scores, cache_seqlens, hist1, hist2, offset, out_shape=hists[2:],
+                                implementation=impl)
+    num_chunks = steps["count"].grid[1]
+    (counts,) = steps["count"](scores, cache_seqlens, hist1, hist2, hist3, offset,
+                               out_shape=[jax.ShapeDtypeStruct((rows, num_chunks, 2), jnp.int32)], implementation=impl)
     out_shape = [jax.ShapeDtypeStruct((rows, topk), jnp.int32),
                  jax.ShapeDtypeStruct((rows, topk) if return_scores else (1,), jnp.float32)]
-    idx, vals = run(kernels.indexer_topk_write_kernel, scores, cache_seqlens,
-                    cache_seqlens if block_table is None else block_table, hist1, hist2, hist3, counts, offset,
-                    out_shape=out_shape, TOPK_TILE=min(TOPK_TILE, _pow2_at_least(topk, 16)), NUM_CHUNKS=num_chunks,
-                    CHUNKS_POW2=_pow2_at_least(num_chunks), PAGED=paged, PAGE_SIZE=page_size if paged else capacity,
-                    MAX_BLOCKS=block_table.shape[1] if paged else 1, NUM_BLOCKS=num_blocks,
-                    WRITE_SCORES=bool(return_scores), **common)
+    table = cache_seqlens if block_table is None else block_table
+    idx, vals = steps["write"](scores, cache_seqlens, table, hist1, hist2, hist3, counts, offset, out_shape=out_shape,
+                               implementation=impl)
     return idx, (vals if return_scores else None)
+
+
+def _layout(q, weights, k_cache, cache_seqlens, block_table, kv_format, layer) -> KeyLayout:
+    """The arguments checked, and the cache's KeyLayout."""
+    stacked = layer is not None
+    capacity, page_size, num_blocks = _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format,
+                                                    stacked)
+    return KeyLayout.of(k_cache, block_table, capacity, page_size, num_blocks, stacked, kv_format)
+
+
+def scores_with_tiles(tiles: IndexerTiles, q, weights, k_cache, cache_seqlens, block_table=None, *, kv_format=None,
+                      layer=None, implementation: str):
+    """`indexer_scores`' kernel as `tiles` lay it out (benchmarks and tests choose their own); the arguments are
+    checked as there, layer is None or a 0-d int32 array, implementation "triton" or "interpret"."""
+    b, s_q = q.shape[:2]
+    layout = _layout(q, weights, k_cache, cache_seqlens, block_table, kv_format, layer)
+    q_k, w_k = _kernel_inputs(q, weights, kv_format)
+    scores, _ = _score_launch(q_k, w_k, k_cache, cache_seqlens, block_table, layer, 0, s_q, layout, tiles,
+                              implementation)
+    return scores.reshape(b, s_q, layout.capacity)
 
 
 def topk_with_tiles(tiles: IndexerTiles, q, weights, k_cache, cache_seqlens, block_table=None, *, topk: int,
                     kv_format=None, layer=None, return_scores=False, implementation: str):
-    """`indexer_topk`'s kernels as `tiles` lay them out (benchmarks and tests choose their own; no input checks
-    beyond `indexer_topk`'s, run inside the caller's jit). layer: None or a 0-d int32 array."""
+    """`indexer_topk`'s kernels as `tiles` lay them out, query chunks included (benchmarks and tests choose their
+    own); arguments as `scores_with_tiles`, topk an int >= 1."""
     b, s_q = q.shape[:2]
-    capacity, page_size, num_blocks = _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format,
-                                                    layer is not None)
+    layout = _layout(q, weights, k_cache, cache_seqlens, block_table, kv_format, layer)
     q_k, w_k = _kernel_inputs(q, weights, kv_format)
     step = tiles.query_chunk or s_q
     outs = []
     for lo in range(0, s_q, step):
         hi = min(s_q, lo + step)
         scores, hist1 = _score_launch(q_k[:, lo:hi], w_k[:, lo:hi], k_cache, cache_seqlens, block_table, layer, lo,
-                                      s_q, capacity, page_size, num_blocks, kv_format, tiles, implementation, topk)
-        outs.append(_topk_launch(scores, hist1, cache_seqlens, block_table, lo, hi - lo, s_q, capacity, page_size,
-                                 num_blocks, topk, return_scores, tiles, implementation))
+                                      s_q, layout, tiles, implementation, topk)
+        outs.append(_topk_launch(scores, hist1, cache_seqlens, block_table, lo, hi - lo, s_q, layout, topk,
+                                 return_scores, tiles, implementation))
     idx = jnp.concatenate([o[0].reshape(b, -1, topk) for o in outs], axis=1)
     if not return_scores:
         return idx
@@ -319,10 +391,8 @@ def _indexer_scores(q, weights, k_cache, cache_seqlens, block_table, layer, kv_f
         q_x, w_x, keys = _xla_inputs(q, weights, k_cache, layer, kv_format)
         return reference.indexer_scores_reference(q_x, w_x, keys, cache_seqlens, _clamped(block_table, num_blocks))
     tiles = indexer_tiles(b, s_q, q.shape[2], capacity, q.dtype, kv_format is not None, num_sms(impl))
-    q_k, w_k = _kernel_inputs(q, weights, kv_format)
-    scores, _ = _score_launch(q_k, w_k, k_cache, cache_seqlens, block_table, layer, 0, s_q, capacity, page_size,
-                              num_blocks, kv_format, tiles, impl)
-    return scores.reshape(b, s_q, capacity)
+    return scores_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, kv_format=kv_format, layer=layer,
+                             implementation=impl)
 
 
 def indexer_topk(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_seqlens: jax.Array,
