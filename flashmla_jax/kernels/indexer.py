@@ -74,6 +74,37 @@ def _row_limit(seqlens_ptr, r, q_offset, S_Q: tl.constexpr, S_TOTAL: tl.constexp
 
 
 @triton.jit
+def _tile_rows(start, offs_n, b, pages, offs_t, first_page, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
+               BLOCK_N: tl.constexpr):
+    """(block [BLOCK_N] int64, slot [BLOCK_N]) of keys start + offs_n: their page in the pool and place in it.
+    pages [TABLE_TILE]: the split's block-table entries from page first_page on (PAGED); else one page per
+    sequence, block b."""
+    tokens = start + offs_n
+    if PAGED:
+        if PAGE_SIZE >= BLOCK_N:
+            page = tl.sum(tl.where(offs_t == (start // PAGE_SIZE - first_page), pages, 0), 0)
+            blk = tl.zeros((BLOCK_N,), tl.int64) + page.to(tl.int64)
+        else:
+            blk = tl.zeros((BLOCK_N,), tl.int64)
+            for j in tl.static_range(BLOCK_N // PAGE_SIZE):
+                page_j = tl.sum(tl.where(offs_t == (start // PAGE_SIZE + j - first_page), pages, 0), 0)
+                blk = tl.where(offs_n // PAGE_SIZE == j, page_j.to(tl.int64), blk)
+        slot = tokens % PAGE_SIZE
+    else:
+        blk = tl.zeros((BLOCK_N,), tl.int64) + b.to(tl.int64)
+        slot = tokens
+    return blk, slot
+
+
+@triton.jit
+def _load_scales(k_ptr, blk, slot, valid, PAGE_SIZE: tl.constexpr, D: tl.constexpr):
+    """The float32 scales of keys (blk, slot) of an "fp8_paged" cache (after a page's PAGE_SIZE * D codes); 0
+    where not valid."""
+    ptr = (k_ptr + blk * (PAGE_SIZE * (D + 4)) + PAGE_SIZE * D + slot * 4).to(tl.pointer_type(tl.float32))
+    return tl.load(ptr, mask=valid, other=0.0)
+
+
+@triton.jit
 def indexer_scores_kernel(q_ptr, w_ptr, k_ptr, seqlens_ptr, table_ptr, layer_ptr, q_offset, scores_ptr, hist_ptr,
                           S_Q: tl.constexpr, S_TOTAL: tl.constexpr, H: tl.constexpr, QG: tl.constexpr,
                           NUM_GROUPS: tl.constexpr, CAPACITY: tl.constexpr, SPLIT: tl.constexpr,
@@ -136,26 +167,25 @@ def indexer_scores_kernel(q_ptr, w_ptr, k_ptr, seqlens_ptr, table_ptr, layer_ptr
         pages = tl.load(table_ptr + b * MAX_BLOCKS + first_page + offs_t, mask=first_page + offs_t < MAX_BLOCKS,
                         other=0)
         pages = tl.minimum(tl.maximum(pages, 0), NUM_BLOCKS - 1)
+    else:
+        first_page = 0
+        offs_t = tl.arange(0, 1)
+        pages = offs_t
+    if FP8:
+        # A key's scale is applied after the head sum: loaded one tile ahead, it does not wait in the loop.
+        blk, slot = _tile_rows(lo, offs_n, b, pages, offs_t, first_page, PAGED, PAGE_SIZE, BLOCK_N)
+        k_scale = _load_scales(k_ptr, blk, slot, lo + offs_n < end, PAGE_SIZE, D)
     for start in range(lo, end, BLOCK_N):
         tokens = start + offs_n
         valid = tokens < end
-        if PAGED:
-            if PAGE_SIZE >= BLOCK_N:
-                blk = tl.sum(tl.where(offs_t == (start // PAGE_SIZE - first_page), pages, 0), 0).to(tl.int64)
-            else:
-                blk = tl.zeros((BLOCK_N,), tl.int64)
-                for j in tl.static_range(BLOCK_N // PAGE_SIZE):
-                    page_j = tl.sum(tl.where(offs_t == (start // PAGE_SIZE + j - first_page), pages, 0), 0)
-                    blk = tl.where(offs_n // PAGE_SIZE == j, page_j.to(tl.int64), blk)
-            slot = tokens % PAGE_SIZE
-        else:
-            blk = b.to(tl.int64)
-            slot = tokens
+        blk, slot = _tile_rows(start, offs_n, b, pages, offs_t, first_page, PAGED, PAGE_SIZE, BLOCK_N)
         if FP8:
-            page = k_ptr + blk * (PAGE_SIZE * (D + 4))
-            codes = tl.load(page[:, None] + slot[:, None] * D + offs_d[None, :], mask=valid[:, None], other=0)
-            k_scale = tl.load((page + PAGE_SIZE * D + slot * 4).to(tl.pointer_type(tl.float32)), mask=valid,
-                              other=0.0)
+            codes = tl.load(k_ptr + (blk * (PAGE_SIZE * (D + 4)) + slot * D)[:, None] + offs_d[None, :],
+                            mask=valid[:, None], other=0)
+            this_scale = k_scale
+            next_blk, next_slot = _tile_rows(start + BLOCK_N, offs_n, b, pages, offs_t, first_page, PAGED, PAGE_SIZE,
+                                             BLOCK_N)
+            k_scale = _load_scales(k_ptr, next_blk, next_slot, tokens + BLOCK_N < end, PAGE_SIZE, D)
             if FP8_NATIVE:
                 keys = codes.to(tl.float8e4nv, bitcast=True)
             else:
@@ -174,7 +204,7 @@ def indexer_scores_kernel(q_ptr, w_ptr, k_ptr, seqlens_ptr, table_ptr, layer_ptr
         else:
             sc = tl.sum(tl.reshape(x, (BLOCK_N, QG, H)), axis=2)          # [BLOCK_N, QG]
         if FP8:
-            sc = sc * k_scale[:, None]
+            sc = sc * this_scale[:, None]
         seen = tokens[:, None] < limits[None, :]
         sc = tl.where(seen, sc, float("-inf"))
         dst = scores_ptr + rows[None, :].to(tl.int64) * CAPACITY + tokens[:, None]
