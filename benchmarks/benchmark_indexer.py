@@ -181,8 +181,9 @@ def main(argv=None):
                 if "gpu_ms" in r:
                     gpu_part = (f"  gpu {r['gpu_ms']:.4f} ms ({r['gpu_pct_of_ceiling']:.1f}%)  score kernel "
                                 f"{r['score_kernel_ms']:.4f}  top-k kernels {r['topk_kernels_ms']:.4f}")
-                print(f"{row.name:7} {label:28} {r['ms']:9.4f} ms  {r['tb_s']:5.2f} TB/s  {r['pct_of_ceiling']:5.1f}% of "
-                      f"the {r['bound']} ceiling ({r['floor_ms']:.4f} ms){gpu_part}", flush=True)
+                print(f"{row.name:7} {label:28} {r['ms']:9.4f} ms  {r['tb_s']:5.2f} TB/s  "
+                      f"{r['pct_of_ceiling']:5.1f}% of the {r['bound']} ceiling ({r['floor_ms']:.4f} ms){gpu_part}",
+                      flush=True)
     if args.smoke:
         print("smoke run: no JSON written")
         return

@@ -37,6 +37,9 @@ tensor, per tensor) into NaN and zeros.
 
 Everything here is pure `jax.numpy` with static shapes: it runs under `jax.jit`, inside `lax.scan`, and in
 a donated, jitted cache-append step (the kv_format string is static: a Python value, not traced).
+
+The lightning indexer's key cache (DeepSeek Sparse Attention) has an FP8 layout of its own, "fp8_paged"
+(DeepGEMM's paged layout, one scale per token): the last section.
 """
 from __future__ import annotations
 

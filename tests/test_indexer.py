@@ -70,7 +70,10 @@ def pool_indices(positions, table, page_size, n):
     """Positions [B, S_q, K] (-1 kept) -> pool indices through a block table (None: b * n + t)."""
     b_idx = np.arange(positions.shape[0])[:, None, None]
     safe = np.maximum(positions, 0)
-    pool = b_idx * n + safe if table is None else np.asarray(table)[b_idx, safe // page_size] * page_size + safe % page_size
+    if table is None:
+        pool = b_idx * n + safe
+    else:
+        pool = np.asarray(table)[b_idx, safe // page_size] * page_size + safe % page_size
     return np.where(positions >= 0, pool, -1)
 
 
@@ -117,7 +120,8 @@ def integer_inputs(rng, b, s_q, h, n, lo=-3, hi=3):
 
 def small_tiles(**kw) -> ix.IndexerTiles:
     """Tiles small enough that a short cache spans several score splits and several top-k chunks."""
-    return dataclasses.replace(ix.IndexerTiles(block_n=32, split=64, num_warps=4, num_stages=2, chunk=64, tile=32), **kw)
+    tiles = ix.IndexerTiles(block_n=32, split=64, num_warps=4, num_stages=2, chunk=64, tile=32)
+    return dataclasses.replace(tiles, **kw)
 
 
 # ---------------------------------------------------------------- tier 1: reference
@@ -396,13 +400,11 @@ def _run_write_kernel_on_sentinels(args, topk, tiles):
     b, s_q = q.shape[:2]
     scores, hist1 = ix._score_launch(q_k, w_k, cache, sl, table, None, 0, s_q, layout, tiles, "interpret", topk)
     steps = ix.plan_topk(b * s_q, s_q, s_q, layout, topk, tiles, True)
-    (hist2,) = steps["refine2"](scores, sl, hist1, hist1, 0, out_shape=[jax.ShapeDtypeStruct((b * s_q, 2048), jnp.int32)],
-                                implementation="interpret")
-    (hist3,) = steps["refine3"](scores, sl, hist1, hist2, 0, out_shape=[jax.ShapeDtypeStruct((b * s_q, 1024), jnp.int32)],
-                                implementation="interpret")
-    chunks = steps["count"].grid[1]
-    (counts,) = steps["count"](scores, sl, hist1, hist2, hist3, 0,
-                               out_shape=[jax.ShapeDtypeStruct((b * s_q, chunks, 2), jnp.int32)], implementation="interpret")
+    ints = lambda *shape: [jax.ShapeDtypeStruct((b * s_q,) + shape, jnp.int32)]     # noqa: E731
+    run = dict(implementation="interpret")
+    (hist2,) = steps["refine2"](scores, sl, hist1, hist1, 0, out_shape=ints(2048), **run)
+    (hist3,) = steps["refine3"](scores, sl, hist1, hist2, 0, out_shape=ints(1024), **run)
+    (counts,) = steps["count"](scores, sl, hist1, hist2, hist3, 0, out_shape=ints(steps["count"].grid[1], 2), **run)
     inputs = [_launch._to_torch(np.asarray(a)) for a in (scores, sl, sl if table is None else table, hist1, hist2,
                                                           hist3, counts)]
     idx = torch.full((b * s_q, topk), 12345, dtype=torch.int32)
@@ -694,7 +696,8 @@ def test_i1_scores_and_topk_on_gpu(kv_format):
     scores = fm.indexer_scores(q, w, pages, seqlens, table, implementation="triton", **kw)
     ref = fm.indexer_scores(q, w, pages, seqlens, table, implementation="xla", **kw)
     assert rel_err(scores, ref) < 1e-4
-    idx, vals = fm.indexer_topk(q, w, pages, seqlens, table, topk=2048, return_scores=True, implementation="triton", **kw)
+    idx, vals = fm.indexer_topk(q, w, pages, seqlens, table, topk=2048, return_scores=True, implementation="triton",
+                                **kw)
     _assert_topk_correct(idx, vals, ref, table, 2048, 1e-4)
     again = fm.indexer_topk(q, w, pages, seqlens, table, topk=2048, implementation="triton", **kw)
     np.testing.assert_array_equal(idx, again)                                 # deterministic

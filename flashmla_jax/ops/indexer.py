@@ -370,7 +370,9 @@ def indexer_scores(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_s
       kv_format: None or "fp8_paged".
       layer: None, or the layer of a stacked k_cache: a Python int in [0, L) or a traced integer (clamped).
       implementation: "triton" (CUDA GPU), "xla" (the jnp reference) or "interpret" (the Triton kernels in
-        Triton's interpreter on the CPU); None: "triton" on a CUDA device, else "xla".
+        Triton's interpreter on the CPU); None: "triton" on a CUDA device, else "xla". The kernels take
+        H <= 128 heads (fewer than 16, or not a power of two: padded with zero-weight heads) and D = 128; they
+        have no vmap or derivative rule (fold a mapped axis into B; the indexer is inference-only).
 
     Returns:
       [B, S_q, N] float32: Σ_h weights[b, s, h] · relu(q[b, s, h] · k[b, t]) for t < seqlen - S_q + s + 1, -inf
@@ -383,16 +385,7 @@ def indexer_scores(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_s
 
 @functools.partial(jax.jit, static_argnames=("kv_format", "implementation"))
 def _indexer_scores(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, implementation):
-    capacity, page_size, num_blocks = _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format,
-                                                    layer is not None)
-    impl = _implementation(implementation, q)
-    b, s_q = q.shape[:2]
-    if impl == "xla":
-        q_x, w_x, keys = _xla_inputs(q, weights, k_cache, layer, kv_format)
-        return reference.indexer_scores_reference(q_x, w_x, keys, cache_seqlens, _clamped(block_table, num_blocks))
-    tiles = indexer_tiles(b, s_q, q.shape[2], capacity, q.dtype, kv_format is not None, num_sms(impl))
-    return scores_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, kv_format=kv_format, layer=layer,
-                             implementation=impl)
+    return _run(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, implementation)
 
 
 def indexer_topk(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_seqlens: jax.Array,
@@ -422,6 +415,12 @@ def indexer_topk(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_seq
 @functools.partial(jax.jit, static_argnames=("topk", "kv_format", "return_scores", "implementation"))
 def _indexer_topk(q, weights, k_cache, cache_seqlens, block_table, layer, topk, kv_format, return_scores,
                   implementation):
+    return _run(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, implementation, topk, return_scores)
+
+
+def _run(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, implementation, topk=None,
+         return_scores=False):
+    """The dispatch: the reference ("xla") or the kernels, for the scores (topk None) or the top-k."""
     capacity, page_size, num_blocks = _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format,
                                                     layer is not None)
     impl = _implementation(implementation, q)
@@ -430,9 +429,14 @@ def _indexer_topk(q, weights, k_cache, cache_seqlens, block_table, layer, topk, 
         q_x, w_x, keys = _xla_inputs(q, weights, k_cache, layer, kv_format)
         table = _clamped(block_table, num_blocks)
         scores = reference.indexer_scores_reference(q_x, w_x, keys, cache_seqlens, table)
+        if topk is None:
+            return scores
         limits = reference.visible_key_limits(cache_seqlens, capacity, s_q, causal=True)
         idx, vals = reference.indexer_topk_reference(scores, limits, topk, table, page_size)
         return (idx, vals) if return_scores else idx
     tiles = indexer_tiles(b, s_q, q.shape[2], capacity, q.dtype, kv_format is not None, num_sms(impl))
-    return topk_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, topk=topk, kv_format=kv_format,
-                           layer=layer, return_scores=return_scores, implementation=impl)
+    kw = dict(kv_format=kv_format, layer=layer, implementation=impl)
+    if topk is None:
+        return scores_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, **kw)
+    return topk_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, topk=topk,
+                           return_scores=return_scores, **kw)
