@@ -57,7 +57,7 @@ from flashmla_jax._checks import FP8_FORMATS
 __all__ = ["LatentFormat", "LATENT_FORMATS", "FP8_FORMATS", "E4M3_MAX", "INV_E4M3_MAX", "SCALE_FLOOR",
            "latent_format", "bytes_per_token", "quantize_latent", "dequantize_latent",
            "INDEX_KEY_DIM", "INDEX_FORMATS", "index_page_bytes", "quantize_index_tokens", "quantize_index_keys",
-           "dequantize_index_keys"]
+           "dequantize_index_keys", "write_index_keys"]
 
 E4M3_MAX = 448.0          # largest finite float8_e4m3fn
 INV_E4M3_MAX = np.float32(1.0 / 448.0)   # scale = amax · this (what XLA makes of amax / 448 anyway)
@@ -367,3 +367,29 @@ def dequantize_index_keys(packed, kv_format: str = "fp8_paged", dtype=jnp.float3
     words = _from_le_bytes(packed[..., p * INDEX_KEY_DIM:].reshape(*lead, p, 4), jnp.uint32)
     scales = jax.lax.bitcast_convert_type(words, jnp.float32)
     return (codes * scales[..., None]).astype(dtype)
+
+
+def write_index_keys(pages, keys, blocks, slots, kv_format: str | None = None) -> jax.Array:
+    """Indexer keys of T new tokens written into a paged key cache; returns the updated pages (pure, jit-safe).
+
+    pages: [num_blocks, page_size, 128] float (kv_format None) or uint8 [num_blocks, page_size * 132]
+    ("fp8_paged"); keys: [T, 128] float; blocks, slots: [T] int32, token i goes to (blocks[i], slots[i]), as the
+    latent cache places it (block_table[b, t // page_size], t % page_size). FP8: quantized token by token as
+    `quantize_index_tokens`, its 128 codes and its 4 scale bytes written where the layout keeps them. Indices
+    out of range follow `.at[].set`'s rule (dropped); a donated pages buffer is updated in place under jit."""
+    keys = _check_latent(keys, "keys", str(INDEX_KEY_DIM))
+    if keys.ndim != 2 or keys.shape[-1] != INDEX_KEY_DIM:
+        raise ValueError(f"keys must be [T, {INDEX_KEY_DIM}], got shape {tuple(keys.shape)}")
+    if kv_format is None:
+        return pages.at[blocks, slots].set(keys.astype(pages.dtype), mode="drop")
+    _check_index_format(kv_format)
+    if pages.dtype != jnp.uint8 or pages.ndim != 2 or pages.shape[1] % _INDEX_TOKEN_BYTES:
+        raise ValueError(f"pages must be uint8 [num_blocks, page_size * {_INDEX_TOKEN_BYTES}] for {kv_format!r}, "
+                         f"got {pages.dtype} {tuple(pages.shape)}")
+    page_size = pages.shape[1] // _INDEX_TOKEN_BYTES
+    codes, scales = quantize_index_tokens(keys)
+    scale_bytes = _le_bytes(jax.lax.bitcast_convert_type(scales, jnp.uint32), 4)              # [T, 4]
+    code_cols = slots[:, None] * INDEX_KEY_DIM + jnp.arange(INDEX_KEY_DIM)[None, :]
+    scale_cols = page_size * INDEX_KEY_DIM + slots[:, None] * 4 + jnp.arange(4)[None, :]
+    pages = pages.at[blocks[:, None], code_cols].set(codes, mode="drop")
+    return pages.at[blocks[:, None], scale_cols].set(scale_bytes, mode="drop")

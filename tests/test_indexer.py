@@ -263,6 +263,25 @@ def test_fp8_round_trip_and_token_quantization(request):
     np.testing.assert_array_equal(np.asarray(scales).astype("<f4").view(np.uint8).reshape(4, -1), pages[:, 32 * D:])
 
 
+def test_write_index_keys_places_tokens(request):
+    """Tokens written one by one, in shuffled order, into zeroed pages give the pages quantized whole; the
+    bf16 cache too; a block past the pool is dropped."""
+    rng = _rng(request)
+    keys = rng.standard_normal((3, 16, D)).astype(np.float32)
+    order = rng.permutation(48)
+    blocks, slots = jnp.asarray(order // 16, jnp.int32), jnp.asarray(order % 16, jnp.int32)
+    tokens = jnp.asarray(keys.reshape(48, D)[order])
+    write = jax.jit(fp8.write_index_keys, static_argnames="kv_format")
+    packed = write(jnp.zeros((3, 16 * 132), jnp.uint8), tokens, blocks, slots, kv_format="fp8_paged")
+    np.testing.assert_array_equal(packed, fm.quantize_index_keys(jnp.asarray(keys)))
+    plain = write(jnp.zeros((3, 16, D), jnp.bfloat16), tokens, blocks, slots)
+    np.testing.assert_array_equal(plain, jnp.asarray(keys).astype(jnp.bfloat16))
+    dropped = write(packed, tokens[:1] * 2, jnp.asarray([3], jnp.int32), slots[:1], kv_format="fp8_paged")
+    np.testing.assert_array_equal(dropped, packed)
+    with pytest.raises(ValueError, match="pages"):
+        fp8.write_index_keys(jnp.zeros((3, 100), jnp.uint8), tokens, blocks, slots, "fp8_paged")
+
+
 def test_fp8_format_errors():
     with pytest.raises(ValueError, match="kv_format"):
         fm.quantize_index_keys(jnp.zeros((2, 4, D)), "fp8_blockscale")
