@@ -8,7 +8,7 @@ found: 76 HGMMA in the kernel's loop, 40 once each warp group computes its half 
     python benchmarks/compile_report.py --shape 1,1024,16,16384 --dump /tmp/k      # also writes .ttgir/.ptx/.sass
     python benchmarks/compile_report.py --shape 128,1,16,4096 --kv-format fp8_blockscale   # an FP8 cache
 
-    python benchmarks/compile_report.py --indexer                  # the lightning indexer's kernels at row I1
+    python benchmarks/compile_report.py --indexer             # the lightning indexer's launches at row I1
 
 --shape is B,S_q,H,N (contiguous cache, D 576, V 512); --configs as profile_decode.py's.
 Uses the ptxas, cuobjdump and nvdisasm that ship inside the triton wheel.
@@ -38,21 +38,6 @@ _TRITON_TYPES = {jnp.bfloat16: "bf16", jnp.float16: "fp16", jnp.float32: "fp32"}
 _BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
-def compile_kernel(kernel, pointer_types: dict, constexprs: dict, num_warps: int, num_stages: int,
-                   scalar_types: dict | None = None):
-    """`kernel` compiled for sm_90 on this machine: pointer_types {argument: Triton type ("bf16", "u8", ...)},
-    scalar_types {argument: type} for runtime scalars, every other argument a constexpr from `constexprs`.
-    Pointers are declared 16-byte aligned, as jax-triton passes them."""
-    scalar_types = scalar_types or {}
-    names = kernel.arg_names
-    signature = {a: "*" + pointer_types[a] if a in pointer_types else scalar_types.get(a, "constexpr") for a in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in pointer_types}
-    src = triton.compiler.ASTSource(kernel, signature, constexprs={(names.index(k),): v for k, v in constexprs.items()},
-                                    attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps,
-                                                                              num_stages=num_stages))
-
-
 def compile_split_kernel(shape, dtype, tiles, kv_format=None):
     """(compiled kernel, plan) of mla_decode's split kernel for shape (B, S_q, H, N), as mla_decode plans it
     (`tiles` None: its own choice; kv_format None or an FP8 format, FP8_NATIVE as on the GPU)."""
@@ -64,13 +49,18 @@ def compile_split_kernel(shape, dtype, tiles, kv_format=None):
     pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", o_ptr=t, seqlens_ptr="i32",
                          table_ptr="i32", layer_ptr="i32", kv_scale_ptr="fp32" if kv_format else "i32",
                          splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
-    compiled = compile_kernel(kernels.mla_decode_split_kernel, pointer_types, plan.constexprs, plan.num_warps,
-                              plan.num_stages, dict(scale="fp32"))
+    names = kernels.mla_decode_split_kernel.arg_names
+    signature = {a: "*" + pointer_types[a] if a in pointer_types else ("fp32" if a == "scale" else "constexpr")
+                 for a in names}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in pointer_types}
+    constexprs = {(names.index(k),): v for k, v in plan.constexprs.items()}
+    src = triton.compiler.ASTSource(kernels.mla_decode_split_kernel, signature, constexprs=constexprs, attrs=attrs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
     return compiled, plan
 
 
-def resource_usage(compiled) -> dict:
-    """What ptxas made of a compiled kernel: registers, stack bytes (spills), shared memory bytes, and the SASS."""
+def report(compiled, dump=None):
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "k.cubin")
         with open(cubin, "wb") as f:
@@ -79,46 +69,16 @@ def resource_usage(compiled) -> dict:
                                capture_output=True, text=True, check=True).stdout
         sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", cubin],
                               capture_output=True, text=True, check=True).stdout
-    return dict(regs=int(re.search(r"REG:(\d+)", usage).group(1)), stack=int(re.search(r"STACK:(\d+)", usage).group(1)),
-                smem=compiled.metadata.shared, sass=sass)
-
-
-def report(compiled, dump=None, name="mla_decode_split_kernel"):
-    use = resource_usage(compiled)
-    sass = use["sass"]
     if dump:
         os.makedirs(dump, exist_ok=True)
         for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
-            with open(os.path.join(dump, f"{name}.{ext}"), "w") as f:
+            with open(os.path.join(dump, f"mla_decode_split_kernel.{ext}"), "w") as f:
                 f.write(text)
-    return (f"regs {use['regs']:>3} stack {use['stack']:>4} B  smem {use['smem'] // 1024:3d} KB  "
-            f"HGMMA {sass.count('HGMMA'):3d}  QGMMA {sass.count('QGMMA'):3d}  HMMA {sass.count(' HMMA'):3d}  "
+    regs = re.search(r"REG:(\d+)", usage).group(1)
+    stack = re.search(r"STACK:(\d+)", usage).group(1)
+    return (f"regs {regs:>3} stack {stack:>4} B  smem {compiled.metadata.shared // 1024:3d} KB  "
+            f"HGMMA {sass.count('HGMMA'):3d}  HMMA {sass.count(' HMMA'):3d}  "
             f"wgmma waits {sass.count('WARPGROUP.DEPBAR'):2d}  bar.sync {sass.count('BAR.SYNC'):2d}")
-
-
-def indexer_kernels(kv_format=None, batch=64, s_q=1, heads=64, context=131072, page_size=64, topk=2048):
-    """[(label, compiled)] of `indexer_topk`'s launches as the ops plan them (row I1 by default) on an H100's SMs."""
-    from flashmla_jax.ops import indexer as indexer_ops
-
-    fp8 = kv_format is not None
-    tiles = indexer_ops.indexer_tiles(batch, s_q, heads, context, jnp.bfloat16, fp8, H100_SMS)
-    layout = indexer_ops.KeyLayout(context, page_size, batch * context // page_size, context // page_size, 0, 0, fp8)
-    heads = indexer_ops._kernel_heads(heads)
-    steps = dict(scores=indexer_ops.plan_scores(batch, s_q, s_q, heads, layout, tiles, True, topk),
-                 **indexer_ops.plan_topk(batch * s_q, s_q, s_q, layout, topk, tiles, True))
-    key = "u8" if fp8 else "bf16"
-    pointer_types = dict(q_ptr=key, w_ptr="fp32", k_ptr=key, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32",
-                         scores_ptr="fp32", hist_ptr="i32", hist1_ptr="i32", hist2_ptr="i32", hist3_ptr="i32",
-                         out_hist_ptr="i32", counts_ptr="i32", idx_ptr="i32", val_ptr="fp32")
-    from flashmla_jax.kernels import indexer as indexer_kernels_module
-
-    out = []
-    for name, step in steps.items():
-        kernel = getattr(indexer_kernels_module, step.kernel)
-        types = {a: t for a, t in pointer_types.items() if a in kernel.arg_names}
-        out.append((name, compile_kernel(kernel, types, step.constexprs, step.num_warps, step.num_stages,
-                                         dict(q_offset="i32"))))
-    return out
 
 
 def main():
@@ -128,14 +88,17 @@ def main():
     parser.add_argument("--configs", help=common.DECODE_CONFIG_HELP)
     parser.add_argument("--dump", help="folder for the last config's .ttgir, .ptx and .sass")
     parser.add_argument("--kv-format", default=None, choices=FP8_FORMATS, help="an FP8 cache (default: q's dtype)")
-    parser.add_argument("--indexer", action="store_true", help="the lightning indexer's kernels at row I1 (bf16 and "
+    parser.add_argument("--indexer", action="store_true", help="the lightning indexer's launches at row I1 (bf16 and "
                         "fp8_paged keys) instead of the decode kernel")
     args = parser.parse_args()
     if args.indexer:
+        from flashmla_jax.ops.indexer import hopper_facts
+
         for kv_format in (None, "fp8_paged"):
-            for name, compiled in indexer_kernels(kv_format):
-                print(f"{'fp8_paged' if kv_format else 'bf16':9} {name:8} {report(compiled, args.dump, name)}",
-                      flush=True)
+            for name, f in hopper_facts(kv_format).items():
+                print(f"{kv_format or 'bf16':9} {name:8} regs {f.registers:>3} stack {f.stack:>4} B  smem "
+                      f"{f.shared // 1024:3d} KB  HGMMA {f.count('HGMMA'):3d}  QGMMA {f.count('QGMMA'):3d}  "
+                      f"bar.sync {f.count('BAR.SYNC'):2d}", flush=True)
         return
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(jnp, args.dtype)

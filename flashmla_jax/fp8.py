@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashmla_jax import _checks
-from flashmla_jax._checks import FP8_FORMATS
+from flashmla_jax._checks import FP8_FORMATS, INDEX_FORMATS
 
 __all__ = ["LatentFormat", "LATENT_FORMATS", "FP8_FORMATS", "E4M3_MAX", "INV_E4M3_MAX", "SCALE_FLOOR",
            "latent_format", "bytes_per_token", "quantize_latent", "dequantize_latent",
@@ -297,21 +297,13 @@ def dequantize_latent(packed, kv_format: str, scale=None, dtype=jnp.bfloat16, *,
 #   A contiguous cache [B, N, 128] is the same layout with one page of N tokens per sequence: [B, N * 132].
 
 INDEX_KEY_DIM = 128
-INDEX_FORMATS = ("fp8_paged",)
 _INDEX_TOKEN_BYTES = INDEX_KEY_DIM + 4      # 128 e4m3 values and one float32 scale
-
-
-def _check_index_format(kv_format) -> None:
-    if not isinstance(kv_format, str) or kv_format not in INDEX_FORMATS:
-        raise ValueError(f"kv_format must be one of {INDEX_FORMATS} for the indexer's keys, not {kv_format!r}")
 
 
 def index_page_bytes(page_size: int, kv_format: str = "fp8_paged") -> int:
     """Bytes of one "fp8_paged" page of `page_size` indexer keys: 132 * page_size (8448 for 64 tokens)."""
-    _check_index_format(kv_format)
-    if isinstance(page_size, bool) or not isinstance(page_size, (int, np.integer)) or page_size < 1:
-        raise ValueError(f"page_size must be a positive int, not {page_size!r}")
-    return int(page_size) * _INDEX_TOKEN_BYTES
+    _checks.index_kv_format("kv_format", kv_format, required=True)
+    return _checks.integer("page_size", page_size, lo=1) * _INDEX_TOKEN_BYTES
 
 
 def quantize_index_tokens(x) -> tuple[jax.Array, jax.Array]:
@@ -334,7 +326,7 @@ def quantize_index_keys(keys, kv_format: str = "fp8_paged") -> jax.Array:
     keys [num_blocks, page_size, 128] gives a paged cache [num_blocks, page_size * 132]; a contiguous
     [B, N, 128] gives [B, N * 132] (one page per sequence). Raises TypeError for a non-float input,
     ValueError for an unknown kv_format or a shape that is not [..., P, 128]."""
-    _check_index_format(kv_format)
+    _checks.index_kv_format("kv_format", kv_format, required=True)
     keys = _check_latent(keys, "keys", str(INDEX_KEY_DIM))
     if keys.ndim < 2 or keys.shape[-1] != INDEX_KEY_DIM:
         raise ValueError(f"keys must be [..., page_size, {INDEX_KEY_DIM}], got shape {tuple(keys.shape)}")
@@ -350,7 +342,7 @@ def dequantize_index_keys(packed, kv_format: str = "fp8_paged", dtype=jnp.float3
     float(e4m3) * scale in float32, then cast. Bytes 0x7F / 0xFF (e4m3 NaN) give NaN, a NaN or infinite scale
     NaN / inf in its token. Raises TypeError for a non-uint8 packed or non-float dtype, ValueError for an
     unknown kv_format or a last axis that is not a multiple of 132."""
-    _check_index_format(kv_format)
+    _checks.index_kv_format("kv_format", kv_format, required=True)
     if not hasattr(packed, "dtype") or not hasattr(packed, "shape"):
         raise TypeError(f"packed must be a uint8 array [..., page_size * 132], not {type(packed).__name__}")
     if packed.dtype != jnp.uint8:
@@ -382,7 +374,7 @@ def write_index_keys(pages, keys, blocks, slots, kv_format: str | None = None) -
         raise ValueError(f"keys must be [T, {INDEX_KEY_DIM}], got shape {tuple(keys.shape)}")
     if kv_format is None:
         return pages.at[blocks, slots].set(keys.astype(pages.dtype), mode="drop")
-    _check_index_format(kv_format)
+    _checks.index_kv_format("kv_format", kv_format, required=True)
     if pages.dtype != jnp.uint8 or pages.ndim != 2 or pages.shape[1] % _INDEX_TOKEN_BYTES:
         raise ValueError(f"pages must be uint8 [num_blocks, page_size * {_INDEX_TOKEN_BYTES}] for {kv_format!r}, "
                          f"got {pages.dtype} {tuple(pages.shape)}")

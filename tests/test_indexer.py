@@ -8,8 +8,6 @@ kernels and reference compute the same scores bit for bit and the selected set i
 are many, which is what the tie rule needs). FP8 tests use random floats and check the margin first."""
 import dataclasses
 import inspect
-import os
-import sys
 import zlib
 
 import jax
@@ -22,10 +20,11 @@ import triton.language as tl
 
 import flashmla_jax as fm
 from flashmla_jax import fp8, indexer_math, reference
+from flashmla_jax.kernels import _compile
 from flashmla_jax.kernels import indexer as kernels
 from flashmla_jax.ops import _launch
 from flashmla_jax.ops import indexer as ix
-from conftest import rel_err
+from _util import rel_err, run_python
 
 E4M3 = ml_dtypes.float8_e4m3fn
 D = 128
@@ -285,6 +284,10 @@ def test_write_index_keys_places_tokens(request):
 def test_fp8_format_errors():
     with pytest.raises(ValueError, match="kv_format"):
         fm.quantize_index_keys(jnp.zeros((2, 4, D)), "fp8_blockscale")
+    with pytest.raises(TypeError, match="kv_format"):
+        fm.quantize_index_keys(jnp.zeros((2, 4, D)), 8)
+    with pytest.raises(ValueError, match="nothing to"):
+        fm.dequantize_index_keys(jnp.zeros((2, 132), jnp.uint8), None)
     with pytest.raises(ValueError, match="keys"):
         fm.quantize_index_keys(jnp.zeros((2, 4, 64)))
     with pytest.raises(TypeError, match="keys"):
@@ -444,6 +447,13 @@ def test_write_kernel_fills_every_slot(request):
     np.testing.assert_array_equal(vals, want[1])
 
 
+@pytest.mark.no_gpu
+def test_triton_needs_a_gpu(request):
+    args, _, _ = _case(_rng(request), 2, 1, 16, 64, 16, np.array([64, 3], np.int32), None, integer=False)
+    with pytest.raises(ValueError, match="triton"):
+        fm.indexer_topk(*args, implementation="triton")
+
+
 def test_op_errors(request):
     rng = _rng(request)
     args, _, _ = _case(rng, 2, 1, 16, 64, 16, np.array([64, 3], np.int32), None, integer=False)
@@ -478,8 +488,6 @@ def test_op_errors(request):
         fm.indexer_topk(q, w, cache, sl, table, topk=2.0)
     with pytest.raises(TypeError, match="return_scores"):
         fm.indexer_topk(q, w, cache, sl, table, return_scores=1)
-    with pytest.raises(ValueError, match="triton"):
-        fm.indexer_topk(q, w, cache, sl, table, implementation="triton")
     with pytest.raises(ValueError, match="implementation"):
         fm.indexer_topk(q, w, cache, sl, table, implementation="cuda")
     wide = jnp.zeros((2, 1, 256, D), jnp.bfloat16)
@@ -634,37 +642,26 @@ def test_projections_match_transformers_indexer(request):
 
 
 _COMPILE_SCRIPT = """
-import json, sys
-sys.path.insert(0, sys.argv[1])
-import compile_report
-out = []
-for kv_format in (None, "fp8_paged"):
-    for name, compiled in compile_report.indexer_kernels(kv_format):
-        use = compile_report.resource_usage(compiled)
-        out.append(dict(kv_format=kv_format, name=name, regs=use["regs"], stack=use["stack"], smem=use["smem"],
-                        hgmma=use["sass"].count("HGMMA"), qgmma=use["sass"].count("QGMMA")))
-print(json.dumps(out))
+import json
+from flashmla_jax.ops.indexer import hopper_facts
+print(json.dumps([dict(kv_format=kv_format, name=name, stack=f.stack, shared=f.shared, hgmma=f.count("HGMMA"),
+                       qgmma=f.count("QGMMA")) for kv_format in (None, "fp8_paged")
+                  for name, f in hopper_facts(kv_format).items()]))
 """
 
 
 def test_kernels_compile_for_sm90_without_spills():
     """Every launch of `indexer_topk` at row I1 (bf16 and fp8_paged keys), as the ops plan it, compiles for sm_90
-    with no spills and within Hopper's 227 KB of shared memory (benchmarks/compile_report.py --indexer). In a
-    fresh process: after Triton's interpreter has run a kernel, the same process can no longer compile it."""
+    with no spills and within Hopper's 227 KB of shared memory, the scores on the wgmma units (bf16: HGMMA, FP8:
+    QGMMA). In a fresh process: after Triton's interpreter has run a kernel, a process cannot compile it."""
     import json
-    import subprocess
 
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, os.path.join(root, "benchmarks")], env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(report) == 10
+    report = json.loads(run_python(_COMPILE_SCRIPT).strip().splitlines()[-1])
+    assert [r["name"] for r in report] == ["scores", "refine2", "refine3", "count", "write"] * 2
     for use in report:
         assert use["stack"] == 0, use
-        assert use["smem"] <= 227 * 1024, use
-        if use["name"] == "scores":              # Hopper's wgmma: FP8 (QGMMA) with FP8 keys, bf16 (HGMMA) without
+        assert use["shared"] <= _compile.SHARED_MEMORY_LIMIT, use
+        if use["name"] == "scores":
             assert use["qgmma" if use["kv_format"] else "hgmma"] > 0, use
 
 

@@ -22,10 +22,9 @@ import numpy as np
 
 from flashmla_jax import _checks, reference
 from flashmla_jax._backend import num_sms, resolve_implementation
-from flashmla_jax.fp8 import (INDEX_FORMATS, INDEX_KEY_DIM, _from_e4m3_bytes, dequantize_index_keys,
-                              quantize_index_tokens)
+from flashmla_jax.fp8 import INDEX_KEY_DIM, _from_e4m3_bytes, dequantize_index_keys, quantize_index_tokens
 from flashmla_jax.ops._launch import launch
-from flashmla_jax.ops.decode import FP8_NATIVE, _index_layer, _pow2_at_least
+from flashmla_jax.ops.decode import FP8_NATIVE, _pow2_at_least, index_layer
 
 MAX_KERNEL_HEADS = 128           # the score kernel's dot is [BLOCK_N, QG * H]: at most 128 columns
 MAX_SCORE_BYTES = 1 << 30        # the top-k's float32 score buffer per pass; longer query runs go in chunks
@@ -269,6 +268,34 @@ def _topk_launch(scores, hist1, cache_seqlens, block_table, q_offset, s_q, s_tot
     return idx, (vals if return_scores else None)
 
 
+def hopper_facts(kv_format: str | None = None, batch: int = 64, s_q: int = 1, heads: int = 64,
+                 context: int = 131072, page_size: int = 64, topk: int = 2048, sms: int = 132) -> dict:
+    """{launch name: kernels._compile.CompiledFacts} of `indexer_topk`'s launches as planned for bf16 queries and
+    keys (or "fp8_paged" keys) at this shape (row I1 by default; sms: an H100 SXM's), compiled for sm_90 on any
+    machine. A process that has run these kernels in Triton's interpreter cannot compile them afterwards: call
+    this in a fresh one."""
+    from flashmla_jax.kernels import _compile
+    from flashmla_jax.kernels import indexer as kernels
+
+    fp8 = kv_format is not None
+    tiles = indexer_tiles(batch, s_q, heads, context, jnp.bfloat16, fp8, sms)
+    layout = KeyLayout(context, page_size, batch * context // page_size, context // page_size, 0, 0, fp8)
+    steps = dict(scores=plan_scores(batch, s_q, s_q, _kernel_heads(heads), layout, tiles, True, topk),
+                 **plan_topk(batch * s_q, s_q, s_q, layout, topk, tiles, True))
+    key = "u8" if fp8 else "bf16"
+    pointers = dict(q_ptr=key, w_ptr="fp32", k_ptr=key, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32",
+                    scores_ptr="fp32", hist_ptr="i32", hist1_ptr="i32", hist2_ptr="i32", hist3_ptr="i32",
+                    out_hist_ptr="i32", counts_ptr="i32", idx_ptr="i32", val_ptr="fp32")
+    facts = {}
+    for name, step in steps.items():
+        kernel = getattr(kernels, step.kernel)
+        compiled = _compile.compile_for_hopper(kernel, {a: t for a, t in pointers.items() if a in kernel.arg_names},
+                                               step.constexprs, step.num_warps, step.num_stages,
+                                               scalar_types=dict(q_offset="i32"))
+        facts[name] = _compile.facts(compiled)
+    return facts
+
+
 def _layout(q, weights, k_cache, cache_seqlens, block_table, kv_format, layer) -> KeyLayout:
     """The arguments checked, and the cache's KeyLayout."""
     stacked = layer is not None
@@ -317,7 +344,7 @@ def _xla_inputs(q, weights, k_cache, layer, kv_format):
     """(q, weights, float keys) for the reference: the layer's cache, dequantized; with FP8 keys the queries
     rounded to FP8 as the kernels take them (one scale per (token, head))."""
     if layer is not None:
-        k_cache = _index_layer(k_cache, layer)
+        k_cache = index_layer(k_cache, layer)
     if kv_format is None:
         return q, weights, k_cache
     codes, q_scale = quantize_index_tokens(q)
@@ -340,8 +367,7 @@ def _implementation(implementation, q) -> str:
 
 
 def _layer_and_format(k_cache, layer, kv_format):
-    if kv_format is not None and (not isinstance(kv_format, str) or kv_format not in INDEX_FORMATS):
-        raise ValueError(f"kv_format must be None or one of {INDEX_FORMATS}, got {kv_format!r}")
+    _checks.index_kv_format("kv_format", kv_format)
     if layer is not None:
         layer = _checks.layer_index("layer", layer, _num_layers(k_cache, kv_format))
     return layer
