@@ -185,7 +185,7 @@ def main(argv=None):
                       f"{r['pct_of_ceiling']:5.1f}% of the {r['bound']} ceiling ({r['floor_ms']:.4f} ms){gpu_part}",
                       flush=True)
     if args.smoke:
-        print("smoke run: no JSON written")
+        print("smoke run (Triton's interpreter on the CPU): its times say nothing about a GPU; no JSON written")
         return
     payload = dict(device=common.device_name(), jax=jax.__version__, read_bandwidth_tb_s=bandwidth / 1e12,
                    matmul_tflop_s=flops_rate / 1e12, results=results)
