@@ -8,6 +8,8 @@ found: 76 HGMMA in the kernel's loop, 40 once each warp group computes its half 
     python benchmarks/compile_report.py --shape 1,1024,16,16384 --dump /tmp/k      # also writes .ttgir/.ptx/.sass
     python benchmarks/compile_report.py --shape 128,1,16,4096 --kv-format fp8_blockscale   # an FP8 cache
 
+    python benchmarks/compile_report.py --indexer             # the lightning indexer's launches at row I1
+
 --shape is B,S_q,H,N (contiguous cache, D 576, V 512); --configs as profile_decode.py's.
 Uses the ptxas, cuobjdump and nvdisasm that ship inside the triton wheel.
 """
@@ -86,7 +88,18 @@ def main():
     parser.add_argument("--configs", help=common.DECODE_CONFIG_HELP)
     parser.add_argument("--dump", help="folder for the last config's .ttgir, .ptx and .sass")
     parser.add_argument("--kv-format", default=None, choices=FP8_FORMATS, help="an FP8 cache (default: q's dtype)")
+    parser.add_argument("--indexer", action="store_true", help="the lightning indexer's launches at row I1 (bf16 and "
+                        "fp8_paged keys) instead of the decode kernel")
     args = parser.parse_args()
+    if args.indexer:
+        from flashmla_jax.ops.indexer import hopper_facts
+
+        for kv_format in (None, "fp8_paged"):
+            for name, f in hopper_facts(kv_format).items():
+                print(f"{kv_format or 'bf16':9} {name:8} regs {f.registers:>3} stack {f.stack:>4} B  smem "
+                      f"{f.shared // 1024:3d} KB  HGMMA {f.count('HGMMA'):3d}  QGMMA {f.count('QGMMA'):3d}  "
+                      f"bar.sync {f.count('BAR.SYNC'):2d}", flush=True)
+        return
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(jnp, args.dtype)
     for tiles in common.parse_decode_configs(args.configs) if args.configs else [None]:

@@ -6,3 +6,7 @@ from flashmla_jax.fp8 import dequantize_latent, quantize_latent
 
 __all__ = ["mla_decode", "mla_prefill", "LatentCache", "quantize_latent", "dequantize_latent"]
 __version__ = "0.1.0"
+from flashmla_jax.ops.indexer import indexer_scores, indexer_topk
+from flashmla_jax.fp8 import dequantize_index_keys, quantize_index_keys
+
+__all__ += ["indexer_scores", "indexer_topk", "quantize_index_keys", "dequantize_index_keys"]

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("triton", "xla", "interpret")
 FP8_FORMATS = ("fp8_blockscale", "fp8_pertensor")          # the kv_format values (flashmla_jax/fp8.py's layouts)
+INDEX_FORMATS = ("fp8_paged",)                              # the lightning indexer's key formats (fp8.py, last section)
 FLOAT_DTYPES = (jnp.float16, jnp.bfloat16, jnp.float32)     # what the kernels take
 MIN_PAGE_SIZE, MAX_PAGE_SIZE = 16, 256                       # a key tile lies in one page; pages are powers of two
 
@@ -111,15 +112,23 @@ def layer_index(name: str, value, num_layers: int | None):
 def kv_format(name: str, value, required: bool = False) -> str | None:
     """None (a cache in the queries' float dtype) or one of FP8_FORMATS: TypeError for a non-string,
     ValueError for another string, and for None when `required` (quantizing needs a format)."""
+    return _one_format(name, value, FP8_FORMATS, required, "stores the latent as it is, in the cache's dtype")
+
+
+def index_kv_format(name: str, value, required: bool = False) -> str | None:
+    """None (indexer keys in the queries' float dtype) or one of INDEX_FORMATS, as `kv_format` checks it."""
+    return _one_format(name, value, INDEX_FORMATS, required, "keeps the indexer keys in a float dtype")
+
+
+def _one_format(name: str, value, formats: tuple, required: bool, none_keeps: str) -> str | None:
     if value is None:
         if required:
-            raise ValueError(f"{name}=None stores the latent as it is, in the cache's dtype: there is nothing to "
-                             f"(de)quantize; pass one of {FP8_FORMATS}")
+            raise ValueError(f"{name}=None {none_keeps}: there is nothing to (de)quantize; pass one of {formats}")
         return None
     if not isinstance(value, str):
-        raise TypeError(f"{name} must be None or one of {FP8_FORMATS}, got {type(value).__name__}")
-    if value not in FP8_FORMATS:
-        raise ValueError(f"{name} must be None or one of {FP8_FORMATS}, got {value!r}")
+        raise TypeError(f"{name} must be None or one of {formats}, got {type(value).__name__}")
+    if value not in formats:
+        raise ValueError(f"{name} must be None or one of {formats}, got {value!r}")
     return value
 
 

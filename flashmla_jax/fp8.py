@@ -37,6 +37,9 @@ tensor, per tensor) into NaN and zeros.
 
 Everything here is pure `jax.numpy` with static shapes: it runs under `jax.jit`, inside `lax.scan`, and in
 a donated, jitted cache-append step (the kv_format string is static: a Python value, not traced).
+
+The lightning indexer's key cache (DeepSeek Sparse Attention) has an FP8 layout of its own, "fp8_paged"
+(DeepGEMM's paged layout, one scale per token): the last section.
 """
 from __future__ import annotations
 
@@ -49,10 +52,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashmla_jax import _checks
-from flashmla_jax._checks import FP8_FORMATS
+from flashmla_jax._checks import FP8_FORMATS, INDEX_FORMATS
 
 __all__ = ["LatentFormat", "LATENT_FORMATS", "FP8_FORMATS", "E4M3_MAX", "INV_E4M3_MAX", "SCALE_FLOOR",
-           "latent_format", "bytes_per_token", "quantize_latent", "dequantize_latent"]
+           "latent_format", "bytes_per_token", "quantize_latent", "dequantize_latent",
+           "INDEX_KEY_DIM", "INDEX_FORMATS", "index_page_bytes", "quantize_index_tokens", "quantize_index_keys",
+           "dequantize_index_keys", "write_index_keys"]
 
 E4M3_MAX = 448.0          # largest finite float8_e4m3fn
 INV_E4M3_MAX = np.float32(1.0 / 448.0)   # scale = amax · this (what XLA makes of amax / 448 anyway)
@@ -136,13 +141,13 @@ def bytes_per_token(kv_format: str | None, dtype=jnp.bfloat16, d_v: int = 512, d
     return latent_format(kv_format, d_v, d_r).bytes_per_token
 
 
-def _check_latent(latent) -> jax.Array:
+def _check_latent(latent, name: str = "latent", last_axis: str = "d_v + d_r") -> jax.Array:
     if not hasattr(latent, "shape") or not hasattr(latent, "dtype"):
-        raise TypeError(f"latent must be an array [..., d_v + d_r], not {type(latent).__name__}")
+        raise TypeError(f"{name} must be an array [..., {last_axis}], not {type(latent).__name__}")
     if not jnp.issubdtype(latent.dtype, jnp.floating) or jnp.dtype(latent.dtype).itemsize < 2:
-        raise TypeError(f"latent must be a float array (bfloat16, float16 or float32), not {latent.dtype}")
+        raise TypeError(f"{name} must be a float array (bfloat16, float16 or float32), not {latent.dtype}")
     if latent.ndim < 1:
-        raise ValueError("latent must have a last axis of d_v + d_r values, not be 0-d")
+        raise ValueError(f"{name} must have a last axis of {last_axis} values, not be 0-d")
     return jnp.asarray(latent)
 
 
@@ -272,3 +277,111 @@ def dequantize_latent(packed, kv_format: str, scale=None, dtype=jnp.bfloat16, *,
     if scale is None:
         raise ValueError("fp8_pertensor needs scale (the cache's float32 scale that quantize_latent returned)")
     return (_from_e4m3_bytes(packed) * _check_scale(scale)).astype(dtype)
+
+
+# ---------------------------------------------------------------- the lightning indexer's key cache
+#
+# The indexer keeps one key of INDEX_KEY_DIM (128) values per token, beside the latent, paged under the same
+# block table. Its kv_format:
+#
+# - None: the keys in a float dtype, [num_blocks, page_size, 128] (bf16: 256 bytes a token).
+# - "fp8_paged": DeepGEMM's paged layout (`fp8_paged_mqa_logits`), stored as uint8 [num_blocks, page_size * 132].
+#   Page p holds its page_size tokens as
+#
+#       [0, 128 P)           token i's 128 values as float8_e4m3fn at [128 i, 128 (i + 1)), tokens in order
+#       [128 P, 132 P)       token i's float32 scale, little-endian, at [128 P + 4 i, 128 P + 4 (i + 1))
+#
+#   key[i, j] = float(e4m3 byte) * scale[i]: one scale per token (per 128 values), chosen, rounded and saturated
+#   as the latent formats' groups are (the module docstring: max(amax · fl(1/448), 2^-126), round to nearest
+#   even, clip to ±448). Every page is 132 P bytes, so with P a multiple of 4 the scales stay 4-byte aligned.
+#   A contiguous cache [B, N, 128] is the same layout with one page of N tokens per sequence: [B, N * 132].
+
+INDEX_KEY_DIM = 128
+_INDEX_TOKEN_BYTES = INDEX_KEY_DIM + 4      # 128 e4m3 values and one float32 scale
+
+
+def index_page_bytes(page_size: int, kv_format: str = "fp8_paged") -> int:
+    """Bytes of one "fp8_paged" page of `page_size` indexer keys: 132 * page_size (8448 for 64 tokens)."""
+    _checks.index_kv_format("kv_format", kv_format, required=True)
+    return _checks.integer("page_size", page_size, lo=1) * _INDEX_TOKEN_BYTES
+
+
+def quantize_index_tokens(x) -> tuple[jax.Array, jax.Array]:
+    """Rows of 128 values [..., 128] (float) -> (codes uint8 [..., 128] float8_e4m3fn bytes, scales float32 [...]).
+
+    One scale per row, by the rules of the module docstring: x ≈ float(codes) * scales[..., None]. This is the
+    per-token quantization of the "fp8_paged" keys (before they are laid out in pages) and of the indexer's
+    queries, one scale per (token, head) as DeepSeek's inference code quantizes them."""
+    x = _check_latent(x, "x", str(INDEX_KEY_DIM))
+    if x.shape[-1] != INDEX_KEY_DIM:
+        raise ValueError(f"x must be [..., {INDEX_KEY_DIM}], got shape {tuple(x.shape)}")
+    x = x.astype(jnp.float32)
+    scales = _scale_of(jnp.max(jnp.abs(x), axis=-1))
+    return _to_e4m3_bytes(x, scales[..., None]), scales
+
+
+def quantize_index_keys(keys, kv_format: str = "fp8_paged") -> jax.Array:
+    """Pages of indexer keys [..., P, 128] (float) -> uint8 [..., P * 132] in the "fp8_paged" layout (above).
+
+    keys [num_blocks, page_size, 128] gives a paged cache [num_blocks, page_size * 132]; a contiguous
+    [B, N, 128] gives [B, N * 132] (one page per sequence). Raises TypeError for a non-float input,
+    ValueError for an unknown kv_format or a shape that is not [..., P, 128]."""
+    _checks.index_kv_format("kv_format", kv_format, required=True)
+    keys = _check_latent(keys, "keys", str(INDEX_KEY_DIM))
+    if keys.ndim < 2 or keys.shape[-1] != INDEX_KEY_DIM:
+        raise ValueError(f"keys must be [..., page_size, {INDEX_KEY_DIM}], got shape {tuple(keys.shape)}")
+    codes, scales = quantize_index_tokens(keys)
+    lead, p = keys.shape[:-2], keys.shape[-2]
+    scale_bytes = _le_bytes(jax.lax.bitcast_convert_type(scales, jnp.uint32), 4)            # [..., P, 4]
+    return jnp.concatenate([codes.reshape(*lead, p * INDEX_KEY_DIM), scale_bytes.reshape(*lead, p * 4)], axis=-1)
+
+
+def dequantize_index_keys(packed, kv_format: str = "fp8_paged", dtype=jnp.float32) -> jax.Array:
+    """uint8 pages [..., P * 132] in the "fp8_paged" layout -> keys [..., P, 128] of `dtype` (float32 default).
+
+    float(e4m3) * scale in float32, then cast. Bytes 0x7F / 0xFF (e4m3 NaN) give NaN, a NaN or infinite scale
+    NaN / inf in its token. Raises TypeError for a non-uint8 packed or non-float dtype, ValueError for an
+    unknown kv_format or a last axis that is not a multiple of 132."""
+    _checks.index_kv_format("kv_format", kv_format, required=True)
+    if not hasattr(packed, "dtype") or not hasattr(packed, "shape"):
+        raise TypeError(f"packed must be a uint8 array [..., page_size * 132], not {type(packed).__name__}")
+    if packed.dtype != jnp.uint8:
+        raise TypeError(f"packed must be uint8 (the raw bytes), not {packed.dtype}")
+    if not jnp.issubdtype(jnp.dtype(dtype), jnp.floating):
+        raise TypeError(f"dtype must be a float dtype, not {dtype}")
+    width = packed.shape[-1] if packed.ndim else 0
+    if width == 0 or width % _INDEX_TOKEN_BYTES:
+        raise ValueError(f"packed's last axis must be page_size * {_INDEX_TOKEN_BYTES} bytes, got shape "
+                         f"{tuple(packed.shape)}")
+    packed = jnp.asarray(packed)
+    lead, p = packed.shape[:-1], width // _INDEX_TOKEN_BYTES
+    codes = _from_e4m3_bytes(packed[..., :p * INDEX_KEY_DIM]).reshape(*lead, p, INDEX_KEY_DIM)
+    words = _from_le_bytes(packed[..., p * INDEX_KEY_DIM:].reshape(*lead, p, 4), jnp.uint32)
+    scales = jax.lax.bitcast_convert_type(words, jnp.float32)
+    return (codes * scales[..., None]).astype(dtype)
+
+
+def write_index_keys(pages, keys, blocks, slots, kv_format: str | None = None) -> jax.Array:
+    """Indexer keys of T new tokens written into a paged key cache; returns the updated pages (pure, jit-safe).
+
+    pages: [num_blocks, page_size, 128] float (kv_format None) or uint8 [num_blocks, page_size * 132]
+    ("fp8_paged"); keys: [T, 128] float; blocks, slots: [T] int32, token i goes to (blocks[i], slots[i]), as the
+    latent cache places it (block_table[b, t // page_size], t % page_size). FP8: quantized token by token as
+    `quantize_index_tokens`, its 128 codes and its 4 scale bytes written where the layout keeps them. Indices
+    out of range follow `.at[].set`'s rule (dropped); a donated pages buffer is updated in place under jit."""
+    keys = _check_latent(keys, "keys", str(INDEX_KEY_DIM))
+    if keys.ndim != 2 or keys.shape[-1] != INDEX_KEY_DIM:
+        raise ValueError(f"keys must be [T, {INDEX_KEY_DIM}], got shape {tuple(keys.shape)}")
+    if kv_format is None:
+        return pages.at[blocks, slots].set(keys.astype(pages.dtype), mode="drop")
+    _checks.index_kv_format("kv_format", kv_format, required=True)
+    if pages.dtype != jnp.uint8 or pages.ndim != 2 or pages.shape[1] % _INDEX_TOKEN_BYTES:
+        raise ValueError(f"pages must be uint8 [num_blocks, page_size * {_INDEX_TOKEN_BYTES}] for {kv_format!r}, "
+                         f"got {pages.dtype} {tuple(pages.shape)}")
+    page_size = pages.shape[1] // _INDEX_TOKEN_BYTES
+    codes, scales = quantize_index_tokens(keys)
+    scale_bytes = _le_bytes(jax.lax.bitcast_convert_type(scales, jnp.uint32), 4)              # [T, 4]
+    code_cols = slots[:, None] * INDEX_KEY_DIM + jnp.arange(INDEX_KEY_DIM)[None, :]
+    scale_cols = page_size * INDEX_KEY_DIM + slots[:, None] * 4 + jnp.arange(4)[None, :]
+    pages = pages.at[blocks[:, None], code_cols].set(codes, mode="drop")
+    return pages.at[blocks[:, None], scale_cols].set(scale_bytes, mode="drop")

@@ -98,3 +98,84 @@ def mla_prefill_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_s
     out = jnp.einsum("bkgqn,bnkd->bqkgd", (p / safe).astype(v.dtype), v, preferred_element_type=jnp.float32)
     lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(safe[..., 0]), -jnp.inf)   # [B, H_kv, G, S]
     return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype), lse.reshape(b, h, s).transpose(0, 2, 1)
+
+
+# ---------------------------------------------------------------- the lightning indexer (DeepSeek Sparse Attention)
+#
+# index_score[b, s, t] = Σ_h w[b, s, h] · relu(q[b, s, h, :] · k[b, t, :]) over the causal prefix of each query
+# (query s of S_q sees keys t < limit[b, s] = seqlen[b] - S_q + s + 1, as mla_decode), -inf elsewhere. The
+# scaling (n_heads^-½ · head_dim^-½, transformers' DeepseekV32Indexer) is folded into w by the caller: relu
+# commutes with a positive factor.
+#
+# The top-k ranks scores by one total order: larger score first, equal scores by lower position first. Scores
+# are compared as `index_order_keys`: -0.0 counts as +0.0 and every NaN as the same NaN, above +inf.
+
+
+def index_order_keys(scores: jax.Array) -> jax.Array:
+    """float32 scores [...] -> uint32 keys [...] whose unsigned order is the scores' order (-0.0 taken as +0.0,
+    every NaN as one NaN that ranks above +inf). The kernels compute the same keys."""
+    bits = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
+    magnitude = bits & jnp.uint32(0x7FFFFFFF)        # tested as bits: no flush of subnormals to zero
+    bits = jnp.where(magnitude == 0, jnp.uint32(0), bits)
+    bits = jnp.where(magnitude > 0x7F800000, jnp.uint32(0x7FC00000), bits)
+    negative = (bits >> 31) == 1
+    return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def indexer_scores_reference(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_seqlens: jax.Array,
+                             block_table: jax.Array | None = None) -> jax.Array:
+    """Lightning-indexer scores, float32.
+
+    q: [B, S_q, H, D] (the index queries, RoPE applied); weights: [B, S_q, H] (the per-head weights, scaling
+    folded in); k_cache: [B, N, D] contiguous, or [num_blocks, page_size, D] with block_table [B, max_blocks]
+    (float keys: an FP8 cache is dequantized first); cache_seqlens: [B] int32, clamped to [0, N].
+    Returns [B, S_q, N] float32: the score of each key a query sees, -inf past its causal limit. Products and
+    sums are float32; keys past each length are zeroed first (unused pages may hold NaN).
+    """
+    keys = k_cache if block_table is None else gather_pages(k_cache, block_table)
+    n, s_q = keys.shape[1], q.shape[1]
+    seqlen = jnp.clip(cache_seqlens.astype(jnp.int32), 0, n)
+    keys = jnp.where(jnp.arange(n)[None, :, None] < seqlen[:, None, None], keys, jnp.zeros((), keys.dtype))
+    logits = jnp.einsum("bshd,bnd->bshn", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bsh,bshn->bsn", weights.astype(jnp.float32), jnp.maximum(logits, 0.0),
+                        precision=jax.lax.Precision.HIGHEST)
+    limits = visible_key_limits(cache_seqlens, n, s_q, causal=True)
+    return jnp.where(jnp.arange(n)[None, None, :] < limits[:, :, None], scores, -jnp.inf)
+
+
+def indexer_topk_reference(scores: jax.Array, limits: jax.Array, topk: int, block_table: jax.Array | None = None,
+                           page_size: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The top-k of each query's visible scores, as pool indices.
+
+    scores: [B, S_q, N] float32; limits: [B, S_q] int32 (query (b, s) sees positions t < limits[b, s]);
+    block_table: None (a contiguous cache: position t of sequence b is pool index b * N + t) or [B, max_blocks]
+    int32 with page_size (t is block_table[b, t // page_size] * page_size + t % page_size, the entries used as
+    they are: the ops clamp them into the pool first, as the kernels read them).
+    Returns (indices int32 [B, S_q, topk], their scores float32 [B, S_q, topk]): the min(topk, limit) best
+    positions by `index_order_keys` (ties: lower position first), listed in ascending position order, then -1
+    (scores -inf) for the slots no visible key fills.
+    """
+    b, s_q, n = scores.shape
+    positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), scores.shape)
+    visible = positions < limits[..., None]
+    rank_key = jnp.where(visible, ~index_order_keys(scores), jnp.uint32(0xFFFFFFFF))   # ascending = best first
+    _, best = jax.lax.sort((rank_key, positions), dimension=-1, num_keys=2)
+    take = min(topk, n)
+    chosen = best[..., :take]
+    chosen = jnp.where(chosen < limits[..., None], chosen, n)               # unfilled slots sort last
+    chosen = jnp.sort(chosen, axis=-1)
+    filled = chosen < n
+    safe = jnp.where(filled, chosen, 0)
+    picked = jnp.take_along_axis(scores, safe, axis=-1)
+    if block_table is None:
+        pool = jnp.arange(b, dtype=jnp.int32)[:, None, None] * n + safe
+    else:
+        blocks = jnp.take_along_axis(block_table[:, None, :], safe // page_size, axis=-1)
+        pool = blocks * page_size + safe % page_size
+    indices = jnp.where(filled, pool, -1).astype(jnp.int32)
+    picked = jnp.where(filled, picked, -jnp.inf)
+    if take < topk:
+        pad = ((0, 0), (0, 0), (0, topk - take))
+        indices = jnp.pad(indices, pad, constant_values=-1)
+        picked = jnp.pad(picked, pad, constant_values=-jnp.inf)
+    return indices, picked

@@ -1,0 +1,196 @@
+"""Lightning-indexer benchmark: row I1 of the design card (B 64, S_q 1, a 128K context, 64 index heads × 128,
+top-k 2048, page 64), with bf16 keys (I1) and FP8 keys in DeepGEMM's paged layout (I1-fp8).
+
+    python benchmarks/benchmark_indexer.py                  # both rows; JSON to benchmarks/results/indexer_<gpu>.json
+    python benchmarks/benchmark_indexer.py --rows I1-fp8 --sweep "4096,4;8192,3;16384,4"   # score tiles: split,stages
+    python benchmarks/benchmark_indexer.py --smoke          # CPU: tiny shapes through the interpreter, no JSON
+
+Per row: "scores" (`indexer_scores`: the score kernel alone), "topk" (`indexer_topk`: scores, then the radix
+select, indices out), "jnp" (what a JAX user writes: gather the pages, einsum, relu, weighted head sum, mask,
+`jax.lax.top_k`; FP8 keys dequantized first) and "xla" (our reference, `implementation="xla"`).
+
+Ceilings (measured in the same run, benchmarks/common.py): bytes = the keys read (256 bytes a token in bf16, 132 in
+FP8) plus q, weights and the indices out; FLOPs = 2 · B · S_q · H · N · 128 at the bf16 matmul rate (an FP8 dot
+runs at twice that rate, so for I1-fp8 the FLOP floor is lower still: both rows are bound by bytes). Each
+implementation is reported as % of the binding ceiling, by wall time per call and by CUPTI kernel time; for
+"topk" the CUPTI time is split into the score kernel and the top-k kernels.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import common  # noqa: E402
+import flashmla_jax as fm  # noqa: E402
+from flashmla_jax import reference  # noqa: E402
+from flashmla_jax._backend import has_cuda_gpu, num_sms  # noqa: E402
+from flashmla_jax.ops import indexer as indexer_ops  # noqa: E402
+
+D = 128
+FP8 = "fp8_paged"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    name: str
+    batch: int
+    context: int
+    heads: int
+    s_q: int
+    topk: int
+    page_size: int = 64
+    kv_format: str | None = None
+
+    @property
+    def key_bytes(self) -> int:
+        return D + 4 if self.kv_format else 2 * D
+
+    def cost(self) -> tuple[float, float]:
+        """(bytes, FLOPs) of one call: keys read once, q, weights, indices out; QK products counted."""
+        tokens = self.batch * self.context
+        q_bytes = self.batch * self.s_q * self.heads * (D * (1 if self.kv_format else 2) + 4)
+        out = self.batch * self.s_q * self.topk * 4
+        return tokens * self.key_bytes + q_bytes + out, 2.0 * self.batch * self.s_q * self.heads * self.context * D
+
+
+ROWS = [Row("I1", 64, 131072, 64, 1, 2048), Row("I1-fp8", 64, 131072, 64, 1, 2048, kv_format=FP8)]
+SMOKE = {r.name: dataclasses.replace(r, batch=2, context=512, heads=16, topk=32) for r in ROWS}
+
+
+def make_inputs(row: Row, seed: int):
+    """(q [B, S_q, H, 128] bf16, weights [B, S_q, H] f32, key pages, seqlens [B], block table (shuffled pages))."""
+    kq, kw, kk, kt = jax.random.split(jax.random.PRNGKey(seed), 4)
+    q = jax.random.normal(kq, (row.batch, row.s_q, row.heads, D), jnp.bfloat16)
+    w = jax.random.normal(kw, (row.batch, row.s_q, row.heads), jnp.float32) * (row.heads * D) ** -0.5
+    per_seq = row.context // row.page_size
+    pages = jax.random.normal(kk, (row.batch * per_seq, row.page_size, D), jnp.bfloat16)
+    if row.kv_format:
+        pages = fm.quantize_index_keys(pages, row.kv_format)
+    table = jax.random.permutation(kt, row.batch * per_seq).astype(jnp.int32).reshape(row.batch, per_seq)
+    seqlens = jnp.full((row.batch,), row.context, jnp.int32)
+    return q, w, pages, seqlens, table
+
+
+def plain_jnp(q, w, pages, seqlens, table, *, topk, kv_format):
+    """The indexer a JAX user writes by hand: pages gathered, einsum, relu, weighted head sum, masked, lax.top_k."""
+    if kv_format:
+        pages = fm.dequantize_index_keys(pages, kv_format, jnp.bfloat16)
+    keys = reference.gather_pages(pages, table)                                      # [B, N, 128]
+    logits = jnp.einsum("bshd,bnd->bshn", q, keys, preferred_element_type=jnp.float32)
+    scores = jnp.einsum("bsh,bshn->bsn", w, jnp.maximum(logits, 0.0))
+    n, s_q = keys.shape[1], q.shape[1]
+    limit = seqlens[:, None] - s_q + 1 + jnp.arange(s_q)[None, :]
+    scores = jnp.where(jnp.arange(n)[None, None, :] < limit[:, :, None], scores, -jnp.inf)
+    _, pos = jax.lax.top_k(scores, topk)
+    page = jnp.take_along_axis(table[:, None, :], pos // pages.shape[1], axis=-1)
+    return page * pages.shape[1] + pos % pages.shape[1]
+
+
+def functions(row: Row, implementation: str, tiles=None) -> dict:
+    """name -> jitted fn(q, w, pages, seqlens, table) for the implementations timed on this machine."""
+    kw = dict(kv_format=row.kv_format)
+    fns = {}
+    if implementation != "xla":
+        if tiles is None:
+            fns["scores"] = functools.partial(fm.indexer_scores, implementation=implementation, **kw)
+            fns["topk"] = functools.partial(fm.indexer_topk, topk=row.topk, implementation=implementation, **kw)
+        else:
+            fns["scores"] = jax.jit(functools.partial(indexer_ops.scores_with_tiles, tiles,
+                                                      implementation=implementation, **kw))
+    if tiles is None:
+        fns["jnp"] = jax.jit(functools.partial(plain_jnp, topk=row.topk, **kw))
+        fns["xla"] = functools.partial(fm.indexer_topk, topk=row.topk, implementation="xla", **kw)
+    return fns
+
+
+def run(row: Row, name: str, fn, sets, bandwidth: float, flops_rate: float, repeats: int) -> dict:
+    seconds = common.time_call(fn, sets, repeats=repeats, calls_per_repeat=4)
+    kernels = common.gpu_kernel_times(lambda: fn(*sets[0]))
+    nbytes, flops = row.cost()
+    if name == "scores":
+        nbytes -= row.batch * row.s_q * row.topk * 4
+    floor = max(nbytes / bandwidth, flops / flops_rate)
+    out = dict(row=row.name, implementation=name, batch=row.batch, context=row.context, heads=row.heads, s_q=row.s_q,
+               topk=row.topk, page_size=row.page_size, kv_format=row.kv_format, ms=seconds * 1e3,
+               bound="memory" if nbytes / bandwidth >= flops / flops_rate else "compute", floor_ms=floor * 1e3,
+               pct_of_ceiling=100 * floor / seconds, tb_s=nbytes / seconds / 1e12)
+    if kernels is not None:
+        gpu = sum(t for _, t in kernels)
+        score_ms = sum(t for n, t in kernels if "indexer_scores" in n)
+        out.update(gpu_ms=gpu, gpu_pct_of_ceiling=100 * floor / (gpu * 1e-3), score_kernel_ms=score_ms,
+                   topk_kernels_ms=sum(t for n, t in kernels if "indexer_topk" in n), kernels=kernels)
+    return out
+
+
+def check(row: Row, sets, implementation: str) -> str:
+    """The kernels' top-k against the reference's on the first input set: the share of selected keys in common
+    (random keys leave near-ties that float32 rounding order may swap) and the score error."""
+    q, w, pages, seqlens, table = sets[0]
+    kw = dict(kv_format=row.kv_format)
+    idx = np.asarray(fm.indexer_topk(q, w, pages, seqlens, table, topk=row.topk, implementation=implementation, **kw))
+    ref = np.asarray(fm.indexer_topk(q, w, pages, seqlens, table, topk=row.topk, implementation="xla", **kw))
+    common_share = np.mean([len(np.intersect1d(a, b)) / row.topk for a, b in zip(idx.reshape(-1, row.topk),
+                                                                                ref.reshape(-1, row.topk))])
+    return f"top-k agreement with the reference {100 * common_share:.3f}%"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", nargs="*", help="row names (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes through the interpreter (CPU); no JSON")
+    parser.add_argument("--sweep", help='score-kernel tiles to time instead of the default set: "split,stages;..."')
+    parser.add_argument("--no-check", action="store_true", help="skip the agreement check against the reference")
+    args = parser.parse_args(argv)
+    gpu = has_cuda_gpu()
+    if not gpu and not args.smoke:
+        parser.error("no CUDA GPU: run with --smoke (tiny shapes through the interpreter)")
+    impl = "triton" if gpu and not args.smoke else "interpret"
+    rows = [SMOKE[r.name] if args.smoke else r for r in ROWS if not args.rows or r.name in args.rows]
+    bandwidth = common.measure_read_bandwidth(2.0 if gpu else 0.05)
+    flops_rate = common.measure_matmul_rate(8192 if gpu else 512)
+    print(f"device: {common.device_name()}  read {bandwidth / 1e12:.2f} TB/s  bf16 matmul {flops_rate / 1e12:.0f} "
+          f"TFLOP/s  implementation {impl}")
+    results = []
+    for row in rows:
+        sets = [make_inputs(row, seed) for seed in range(1 if args.smoke else 2)]
+        if not args.no_check:
+            print(f"{row.name}: {check(row, sets, impl)}")
+        configs = [None]
+        if args.sweep:
+            base = indexer_ops.indexer_tiles(row.batch, row.s_q, row.heads, row.context, jnp.bfloat16,
+                                             row.kv_format is not None, num_sms(impl))
+            configs = [dataclasses.replace(base, split=int(c.split(",")[0]), num_stages=int(c.split(",")[1]))
+                       for c in args.sweep.split(";")]
+        for tiles in configs:
+            for name, fn in functions(row, impl, tiles).items():
+                r = run(row, name, fn, sets, bandwidth, flops_rate, repeats=2 if args.smoke else 10)
+                if tiles is not None:
+                    r["tiles"] = dataclasses.asdict(tiles)
+                results.append(r)
+                label = name if tiles is None else f"{name} split {tiles.split} stages {tiles.num_stages}"
+                gpu_part = ""
+                if "gpu_ms" in r:
+                    gpu_part = (f"  gpu {r['gpu_ms']:.4f} ms ({r['gpu_pct_of_ceiling']:.1f}%)  score kernel "
+                                f"{r['score_kernel_ms']:.4f}  top-k kernels {r['topk_kernels_ms']:.4f}")
+                print(f"{row.name:7} {label:28} {r['ms']:9.4f} ms  {r['tb_s']:5.2f} TB/s  "
+                      f"{r['pct_of_ceiling']:5.1f}% of the {r['bound']} ceiling ({r['floor_ms']:.4f} ms){gpu_part}",
+                      flush=True)
+    if args.smoke:
+        print("smoke run (Triton's interpreter on the CPU): its times say nothing about a GPU; no JSON written")
+        return
+    payload = dict(device=common.device_name(), jax=jax.__version__, read_bandwidth_tb_s=bandwidth / 1e12,
+                   matmul_tflop_s=flops_rate / 1e12, results=results)
+    print(f"wrote {common.write_json('indexer', payload)}")
+
+
+if __name__ == "__main__":
+    main()
