@@ -14,6 +14,7 @@ import pytest
 
 from flashmla_jax.ops import _jax_triton_hooks as hooks
 from flashmla_jax.ops._launch import launch
+from _util import subprocess_env
 from gluon_kernels_for_checks import descriptor_scale_kernel, gluon_scale_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -62,9 +63,8 @@ def test_scratch_arguments_come_from_the_kernel_compiled_last():
 
 def test_jax_triton_lowers_gluon_and_tl_kernels_for_cuda():
     """The whole jax-triton path under jit, lowered for sm_90 here: what jaxlib's TritonKernel receives."""
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     run = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "jax_triton_lowering_checks.py")],
-                         capture_output=True, text=True, env=env, timeout=600)
+                         capture_output=True, text=True, env=subprocess_env(), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     got = json.loads(run.stdout.strip().splitlines()[-1])
     assert got["hooks_needed"] and got["custom_call"]

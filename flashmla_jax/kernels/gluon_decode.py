@@ -151,15 +151,30 @@ def _probabilities(s, m_new_safe, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _left_half(q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen,
-               lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split, splits_here,
-               H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr, NUM_SPLITS: gl.constexpr):
-    """The left consumer warpgroup (the default partition): scores of the even blocks, O[:, :256]."""
-    dtype: gl.constexpr = q_nope.dtype
+def _consumer_state(smem, bars, work, outputs):
+    """A consumer group's view of the kernel's tuples, once the query tile has landed, and its initial online-
+    softmax state: running max m_i [64] (-inf), row sums l_i [64] and its half of O, acc [64, 256] (zeros)."""
+    q_nope, q_rope, k_nope, k_rope, m_x, l_x = smem
+    q_ready, k_ready, k_free, p_ready, done = bars
+    qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here = work
+    o_desc, o_part_desc, lse_ptr, lse_part_ptr = outputs
     mbarrier.wait(q_ready, 0)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=_row_vector_layout())
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=_row_vector_layout())
     acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
+    return (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo,
+            n_blocks, first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
+            acc)
+
+
+@gluon.jit
+def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
+               NUM_SPLITS: gl.constexpr):
+    """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
+    the kernel's tuples (`_consumer_state` unpacks them)."""
+    (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
+     first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
+     acc) = _consumer_state(smem, bars, work, outputs)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + 2 * pair * BLOCK_N
@@ -169,11 +184,11 @@ def _left_half(q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_fre
         s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
         m0 = gl.maximum(m_i, gl.max(s, axis=1))
         m0_safe = _safe(m0)
-        p0, p0_op = _probabilities(s, m0_safe, dtype)
+        p0, p0_op = _probabilities(s, m0_safe, q_nope.dtype)
         alpha = gl.exp2(m_i - m0_safe)
         l_i = l_i * alpha + gl.sum(p0, axis=1)
         # P0 and m0 to the right warpgroup: P0 over block 0's rope columns, read by its wgmma (async proxy).
-        k_rope.index(0).store(p0.to(dtype))
+        k_rope.index(0).store(p0.to(q_nope.dtype))
         m_x.slice(0, BLOCK_M).store(m0)
         fence_async_shared()
         mbarrier.arrive(p_ready.index(0), count=1)
@@ -200,15 +215,12 @@ def _left_half(q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_fre
 
 
 @gluon.jit
-def _right_half(q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen,
-                lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split, splits_here,
-                H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr, NUM_SPLITS: gl.constexpr):
-    """The right consumer warpgroup (a worker partition): scores of the odd blocks, O[:, 256:]."""
-    dtype: gl.constexpr = q_nope.dtype
-    mbarrier.wait(q_ready, 0)
-    m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=_row_vector_layout())
-    l_i = gl.zeros([BLOCK_M], gl.float32, layout=_row_vector_layout())
-    acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
+def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
+                NUM_SPLITS: gl.constexpr):
+    """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]."""
+    (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
+     first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
+     acc) = _consumer_state(smem, bars, work, outputs)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + (2 * pair + 1) * BLOCK_N
@@ -226,8 +238,8 @@ def _right_half(q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_fr
             s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
             m1 = gl.maximum(m0, gl.max(s, axis=1))
             m1_safe = _safe(m1)
-            p1, p1_op = _probabilities(s, m1_safe, dtype)
-            k_rope.index(1).store(p1.to(dtype))
+            p1, p1_op = _probabilities(s, m1_safe, q_nope.dtype)
+            k_rope.index(1).store(p1.to(q_nope.dtype))
             m_x.slice(BLOCK_M, BLOCK_M).store(m1)
             fence_async_shared()
             mbarrier.arrive(p_ready.index(1), count=1)
@@ -434,16 +446,15 @@ def mla_decode_gluon_kernel(
     if NUM_SPLITS > 1:
         o_part_desc = _output_descriptor(o_part_ptr + ((b.to(gl.int64) * NUM_SPLITS + split) * R + tile * BLOCK_M) * D_V,
                                          q_rows, D_V)
-    qk_scale = scale * LOG2E
+    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x)
+    bars = (q_ready, k_ready, k_free, p_ready, done)
+    work = (scale * LOG2E, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here)
+    outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
     gl.warp_specialize([
         (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free, table_ptr,
                      b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-        (_left_half, (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale,
-                      seqlen, lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split,
-                      splits_here, H, S_Q, CAUSAL, NUM_SPLITS)),
-        (_right_half, (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale,
-                       seqlen, lo, n_blocks, first_limit, tile, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, split,
-                       splits_here, H, S_Q, CAUSAL, NUM_SPLITS)),
+        (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+        (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 

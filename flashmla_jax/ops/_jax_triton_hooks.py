@@ -15,8 +15,8 @@ triton >= 3.7). Plain @triton.jit kernels without descriptors are compiled and c
 2. Global scratch and the compiled warp count. A kernel that builds tensor descriptors on the device
    (`tl.make_tensor_descriptor`, Gluon's `tma.make_tensor_descriptor`) needs a per-program global scratch
    buffer to hold them (128 B a descriptor), whose size the compiled kernel's metadata gives
-   (`global_scratch_size`, `global_scratch_align`, set by Triton's `make_llir`); jaxlib (0.11.2 on the lent
-   GPUs) allocates it when its `TritonKernel` is told the size, but jax-triton 0.3.1 does not tell it, so such
+   (`global_scratch_size`, `global_scratch_align`, set by Triton's `make_llir`); jaxlib (0.11.2 on the H200)
+   allocates it when its `TritonKernel` is told the size, but jax-triton 0.3.1 does not tell it, so such
    a kernel would fault. Warp specialization also raises the warp count the kernel is compiled for (the PTX
    demands `.reqntid`): jaxlib must launch that many. The hook wraps
    - Triton's `CUDABackend.make_ptx`, the last compile step jax-triton runs, to note the metadata of the
