@@ -3,7 +3,8 @@ tests/sharding_checks.py runs from there). The GPU gate is tests/conftest.py's `
 
 The references, each checked against the one above it:
   1. float64 NumPy loops, one row at a time: the definitions (`decode_numpy` in test_decode.py,
-     `prefill_numpy` in test_prefill.py; for FP8, bytes built by hand with ml_dtypes in test_fp8.py).
+     `prefill_numpy` in test_prefill.py, `sparse_numpy` in test_sparse.py; for FP8, bytes built by hand with
+     ml_dtypes in test_fp8.py).
   2. flashmla_jax/reference.py, the jnp reference and the "xla" implementation: checked against 1 at
      small shapes (tier 1), including masks, empty rows and paging; FP8 caches through `dequantize_latent`.
   3. the Triton kernels: "interpret" on the CPU (tier 2, small shapes that reach every mask and schedule)
@@ -32,6 +33,15 @@ def rel_err(out, ref) -> float:
     if not (np.all(np.isfinite(out)) and np.all(np.isfinite(ref))):
         return float("inf")
     return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def attend_numpy(keys, q, scale: float, head_dim_v: int):
+    """float64 softmax attention of one query q [D] over keys [K, D] (K >= 1), V = keys[:, :head_dim_v]:
+    (out [head_dim_v], lse, the largest scaled score). The loops of level 1 above are built on it."""
+    scores = keys @ q * scale
+    m = scores.max()
+    p = np.exp(scores - m)
+    return p @ keys[:, :head_dim_v] / p.sum(), m + np.log(p.sum()), m
 
 
 def subprocess_env(**overrides: str) -> dict:

@@ -9,7 +9,7 @@ import pytest
 import flashmla_jax as fm
 from flashmla_jax import reference
 from flashmla_jax.ops.decode import choose_num_splits
-from _util import rel_err
+from _util import attend_numpy, rel_err
 
 TOL = {jnp.float32: 1e-3, jnp.bfloat16: 1e-2, jnp.float16: 1e-2}
 
@@ -28,13 +28,8 @@ def decode_numpy(q, kv, seqlens, head_dim_v, scale, causal):
             limit = max(n - s_q + s + 1, 0) if causal else n
             if limit == 0:
                 continue
-            keys = kv[b, :limit]
             for h in range(h_):
-                scores = keys @ q[b, s, h] * scale
-                m = scores.max()
-                p = np.exp(scores - m)
-                out[b, s, h] = p @ keys[:, :head_dim_v] / p.sum()
-                lse[b, s, h] = m + np.log(p.sum())
+                out[b, s, h], lse[b, s, h], _ = attend_numpy(kv[b, :limit], q[b, s, h], scale, head_dim_v)
     return out, lse
 
 

@@ -116,6 +116,16 @@ def _attend_tile(q_v, q_r, kv_ptr, kv_scale, b, start, hi, limit, m_i, l_i, acc,
         else:
             k_v = tl.load(base + offs_v[None, :])
             k_r = tl.load(base + D_V + offs_r[None, :])
+    s = latent_scores(q_v, q_r, k_v, k_r, qk_scale, nonempty, UNCHAIN_SCORES)
+    if MASKED:
+        s = tl.where(tokens[None, :] < limit[:, None], s, float("-inf"))
+    return softmax_update(s, k_v, m_i, l_i, acc, LATE_ROW_SUM, MASKED)
+
+
+@triton.jit
+def latent_scores(q_v, q_r, k_v, k_r, qk_scale, nonempty, UNCHAIN_SCORES: tl.constexpr):
+    """Base-2 scores [BLOCK_M, BLOCK_N] of queries (q_v, q_r) against a latent tile (k_v, k_r): (q_v k_vᵀ +
+    q_r k_rᵀ) * qk_scale. UNCHAIN_SCORES: summed behind `_unchained_sum` (nonempty true at run time)."""
     if UNCHAIN_SCORES:
         # Both products issued before either is read, so the second does not wait for the first.
         s_v = tl.dot(q_v, tl.trans(k_v))
@@ -123,12 +133,18 @@ def _attend_tile(q_v, q_r, kv_ptr, kv_scale, b, start, hi, limit, m_i, l_i, acc,
         s = _unchained_sum(s_v * qk_scale, s_r * qk_scale, nonempty)
     else:
         s = (tl.dot(q_v, tl.trans(k_v)) + tl.dot(q_r, tl.trans(k_r))) * qk_scale
+    return s
+
+
+@triton.jit
+def softmax_update(s, k_v, m_i, l_i, acc, LATE_ROW_SUM: tl.constexpr, MASKED: tl.constexpr):
+    """One online-softmax step: scores s [BLOCK_M, BLOCK_N] (base 2; -inf where masked) meet the values
+    k_v [BLOCK_N, D_V]; returns (m_i, l_i, acc) updated (l_i per column with LATE_ROW_SUM). MASKED: rows may
+    have seen nothing yet (m_i -inf), which must not turn into NaN."""
+    m_new = tl.maximum(m_i, tl.max(s, 1))
     if MASKED:
-        s = tl.where(tokens[None, :] < limit[:, None], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)   # rows with nothing visible yet
     else:
-        m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = m_new
     alpha = tl.exp2(m_i - m_safe)
     p = tl.exp2(s - m_safe[:, None])

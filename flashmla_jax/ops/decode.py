@@ -13,6 +13,7 @@ import numpy as np
 from flashmla_jax import _checks, reference
 from flashmla_jax._backend import cuda_compute_capability, has_cuda_gpu, num_sms
 from flashmla_jax.fp8 import dequantize_latent, latent_format
+from flashmla_jax.ops._batching import Mapped, fold_vmap_into_batch, inference_only, member_axis
 from flashmla_jax.ops._launch import launch
 from flashmla_jax.ops._registry import Implementation, Registry
 from flashmla_jax.ops.decode_partition import partitioned_decode
@@ -47,14 +48,14 @@ def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_split
         _checks.page_size("page_size (kv_cache.shape[1])", kv_cache.shape[1])
 
 
-def _token_width(kv_cache, d: int, head_dim_v: int, kv_format: str | None, q) -> int:
-    """The last axis kv_cache must have: D (a cache in q's dtype) or the FP8 format's bytes per token
-    (656 / 576 for DeepSeek's 512 + 64), after checking kv_cache's dtype."""
+def _token_width(kv_cache, d: int, head_dim_v: int, kv_format: str | None, q, name: str = "kv_cache") -> int:
+    """The last axis kv_cache (the argument `name`) must have: D (a cache in q's dtype) or the FP8 format's
+    bytes per token (656 / 576 for DeepSeek's 512 + 64), after checking kv_cache's dtype."""
     if kv_format is None:
-        _checks.same_dtype("kv_cache", kv_cache, "q", q)
+        _checks.same_dtype(name, kv_cache, "q", q)
         return d
     if kv_cache.dtype != jnp.uint8:
-        raise TypeError(f"kv_cache must be uint8 (the raw bytes) with kv_format={kv_format!r}, got {kv_cache.dtype}")
+        raise TypeError(f"{name} must be uint8 (the raw bytes) with kv_format={kv_format!r}, got {kv_cache.dtype}")
     try:
         return latent_format(kv_format, head_dim_v, d - head_dim_v).bytes_per_token
     except ValueError as e:
@@ -259,31 +260,43 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
         TABLE_POW2=_pow2_at_least(max_blocks), D_V=head_dim_v, D_R=d - head_dim_v,
         CAUSAL=causal, KV_FORMAT=KV_FORMATS[kv_format], FP8_NATIVE=bool(fp8_native), **tiles.kernel_constexprs(),
         **schedule)
-    combine_grid = combine_constexprs = None
-    if num_splits > 1 and not last_merges:
-        block_d = max(16, min(head_dim_v, COMBINE_VALUES // splits_pow2))
-        combine_grid = (rows, head_dim_v // block_d, batch)
-        combine_constexprs = dict(R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits, SPLITS_POW2=splits_pow2,
-                                  BLOCK_D=block_d)
-    # Buffers a launch does not use are one element (the kernel never touches them).
+    combine_grid, combine_constexprs = combine_plan(batch, rows, head_dim_v, num_splits, last_merges)
+    split_outputs = split_buffers(batch, rows, head_dim_v, dtype, num_splits, row_tiles, combine_grid is not None,
+                                  last_merges)
+    return DecodePlan((row_tiles, batch, num_splits), tiles.num_warps, tiles.num_stages, constexprs, num_splits,
+                      split_outputs, ("arrivals",) if last_merges else (), combine_grid, combine_constexprs)
+
+
+def combine_plan(batch: int, rows: int, head_dim_v: int, num_splits: int, last_merges: bool):
+    """(grid, constexprs) of `mla_decode_combine_kernel` for split partials [batch, num_splits, rows, head_dim_v],
+    or (None, None) when there is nothing for it to merge (one split, or the last split merges)."""
+    if num_splits <= 1 or last_merges:
+        return None, None
+    splits_pow2 = _pow2_at_least(num_splits)
+    block_d = max(16, min(head_dim_v, COMBINE_VALUES // splits_pow2))
+    return (rows, head_dim_v // block_d, batch), dict(R=rows, D_V=head_dim_v, NUM_SPLITS=num_splits,
+                                                      SPLITS_POW2=splits_pow2, BLOCK_D=block_d)
+
+
+def split_buffers(batch: int, rows: int, head_dim_v: int, dtype, num_splits: int, row_tiles: int, combine: bool,
+                  last_merges: bool) -> SplitOutputs:
+    """The SplitOutputs (jax.ShapeDtypeStruct) of a kernel ending in kernels/decode.py's `_write_split`, for
+    `batch` sequences of `rows` rows: out in dtype, the rest as SplitOutputs says; splits_taken only with the
+    combine kernel, arrivals only when the last split merges. Buffers a launch does not use are one element."""
     part = (batch, num_splits, rows) if num_splits > 1 else (1,)
-    split_outputs = SplitOutputs(
+    return SplitOutputs(
         out=jax.ShapeDtypeStruct((batch, rows, head_dim_v), dtype),
         lse=jax.ShapeDtypeStruct((batch, rows), jnp.float32),
         o_part=jax.ShapeDtypeStruct(part + ((head_dim_v,) if num_splits > 1 else ()), jnp.float32),
         lse_part=jax.ShapeDtypeStruct(part, jnp.float32),
-        splits_taken=jax.ShapeDtypeStruct((batch,) if combine_grid else (1,), jnp.int32),
+        splits_taken=jax.ShapeDtypeStruct((batch,) if combine else (1,), jnp.int32),
         arrivals=jax.ShapeDtypeStruct((batch * row_tiles,) if last_merges else (1,), jnp.int32))
-    return DecodePlan((row_tiles, batch, num_splits), tiles.num_warps, tiles.num_stages, constexprs, num_splits,
-                      split_outputs, ("arrivals",) if last_merges else (), combine_grid, combine_constexprs)
 
 
 def _launch_split_kernel(kernel, plan: DecodePlan, runner: str, q, kv_cache, cache_seqlens, block_table, layer,
                          kv_scale, scale):
     """The split kernel (tl or Gluon: the same pointers), then for split sequences the plan's in-place combine.
     Returns out [B, S_q, H, D_v] and lse [B, S_q, H]."""
-    from flashmla_jax.kernels import decode as kernels
-
     b, s_q, h, d = q.shape
     head_dim_v = plan.split_outputs.out.shape[-1]
     table = cache_seqlens if block_table is None else block_table      # unused pointer when contiguous
@@ -294,14 +307,24 @@ def _launch_split_kernel(kernel, plan: DecodePlan, runner: str, q, kv_cache, cac
         kernel, q.reshape(b, s_q * h, d), kv_cache, cache_seqlens, table, layer, kv_scale, np.float32(scale),
         out_shape=plan.split_outputs, grid=plan.grid, implementation=runner, num_warps=plan.num_warps,
         num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs, **constexprs))
-    out, lse = split.out, split.lse
-    if plan.combine_grid is not None:
-        # The combine updates out and lse in place (inputs 3 and 4 alias outputs 0 and 1).
-        out, lse = launch(kernels.mla_decode_combine_kernel, split.o_part, split.lse_part, split.splits_taken, out,
-                          lse, out_shape=(plan.split_outputs.out, plan.split_outputs.lse), grid=plan.combine_grid,
-                          implementation=runner, num_warps=4, num_stages=1, input_output_aliases={3: 0, 4: 1},
-                          **plan.combine_constexprs)
+    out, lse = merge_splits(split, plan.combine_grid, plan.combine_constexprs, runner)
     return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
+
+
+def merge_splits(split: SplitOutputs, combine_grid: tuple | None, combine_constexprs: dict | None, runner: str):
+    """(out, lse) of a split kernel's outputs: as written (one split, or the last split merged), or with
+    combine_grid (`combine_plan`) merged in place by `mla_decode_combine_kernel`, run by `runner`."""
+    from flashmla_jax.kernels import decode as kernels
+
+    out, lse = split.out, split.lse
+    if combine_grid is None:
+        return out, lse
+    # The combine updates out and lse in place (inputs 3 and 4 alias outputs 0 and 1).
+    out_shape = (jax.ShapeDtypeStruct(out.shape, out.dtype), jax.ShapeDtypeStruct(lse.shape, lse.dtype))
+    out, lse = launch(kernels.mla_decode_combine_kernel, split.o_part, split.lse_part, split.splits_taken, out, lse,
+                      out_shape=out_shape, grid=combine_grid, implementation=runner, num_warps=4, num_stages=1,
+                      input_output_aliases={3: 0, 4: 1}, **combine_constexprs)
+    return out, lse
 
 
 # ---------------------------------------------------------------- the implementations and their registry
@@ -555,64 +578,46 @@ def _fold_vmap_into_batch(decode):
     end to end and each member's block table is offset to its own pages (after clamping, so an
     out-of-range index never reaches another member's pages). A stacked cache is first indexed at each
     member's layer (under vmap the layer's cache is copied)."""
+    return fold_vmap_into_batch(decode, _fold_decode_members)
 
-    @jax.custom_batching.custom_vmap
-    def call(q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
-        return decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
 
-    @call.def_vmap
-    def _rule(axis_size, in_batched, q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
-        q_b, kv_b, len_b, table_b, layer_b, scale_b = in_batched
-        v = axis_size
-
-        def batched(x, is_batched):
-            return x if is_batched else jnp.broadcast_to(x, (v,) + x.shape)
-
-        if layer is not None:
-            kv_cache = jax.vmap(index_layer)(batched(kv_cache, kv_b), batched(layer, layer_b))
-            kv_b = True
-            if kv_scale is not None and (scale_b or layer_b):
-                kv_scale = jax.vmap(index_layer)(batched(kv_scale, scale_b), batched(layer, layer_b))
-                scale_b = True
-            elif kv_scale is not None:
-                kv_scale = index_layer(kv_scale, layer)
-        if kv_scale is not None and scale_b:
-            # Members with their own per-tensor scales cannot share one launch: they run one by one.
-            table = None if block_table is None else batched(block_table, table_b)
-            members = (batched(q, q_b), batched(kv_cache, kv_b), batched(cache_seqlens, len_b), table, kv_scale)
-            return jax.lax.map(lambda m: call(*m[:4], None, m[4]), members), (True, True)
-        q = batched(q, q_b)
-        b = q.shape[1]
-        seqlens = batched(cache_seqlens, len_b).reshape(v * b)
-        if block_table is None:
-            kv = batched(kv_cache, kv_b).reshape((v * b,) + kv_cache.shape[-2:])
-            table = None
-        else:
-            table = batched(block_table, table_b)
-            kv = kv_cache
-            if kv_b:
-                num_pages = kv_cache.shape[1]
-                kv = kv_cache.reshape((v * num_pages,) + kv_cache.shape[2:])
-                offsets = (jnp.arange(v, dtype=jnp.int32) * num_pages)[:, None, None]
-                table = jnp.clip(table, 0, num_pages - 1) + offsets
-            table = table.reshape(v * b, -1)
-        out, lse = call(q.reshape((v * b,) + q.shape[2:]), kv, seqlens, table, None, kv_scale)
-        return (out.reshape((v, b) + out.shape[1:]), lse.reshape((v, b) + lse.shape[1:])), (True, True)
-
-    return call
+def _fold_decode_members(call, v, in_batched, q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
+    """`_fold_vmap_into_batch`'s fold (ops/_batching.py's `fold_vmap_into_batch`)."""
+    q_b, kv_b, len_b, table_b, layer_b, scale_b = in_batched
+    if layer is not None:
+        kv_cache = jax.vmap(index_layer)(member_axis(kv_cache, kv_b, v), member_axis(layer, layer_b, v))
+        kv_b = True
+        if kv_scale is not None and (scale_b or layer_b):
+            kv_scale = jax.vmap(index_layer)(member_axis(kv_scale, scale_b, v), member_axis(layer, layer_b, v))
+            scale_b = True
+        elif kv_scale is not None:
+            kv_scale = index_layer(kv_scale, layer)
+    if kv_scale is not None and scale_b:
+        # Members with their own per-tensor scales cannot share one launch: they run one by one.
+        table = None if block_table is None else member_axis(block_table, table_b, v)
+        members = (member_axis(q, q_b, v), member_axis(kv_cache, kv_b, v), member_axis(cache_seqlens, len_b, v),
+                   table, kv_scale)
+        return Mapped(jax.lax.map(lambda m: call(*m[:4], None, m[4]), members))
+    q = member_axis(q, q_b, v)
+    b = q.shape[1]
+    seqlens = member_axis(cache_seqlens, len_b, v).reshape(v * b)
+    if block_table is None:
+        kv = member_axis(kv_cache, kv_b, v).reshape((v * b,) + kv_cache.shape[-2:])
+        table = None
+    else:
+        table = member_axis(block_table, table_b, v)
+        kv = kv_cache
+        if kv_b:
+            num_pages = kv_cache.shape[1]
+            kv = kv_cache.reshape((v * num_pages,) + kv_cache.shape[2:])
+            offsets = (jnp.arange(v, dtype=jnp.int32) * num_pages)[:, None, None]
+            table = jnp.clip(table, 0, num_pages - 1) + offsets
+        table = table.reshape(v * b, -1)
+    return q.reshape((v * b,) + q.shape[2:]), kv, seqlens, table, None, kv_scale
 
 
 def _inference_only(decode):
     """Differentiating decode raises: it is an inference kernel (mla_prefill has gradients)."""
-
-    @jax.custom_jvp
-    def call(q, kv_cache, cache_seqlens, block_table, layer, kv_scale):
-        return decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
-
-    @call.defjvp
-    def _jvp(primals, tangents):
-        raise TypeError("mla_decode is inference-only and has no derivative; for gradients use "
-                        "flashmla_jax.mla_prefill (non-absorbed attention with a Triton backward), or "
-                        "jax.lax.stop_gradient on the decode inputs")
-
-    return call
+    return inference_only(decode, "mla_decode is inference-only and has no derivative; for gradients use "
+                                  "flashmla_jax.mla_prefill (non-absorbed attention with a Triton backward), or "
+                                  "jax.lax.stop_gradient on the decode inputs")
