@@ -1,41 +1,41 @@
-"""Compiles the decode split kernel for sm_90 on this machine (no GPU needed) and reports, per config, what
-the compiler made of it: registers, stack (spills), shared memory, the matrix instructions and the
-barriers in the SASS (counted over the whole kernel). This is how the 64-row tiles' duplicated QK^T was
-found: 76 HGMMA in the kernel's loop, 40 once each warp group computes its half (benchmarks/NOTES.md).
+"""Compiles the decode split kernel (or the sparse kernel) for sm_90 on this machine (no GPU needed: through
+flashmla_jax/kernels/_compile.py) and reports, per config, what the compiler made of it: registers, stack (spills),
+shared memory, the matrix instructions and the barriers in the SASS (counted over the whole kernel). This is how
+the 64-row tiles' duplicated QK^T was found: 76 HGMMA in the kernel's loop, 40 once each warp group computes its
+half (benchmarks/NOTES.md).
 
     python benchmarks/compile_report.py --shape 1,1024,16,16384                      # the chunked-prefill row
     python benchmarks/compile_report.py --shape 128,1,128,4096 --configs "64,64,8,2,0,0,0;64,64,8,2,1,1,1"
     python benchmarks/compile_report.py --shape 1,1024,16,16384 --dump /tmp/k      # also writes .ttgir/.ptx/.sass
     python benchmarks/compile_report.py --shape 128,1,16,4096 --kv-format fp8_blockscale   # an FP8 cache
-
+    python benchmarks/compile_report.py --sparse --shape 128,2,128,2048,4194304 --kv-format fp8_blockscale  # S1
+    python benchmarks/compile_report.py --sparse --prefill --shape 4096,1,128,2048,32768                     # SP
     python benchmarks/compile_report.py --indexer             # the lightning indexer's launches at row I1
 
---shape is B,S_q,H,N (contiguous cache, D 576, V 512); --configs as profile_decode.py's.
+--shape is B,S_q,H,N (contiguous cache, D 576, V 512); with --sparse B,S_q,H,topk,pool tokens (--prefill: the
+prefill's max_logits output; B is then T); --configs as profile_decode.py's.
 Uses the ptxas, cuobjdump and nvdisasm that ship inside the triton wheel.
 """
 from __future__ import annotations
 
 import argparse
 import os
-import re
-import subprocess
 import sys
-import tempfile
 
 import jax.numpy as jnp
-import triton
-from triton.backends.compiler import GPUTarget
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
+from flashmla_jax.kernels import _compile  # noqa: E402
 from flashmla_jax.kernels import decode as kernels  # noqa: E402
+from flashmla_jax.kernels import sparse as sparse_kernels  # noqa: E402
 from flashmla_jax.ops import decode as decode_ops  # noqa: E402
+from flashmla_jax.ops import sparse as sparse_ops  # noqa: E402
 from flashmla_jax.fp8 import FP8_FORMATS, latent_format  # noqa: E402
 
 H100_SMS = 132         # the schedule is planned for an H100 SXM: this machine has no GPU to ask
 _TRITON_TYPES = {jnp.bfloat16: "bf16", jnp.float16: "fp16", jnp.float32: "fp32"}
-_BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
 def compile_split_kernel(shape, dtype, tiles, kv_format=None):
@@ -49,36 +49,35 @@ def compile_split_kernel(shape, dtype, tiles, kv_format=None):
     pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", o_ptr=t, seqlens_ptr="i32",
                          table_ptr="i32", layer_ptr="i32", kv_scale_ptr="fp32" if kv_format else "i32",
                          splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
-    names = kernels.mla_decode_split_kernel.arg_names
-    signature = {a: "*" + pointer_types[a] if a in pointer_types else ("fp32" if a == "scale" else "constexpr")
-                 for a in names}
-    attrs = {(i,): [["tt.divisibility", 16]] for i, a in enumerate(names) if a in pointer_types}
-    constexprs = {(names.index(k),): v for k, v in plan.constexprs.items()}
-    src = triton.compiler.ASTSource(kernels.mla_decode_split_kernel, signature, constexprs=constexprs, attrs=attrs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
-    return compiled, plan
+    return _compile.compile_for_hopper(kernels.mla_decode_split_kernel, pointer_types, plan.constexprs,
+                                       plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
+
+
+def compile_sparse_kernel(shape, dtype, kv_format=None, with_max=False, tiles=None, num_splits=None):
+    """(compiled kernel, plan) of the sparse kernel (mla_decode_sparse / mla_prefill_sparse with with_max) for
+    shape (B, S_q, H, topk, pool tokens), D 576, V 512, planned as the ops plan it."""
+    b, s_q, h, topk, tokens = shape
+    plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, 0, kv_format, num_splits, H100_SMS,
+                                  with_max, tiles=tiles)
+    t = _TRITON_TYPES[dtype]
+    pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", idx_ptr="i32", topk_len_ptr="i32",
+                         layer_ptr="i32", o_ptr=t, lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32",
+                         splits_ptr="i32", count_ptr="i32", max_ptr="fp32")
+    constexprs = dict(plan.constexprs, HAS_TOPK_LENGTH=True)
+    return _compile.compile_for_hopper(sparse_kernels.mla_sparse_kernel, pointer_types, constexprs, plan.num_warps,
+                                       plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
 
 def report(compiled, dump=None):
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "k.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        usage = subprocess.run([os.path.join(_BIN, "cuobjdump"), "--dump-resource-usage", cubin],
-                               capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([os.path.join(_BIN, "nvdisasm"), "-c", cubin],
-                              capture_output=True, text=True, check=True).stdout
+    facts = _compile.facts(compiled)
     if dump:
         os.makedirs(dump, exist_ok=True)
-        for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", sass)):
-            with open(os.path.join(dump, f"mla_decode_split_kernel.{ext}"), "w") as f:
+        for ext, text in (("ttgir", compiled.asm["ttgir"]), ("ptx", compiled.asm["ptx"]), ("sass", facts.sass)):
+            with open(os.path.join(dump, f"{compiled.metadata.name}.{ext}"), "w") as f:
                 f.write(text)
-    regs = re.search(r"REG:(\d+)", usage).group(1)
-    stack = re.search(r"STACK:(\d+)", usage).group(1)
-    return (f"regs {regs:>3} stack {stack:>4} B  smem {compiled.metadata.shared // 1024:3d} KB  "
-            f"HGMMA {sass.count('HGMMA'):3d}  HMMA {sass.count(' HMMA'):3d}  "
-            f"wgmma waits {sass.count('WARPGROUP.DEPBAR'):2d}  bar.sync {sass.count('BAR.SYNC'):2d}")
+    return (f"regs {facts.registers:>3} stack {facts.stack:>4} B  smem {facts.shared // 1024:3d} KB  "
+            f"HGMMA {facts.count('HGMMA'):3d}  HMMA {facts.count('HMMA'):3d}  "
+            f"wgmma waits {facts.count('WARPGROUP.DEPBAR'):2d}  bar.sync {facts.count('BAR.SYNC'):2d}")
 
 
 def main():
@@ -90,6 +89,8 @@ def main():
     parser.add_argument("--kv-format", default=None, choices=FP8_FORMATS, help="an FP8 cache (default: q's dtype)")
     parser.add_argument("--indexer", action="store_true", help="the lightning indexer's launches at row I1 (bf16 and "
                         "fp8_paged keys) instead of the decode kernel")
+    parser.add_argument("--sparse", action="store_true", help="the sparse (top-k) kernel instead of the split kernel")
+    parser.add_argument("--prefill", action="store_true", help="with --sparse: mla_prefill_sparse's variant")
     args = parser.parse_args()
     if args.indexer:
         from flashmla_jax.ops.indexer import hopper_facts
@@ -103,7 +104,10 @@ def main():
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(jnp, args.dtype)
     for tiles in common.parse_decode_configs(args.configs) if args.configs else [None]:
-        compiled, plan = compile_split_kernel(shape, dtype, tiles, args.kv_format)
+        if args.sparse:
+            compiled, plan = compile_sparse_kernel(shape, dtype, args.kv_format, args.prefill, tiles)
+        else:
+            compiled, plan = compile_split_kernel(shape, dtype, tiles, args.kv_format)
         options = {k: int(v) for k, v in plan.constexprs.items() if k in ("UNCHAIN_SCORES", "SPLIT_MASKED", "LATE_ROW_SUM")}
         label = (f"BM {plan.constexprs['BLOCK_M']} BN {plan.constexprs['BLOCK_N']} warps {plan.num_warps} "
                  f"stages {plan.num_stages} {options}")

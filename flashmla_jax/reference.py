@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flashmla_jax.fp8 import dequantize_latent
+
 
 def gather_pages(kv_cache: jax.Array, block_table: jax.Array) -> jax.Array:
     """Paged cache -> contiguous view.
@@ -57,15 +59,27 @@ def mla_decode_reference(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.A
     limits = visible_key_limits(cache_seqlens, n, s_q, causal)                         # [B, S_q]
     visible = jnp.arange(n)[None, None, None, :] < limits[:, :, None, None]            # [B, S_q, 1, N]
     scores = jnp.where(visible, scores, -jnp.inf)
-    row_max = jnp.max(scores, axis=-1, keepdims=True)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-    p = jnp.exp(scores - row_max)
-    denom = jnp.sum(p, axis=-1, keepdims=True)
+    p, row_max, denom = _softmax_numerators(scores)
     out = jnp.einsum("bshn,bnd->bshd", p.astype(kv.dtype), kv[..., :head_dim_v],
                      preferred_element_type=jnp.float32)
+    return _normalized(out, row_max, denom, q.dtype)
+
+
+def _softmax_numerators(scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """scores [..., K] float32, -inf where masked -> (p = exp(scores - row_max), row_max [..., 1], denom [..., 1]);
+    row_max is 0 for a row with no finite score (its p and denom are then 0, never NaN)."""
+    row_max = jnp.max(scores, axis=-1, keepdims=True, initial=-jnp.inf)
+    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    p = jnp.exp(scores - row_max)
+    return p, row_max, jnp.sum(p, axis=-1, keepdims=True)
+
+
+def _normalized(out: jax.Array, row_max: jax.Array, denom: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """The un-normalized p @ V [..., D_v] and `_softmax_numerators`' row_max, denom -> (out in dtype, lse float32);
+    a row with denom 0 gives out 0 and lse -inf."""
     out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
     lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
-    return out.astype(q.dtype), lse
+    return out.astype(dtype), lse
 
 
 def mla_prefill_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_scale: float, causal: bool = True,
@@ -179,3 +193,46 @@ def indexer_topk_reference(scores: jax.Array, limits: jax.Array, topk: int, bloc
         indices = jnp.pad(indices, pad, constant_values=-1)
         picked = jnp.pad(picked, pad, constant_values=-jnp.inf)
     return indices, picked
+
+
+# ---------------------------------------------------------------- DeepSeek Sparse Attention (top-k indices)
+
+
+def sparse_valid(indices: jax.Array, topk_length: jax.Array | None, num_tokens: int) -> jax.Array:
+    """indices [B, S_q, topk] int32, topk_length None or [B] -> [B, S_q, topk] bool: the slots that count.
+
+    A slot counts when its index lies in [0, num_tokens) and, with topk_length, it is one of the first
+    clip(topk_length[b], 0, topk) of its row; every other slot is unused (as -1), whatever it holds."""
+    valid = (indices >= 0) & (indices < num_tokens)
+    if topk_length is not None:
+        length = jnp.clip(topk_length.astype(jnp.int32), 0, indices.shape[-1])
+        valid = valid & (jnp.arange(indices.shape[-1])[None, None, :] < length[:, None, None])
+    return valid
+
+
+def mla_sparse_reference(q: jax.Array, pool: jax.Array, indices: jax.Array, topk_length: jax.Array | None = None,
+                         *, head_dim_v: int = 512, softmax_scale: float, kv_format: str | None = None
+                         ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Sparse absorbed MLA: each query token attends to the pool tokens its index list names.
+
+    q: [B, S_q, H, D]; pool: tokens [..., W] (flat [N, W] or paged [num_blocks, page_size, W]; token i is row i
+    of the flattened pool, i = page * page_size + offset), W = D in q's dtype, or an FP8 kv_format's bytes per
+    token (uint8; dequantized to q's dtype with `fp8.dequantize_latent`); indices: [B, S_q, topk] int32, unused
+    slots as in `sparse_valid`; topk_length: None or [B] int32. A duplicated index is attended once per slot.
+    Returns out [B, S_q, H, head_dim_v] in q.dtype, lse [B, S_q, H] float32 (natural log) and max_logits
+    [B, S_q, H] float32 (the largest score q·k * softmax_scale). A row with no valid slot gives out 0, lse -inf
+    and max_logits -inf. Scores and the softmax are float32; the probabilities meet V in q's dtype, as in the
+    kernels."""
+    d = q.shape[-1]
+    pool = pool.reshape(-1, pool.shape[-1])
+    valid = sparse_valid(indices, topk_length, pool.shape[0])
+    kv = jnp.take(pool, jnp.where(valid, indices, 0), axis=0)                        # [B, S_q, topk, W]
+    if kv_format is not None:
+        kv = dequantize_latent(kv, kv_format, dtype=q.dtype, d_r=d - head_dim_v)
+    kv = jnp.where(valid[..., None], kv, jnp.zeros((), kv.dtype))     # unused slots may gather NaN bytes
+    scores = jnp.einsum("bshd,bskd->bshk", q, kv, preferred_element_type=jnp.float32) * softmax_scale
+    scores = jnp.where(valid[:, :, None, :], scores, -jnp.inf)
+    max_logits = jnp.max(scores, axis=-1, initial=-jnp.inf)
+    p, row_max, denom = _softmax_numerators(scores)
+    out = jnp.einsum("bshk,bskd->bshd", p.astype(kv.dtype), kv[..., :head_dim_v], preferred_element_type=jnp.float32)
+    return (*_normalized(out, row_max, denom, q.dtype), max_logits)

@@ -31,6 +31,23 @@ class Implementation(abc.ABC, Generic[Call]):
         return f"<{type(self).__name__} {self.name!r}>"
 
 
+class TritonRunner:
+    """For implementations that run tl kernels, by jax-triton on a CUDA GPU (runner "triton") or by Triton's
+    interpreter on the CPU ("interpret", which host-callbacks: not partitionable). Put it before the
+    Implementation base."""
+
+    def __init__(self, runner: str):
+        self.name = runner
+        self.partitionable = runner != "interpret"
+
+    def runner_unsupported(self) -> str | None:
+        """Why the runner cannot run here (None when it can)."""
+        if self.name == "triton" and not has_cuda_gpu():
+            return ("the Triton kernels need a CUDA GPU as JAX's default backend (\"interpret\" runs them on the CPU "
+                    "through Triton's interpreter)")
+        return None
+
+
 class Registry(Generic[Call]):
     """An op's implementations by the names its `implementation=` argument takes."""
 

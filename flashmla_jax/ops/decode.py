@@ -11,11 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashmla_jax import _checks, reference
-from flashmla_jax._backend import cuda_compute_capability, has_cuda_gpu, num_sms
+from flashmla_jax._backend import cuda_compute_capability, num_sms
 from flashmla_jax.fp8 import dequantize_latent, latent_format
 from flashmla_jax.ops._batching import Mapped, fold_vmap_into_batch, inference_only, member_axis
 from flashmla_jax.ops._launch import launch
-from flashmla_jax.ops._registry import Implementation, Registry
+from flashmla_jax.ops._registry import Implementation, Registry, TritonRunner
 from flashmla_jax.ops.decode_partition import partitioned_decode
 
 MAX_SPLITS = 256
@@ -375,19 +375,12 @@ class XlaDecode(DecodeImplementation):
                                               softmax_scale=scale, causal=causal)
 
 
-class TritonDecode(DecodeImplementation):
+class TritonDecode(TritonRunner, DecodeImplementation):
     """The tl split and combine kernels (kernels/decode.py), through jax-triton on a CUDA GPU (runner "triton")
     or Triton's interpreter on the CPU ("interpret"); `decode_tiles` picks their tiles."""
 
-    def __init__(self, runner: str):
-        self.name = runner
-        self.partitionable = runner != "interpret"
-
     def unsupported(self, call: DecodeCall) -> str | None:
-        if self.name == "triton" and not has_cuda_gpu():
-            return ("the Triton kernels need a CUDA GPU as JAX's default backend (\"interpret\" runs them on the CPU "
-                    "through Triton's interpreter)")
-        return _kernel_dims_unsupported(call)
+        return self.runner_unsupported() or _kernel_dims_unsupported(call)
 
     def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
                num_splits, kv_format):
