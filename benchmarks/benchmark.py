@@ -176,27 +176,7 @@ def print_fp8_speedups(results: list[dict], rows: list[Row]) -> None:
 
 
 def plot(results: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(dict.fromkeys(r["row"] for r in results))
-    impls = list(dict.fromkeys(r["implementation"] for r in results))
-    gpu = any(r.get("gpu_pct_of_ceiling") is not None for r in results)
-    key = "gpu_pct_of_ceiling" if gpu else "pct_of_ceiling"
-    fig, ax = plt.subplots(figsize=(max(9, 0.9 * len(names) * len(impls) / 2), 4.5))
-    width = 0.8 / len(impls)
-    for i, impl in enumerate(impls):
-        vals = [next((r[key] or 0 for r in results if r["row"] == n and r["implementation"] == impl), 0)
-                for n in names]
-        ax.bar(np.arange(len(names)) + i * width, vals, width, label=impl)
-    ax.set_xticks(np.arange(len(names)) + width * (len(impls) - 1) / 2, names, rotation=30, ha="right")
-    ax.set_ylabel("% of the binding ceiling" + (" (kernel GPU time)" if gpu else " (wall time)"))
-    ax.set_title(f"MLA decode on {common.device_name()}")
-    ax.axhline(100, color="gray", lw=0.5)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    common.plot_pct_of_ceiling(results, path, f"MLA decode on {common.device_name()}")
 
 
 def main(argv=None):

@@ -1,5 +1,5 @@
-"""What every benchmark here shares: the device's name, the two measured ceilings, the timer, and the
-decode tile-config syntax of the profiling tools."""
+"""What every benchmark here shares: the device's name, the two measured ceilings, the timer, the
+decode tile-config syntax of the profiling tools, and the % of ceiling bar plot."""
 from __future__ import annotations
 
 import functools
@@ -163,3 +163,30 @@ def plain_jnp_decode(q: jax.Array, kv: jax.Array, cache_seqlens: jax.Array, soft
     scores = jnp.where(jnp.arange(n)[None, None, None, :] < limit[:, :, None, None], scores, -jnp.inf)
     p = jax.nn.softmax(scores, axis=-1).astype(kv.dtype)
     return jnp.einsum("bshn,bnd->bshd", p, kv[..., :head_dim_v], preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def plot_pct_of_ceiling(results: list[dict], path: str, title: str) -> None:
+    """A PNG bar chart of each result's % of the binding ceiling, grouped by "row", one bar per "implementation":
+    "gpu_pct_of_ceiling" (kernel GPU time) where any result has it, else "pct_of_ceiling" (wall time)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(dict.fromkeys(r["row"] for r in results))
+    impls = list(dict.fromkeys(r["implementation"] for r in results))
+    gpu = any(r.get("gpu_pct_of_ceiling") is not None for r in results)
+    key = "gpu_pct_of_ceiling" if gpu else "pct_of_ceiling"
+    fig, ax = plt.subplots(figsize=(max(9, 0.9 * len(names) * len(impls) / 2), 4.5))
+    width = 0.8 / len(impls)
+    for i, impl in enumerate(impls):
+        vals = [next((r[key] or 0 for r in results if r["row"] == n and r["implementation"] == impl), 0)
+                for n in names]
+        ax.bar(np.arange(len(names)) + i * width, vals, width, label=impl)
+    ax.set_xticks(np.arange(len(names)) + width * (len(impls) - 1) / 2, names, rotation=30, ha="right")
+    ax.set_ylabel("% of the binding ceiling" + (" (kernel GPU time)" if gpu else " (wall time)"))
+    ax.set_title(title)
+    ax.axhline(100, color="gray", lw=0.5)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

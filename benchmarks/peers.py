@@ -1,4 +1,5 @@
-"""The CUDA peers, timed on the same data in the same run: DeepSeek's FlashMLA and FlashInfer's MLA decode.
+"""The CUDA peers, timed on the same data in the same run: DeepSeek's FlashMLA (dense decode, sparse decode and
+sparse prefill) and FlashInfer's MLA decode.
 
 Both are PyTorch libraries and measuring sticks only (the library never imports them). They run when they
 import: FlashMLA as `flash_mla` on PYTHONPATH, FlashInfer as `flashinfer` (../shared/peers/README.md says how to
@@ -104,3 +105,32 @@ def flashinfer_decode_ms(q, kv, seqlens, table, softmax_scale: float, page_size:
     wrapper.plan(qo_indptr, kv_indptr, kv_indices, lens, h, 512, 64, page_size, s_q > 1, softmax_scale,
                  torch.bfloat16, torch.bfloat16)
     return burst_ms(lambda: wrapper.run(q_nope, q_pe, ckv, kpe))
+
+
+def flashmla_sparse_decode(q, pool, indices, softmax_scale: float):
+    """FlashMLA's sparse FP8 decode (`flash_mla_with_kvcache` with indices) on our inputs: q [B, S_q, H, 576],
+    pool uint8 [pages, page_size, 656] (fp8_blockscale, FlashMLA's V3.2 token), indices [B, S_q, topk] int32.
+    (GPU ms per call, its out [B, S_q, H, 512] as a torch tensor), or None when FlashMLA is absent."""
+    flash_mla = available().get("flashmla")
+    if flash_mla is None:
+        return None
+    import torch
+
+    q_t, pool_t, idx_t = _torch(q), _torch(pool), _torch(indices)
+    kcache = pool_t.view(torch.float8_e4m3fn).unsqueeze(2)          # [pages, page, 1 kv head, 656]
+    meta, _ = flash_mla.get_mla_metadata()
+    call = lambda: flash_mla.flash_mla_with_kvcache(q_t, kcache, None, None, 512, meta, None,  # noqa: E731
+                                                    softmax_scale=softmax_scale, causal=False, is_fp8_kvcache=True,
+                                                    indices=idx_t)[0]
+    return burst_ms(call), call()
+
+
+def flashmla_sparse_prefill(q, kv, indices, softmax_scale: float):
+    """FlashMLA's sparse prefill (`flash_mla_sparse_fwd`) on our inputs: q [T, H, 576], kv [N, 576] bf16, indices
+    [T, topk] int32. (GPU ms per call, its out [T, H, 512] as a torch tensor), or None when FlashMLA is absent."""
+    flash_mla = available().get("flashmla")
+    if flash_mla is None:
+        return None
+    q_t, kv_t, idx_t = _torch(q), _torch(kv).unsqueeze(1), _torch(indices).unsqueeze(1)
+    call = lambda: flash_mla.flash_mla_sparse_fwd(q_t, kv_t, idx_t, softmax_scale, 512)[0]  # noqa: E731
+    return burst_ms(call), call()

@@ -1,5 +1,6 @@
-"""Paged, contiguous, layer-stacked and FP8 mla_decode calls with adversarial lengths and block tables, small enough to
-run under `compute-sanitizer --tool memcheck` (any out-of-bounds read in the kernels is reported there)."""
+"""Paged, contiguous, layer-stacked and FP8 mla_decode calls with adversarial lengths and block tables, and sparse
+(top-k) decode and prefill calls with adversarial indices, small enough to run under
+`compute-sanitizer --tool memcheck` (any out-of-bounds read in the kernels is reported there)."""
 import jax
 import jax.numpy as jnp
 
@@ -28,6 +29,27 @@ fp8_pages = jnp.concatenate([fp8_pages, half[None], jnp.full((1,) + fp8_pages.sh
 fp8_table = table.at[:, 1].set(fp8_pages.shape[0] - 2).at[:, 2].set(fp8_pages.shape[0] - 1)
 fp8_lengths = jnp.asarray([0, -7, 1, 64 + 36], jnp.int32)       # the last one ends in the half-used page
 fp8 = fm.mla_decode(q, fp8_pages, fp8_lengths, fp8_table, kv_format="fp8_blockscale", implementation="triton")
-outs = (out, paged, scheduled, scheduled_paged, *stacked, fp8)
+# Sparse decode over that FP8 pool: -1, negative, past-the-pool and extreme indices, a slot into the garbage pages,
+# topk_length 0 for one sequence and past topk for another; one split, a few (merged in the kernel) and many
+# (the combine kernel); a stacked pool at traced layers out of range.
+num_tokens = fp8_pages.shape[0] * page
+bad = jnp.asarray([-1, -7, num_tokens, num_tokens + 1, 2 ** 31 - 1, -(2 ** 31)], jnp.int32)
+spare = (fp8_pages.shape[0] - 1) * page + 3                       # a token of the 0xFF page (valid, NaN bytes)
+good = jax.random.randint(jax.random.PRNGKey(2), (b, 2, 24 * 64), 0, 5 * page, jnp.int32)
+sparse_idx = good.at[:, :, ::5].set(jnp.tile(bad, 24 * 64 // 5 // 6 + 1)[: (24 * 64 + 4) // 5])
+sparse_idx = sparse_idx.at[3, :, -64:].set(spare)                 # read only by the last sequence, past its length
+topk_length = jnp.asarray([0, 24 * 64, 10 ** 6, 24 * 64 - 64], jnp.int32)
+sparse = [fm.mla_decode_sparse(q, fp8_pages, sparse_idx, topk_length, kv_format="fp8_blockscale", num_splits=s,
+                               implementation="triton")[0] for s in (1, 3, 20)]
+sparse_bf16 = fm.mla_decode_sparse(q, pages, sparse_idx, topk_length, implementation="triton")[0]
+at_sparse_layer = jax.jit(lambda i: fm.mla_decode_sparse(q, jnp.stack([pages, -pages]), sparse_idx, layer=i,
+                                                        implementation="triton")[0])
+sparse_stacked = [at_sparse_layer(jnp.int32(i)) for i in (-1, 2)]
+# Sparse prefill: 8 tokens over the bf16 latents as a flat kv, the same kinds of bad indices, topk_length 0 for one.
+kv_flat = kv.reshape(-1, 576)
+prefill_idx = sparse_idx[:, 0].reshape(8, -1) % (2 * kv_flat.shape[0]) - 3       # some past N, some negative
+prefill = fm.mla_prefill_sparse(q.reshape(8, 16, 576), kv_flat, prefill_idx, jnp.arange(8, dtype=jnp.int32) * 100,
+                                implementation="triton")
+outs = (out, paged, scheduled, scheduled_paged, *stacked, fp8, *sparse, sparse_bf16, *sparse_stacked, prefill[0])
 jax.block_until_ready(outs)
 print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs))
