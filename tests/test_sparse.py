@@ -472,11 +472,14 @@ def test_gpu_sparse_decode(b, s_q, h, kv_format):
 
 
 @pytest.mark.gpu
-def test_gpu_sparse_decode_stacked_under_jit():
+def test_gpu_sparse_decode_stacked_is_refused():
+    """A stacked FP8 pool under jit gave a wrong answer on the H200 (rel_err 0.43 against xla on stack[1]) where
+    the interpreter's agree: the GPU path refuses stacked pools, saying what runs them, until that is found."""
     q, pool, idx = _deepseek_decode(8, 1, 128, FP8)
     stack = jnp.stack([pool, pool[::-1]])
     f = jax.jit(lambda i: fm.mla_decode_sparse(q, stack, idx, kv_format=FP8, layer=i, implementation="triton"))
-    _check(f(jnp.int32(1)), fm.mla_decode_sparse(q, stack[1], idx, kv_format=FP8, implementation="xla"))
+    with pytest.raises(ValueError, match="stacked pool .* implementation='xla'"):
+        f(jnp.int32(1))
 
 
 @pytest.mark.gpu
