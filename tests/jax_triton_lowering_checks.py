@@ -59,7 +59,7 @@ def main() -> None:
     import numpy as np
 
     from flashmla_jax.ops import _jax_triton_hooks, _launch
-    from gluon_kernels_for_checks import descriptor_scale_kernel, gluon_scale_kernel
+    from launch_kernels_for_checks import descriptor_scale_kernel, gluon_scale_kernel
 
     def lower(fn, *args):
         return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()

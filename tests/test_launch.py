@@ -15,7 +15,7 @@ import pytest
 from flashmla_jax.ops import _jax_triton_hooks as hooks
 from flashmla_jax.ops._launch import launch
 from _util import subprocess_env
-from gluon_kernels_for_checks import descriptor_scale_kernel, gluon_scale_kernel
+from launch_kernels_for_checks import descriptor_scale_kernel, gluon_scale_kernel, helper_scale_kernel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -37,6 +37,21 @@ def _scale_with_gluon(x, scale, implementation):
 def test_interpreter_runs_tensor_descriptors():
     x = jax.random.normal(jax.random.PRNGKey(0), (64, 128), jnp.float32)
     np.testing.assert_array_equal(_scale_through_descriptors(x, "interpret"), 2 * x)
+
+
+def test_interpreted_helpers_leave_triton_language_as_it_was():
+    """An interpreted kernel that calls a @triton.jit helper leaves tl's builtins unpatched, so a kernel compiled
+    afterwards in the same process compiles (Triton 3.6's interpreter alone leaves them bound to itself)."""
+    import triton.language as tl
+
+    from flashmla_jax.kernels import _compile
+
+    x = jax.random.normal(jax.random.PRNGKey(3), (64,), jnp.float32)
+    (y,) = launch(helper_scale_kernel, x, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)], grid=(1,),
+                  implementation="interpret", N=64)
+    np.testing.assert_array_equal(y, 2 * x)
+    assert tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.core.tensor.__add__)
+    _compile.compile_for_hopper(helper_scale_kernel, dict(x_ptr="fp32", y_ptr="fp32"), dict(N=64), num_warps=4)
 
 
 def test_interpreter_refuses_gluon_kernels():

@@ -102,7 +102,7 @@ def _interpreting_jit_calls():
         original_call = JITFunction.__call__
         original_dot = interpreter.InterpreterBuilder.create_dot
         original_cast = interpreter.InterpreterBuilder.cast_impl
-        JITFunction.__call__ = lambda self, *args, **kwargs: _interpreted(self)(*args, **kwargs)
+        JITFunction.__call__ = _call_interpreted
         interpreter.InterpreterBuilder.create_dot = _bf16_aware_dot(original_dot)
         interpreter.InterpreterBuilder.cast_impl = _bf16_rounding_cast(original_cast)
         try:
@@ -111,6 +111,23 @@ def _interpreting_jit_calls():
             JITFunction.__call__ = original_call
             interpreter.InterpreterBuilder.create_dot = original_dot
             interpreter.InterpreterBuilder.cast_impl = original_cast
+
+
+def _call_interpreted(jit_fn, *args, **kwargs):
+    """A @triton.jit helper called from an interpreted kernel, run by the interpreter with triton.language patched
+    for the call only. Triton 3.6's `InterpretedFunction.__call__` patches it and never restores it, which leaves
+    tl's builtins bound to the interpreter: a kernel compiled later in the same process (a Gluon compile, an sm_90
+    compile check) then fails in code generation."""
+    from triton.runtime import interpreter
+
+    fn = _interpreted(jit_fn)
+    scope = interpreter._patch_lang(fn.fn)
+    try:
+        return fn.rewrite()(*args, **kwargs)
+    except Exception as e:
+        raise interpreter.InterpreterError(repr(e)) from e
+    finally:
+        scope.restore()
 
 
 def _bf16_aware_dot(original_dot):

@@ -1,5 +1,6 @@
-"""Small kernels that exercise the launch seam: device-side tensor descriptors in plain tl, and a Gluon kernel
-with TMA, an mbarrier and warp specialization (so its compiled warp count exceeds the launch's num_warps)."""
+"""Small kernels that exercise the launch seam: device-side tensor descriptors in plain tl, a tl kernel that calls
+a @triton.jit helper, and a Gluon kernel with TMA, an mbarrier and warp specialization (so its compiled warp count
+exceeds the launch's num_warps)."""
 import triton
 import triton.language as tl
 from triton.experimental import gluon
@@ -15,6 +16,18 @@ def descriptor_scale_kernel(x_ptr, y_ptr, M: tl.constexpr, N: tl.constexpr, BLOC
     src = tl.make_tensor_descriptor(x_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     dst = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N])
     dst.store([m, n], src.load([m, n]) * 2)
+
+
+@triton.jit
+def _doubled(x):
+    return x * 2
+
+
+@triton.jit
+def helper_scale_kernel(x_ptr, y_ptr, N: tl.constexpr):
+    """y = 2 x through a @triton.jit helper: x, y [N], one program."""
+    offs = tl.arange(0, N)
+    tl.store(y_ptr + offs, _doubled(tl.load(x_ptr + offs)))
 
 
 @gluon.jit
