@@ -39,19 +39,26 @@ def test_interpreter_runs_tensor_descriptors():
     np.testing.assert_array_equal(_scale_through_descriptors(x, "interpret"), 2 * x)
 
 
-def test_interpreted_helpers_leave_triton_language_as_it_was():
-    """An interpreted kernel that calls a @triton.jit helper leaves tl's builtins unpatched, so a kernel compiled
-    afterwards in the same process compiles (Triton 3.6's interpreter alone leaves them bound to itself)."""
-    import triton.language as tl
-
+def test_interpreted_kernels_leave_triton_language_as_it_was(monkeypatch, tmp_path):
+    """After interpreted kernels that call @triton.jit helpers (the decode kernels'), a kernel compiled in the same
+    process compiles: the interpreter's patches of triton.language are undone (Triton 3.6's interpreter alone
+    leaves some of them bound to itself, and a Gluon compile then fails in code generation). The compile cache is
+    a fresh folder, so the compile runs."""
+    import flashmla_jax as fm
     from flashmla_jax.kernels import _compile
 
-    x = jax.random.normal(jax.random.PRNGKey(3), (64,), jnp.float32)
-    (y,) = launch(helper_scale_kernel, x, out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)], grid=(1,),
-                  implementation="interpret", N=64)
-    np.testing.assert_array_equal(y, 2 * x)
-    assert tl.core.is_builtin(tl.program_id) and tl.core.is_builtin(tl.core.tensor.__add__)
-    _compile.compile_for_hopper(helper_scale_kernel, dict(x_ptr="fp32", y_ptr="fp32"), dict(N=64), num_warps=4)
+    q = jax.random.normal(jax.random.PRNGKey(3), (2, 1, 16, 576), jnp.float32)
+    kv = jax.random.normal(jax.random.PRNGKey(4), (2, 128, 576), jnp.float32)
+    out = fm.mla_decode(q, kv, jnp.asarray([128, 7], jnp.int32), num_splits=2, implementation="interpret")
+    assert np.all(np.isfinite(np.asarray(out)))
+    (y,) = launch(helper_scale_kernel, q.reshape(-1)[:64], out_shape=[jax.ShapeDtypeStruct((64,), jnp.float32)],
+                  grid=(1,), implementation="interpret", N=64)
+    np.testing.assert_array_equal(y, 2 * q.reshape(-1)[:64])
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    compiled = _compile.compile_for_hopper(gluon_scale_kernel, dict(x_ptr="bf16", y_ptr="bf16"),
+                                           dict(M=256, N=512, BLOCK_M=64, BLOCK_N=256), num_warps=4,
+                                           scalar_types=dict(scale="fp32"))
+    assert _compile.facts(compiled).count("UTMALDG") > 0
 
 
 def test_interpreter_refuses_gluon_kernels():
