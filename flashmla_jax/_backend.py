@@ -1,11 +1,11 @@
-"""Which implementation runs a call: "triton" (GPU), "xla" (jnp reference) or "interpret" (Triton on CPU)."""
+"""What the machine offers the implementations: a CUDA GPU and its compute capability, and the SM count the
+decode schedule plans for (which implementation runs a call is ops/_registry.py's choice)."""
 from __future__ import annotations
 
 import functools
 
 import jax
 
-from flashmla_jax import _checks
 
 # Triton's interpreter has no SMs; plans made for it assume an H100 SXM's 132 so that the interpreted kernels
 # run the schedule the GPU would (tests set their own count where the schedule is the point).
@@ -30,20 +30,6 @@ def cuda_compute_capability() -> tuple[int, int] | None:
     text = str(getattr(jax.devices()[0], "compute_capability", "") or "")
     major, _, minor = text.partition(".")
     return (int(major), int(minor or 0)) if major.isdigit() else None
-
-
-def resolve_implementation(implementation: str | None) -> str:
-    """Maps the user's `implementation` to one of _checks.IMPLEMENTATIONS.
-
-    None means "triton" on a CUDA device and "xla" elsewhere. Asking for "triton" without a CUDA device
-    is an error, never a silent fallback.
-    """
-    if _checks.implementation(implementation) is None:
-        return "triton" if has_cuda_gpu() else "xla"
-    if implementation == "triton" and not has_cuda_gpu():
-        raise ValueError('implementation="triton" needs a CUDA GPU as JAX\'s default backend; '
-                         'use "interpret" to run the Triton kernels on the CPU, or "xla"')
-    return implementation
 
 
 def num_sms(implementation: str) -> int:

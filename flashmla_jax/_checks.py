@@ -50,7 +50,8 @@ def optional_integer(name: str, value, lo: int | None = None, hi: int | None = N
 
 
 def implementation(value) -> str | None:
-    """None or one of IMPLEMENTATIONS (which one a call runs is _backend.resolve_implementation's job)."""
+    """None or one of IMPLEMENTATIONS, the names every op takes (which code runs a call is the op's registry's
+    choice, ops/_registry.py; mla_decode also takes "gluon")."""
     if value is not None and not isinstance(value, str):
         raise TypeError(f"implementation must be one of {IMPLEMENTATIONS} or None, got {type(value).__name__}")
     if value is not None and value not in IMPLEMENTATIONS:

@@ -111,7 +111,7 @@ def test_split_head_dim():
     (lambda a: {**a, "segment_ids": jnp.zeros((2, 7), jnp.int32)}, ValueError, "segment_ids"),
     (lambda a: {**a, "softmax_scale": True}, TypeError, "softmax_scale"),
     (lambda a: {**a, "implementation": "cuda"}, ValueError, "implementation must be"),
-    pytest.param(lambda a: {**a, "implementation": "triton"}, ValueError, "needs a CUDA GPU", marks=pytest.mark.no_gpu),
+    pytest.param(lambda a: {**a, "implementation": "triton"}, ValueError, "need a CUDA GPU as JAX.s default backend", marks=pytest.mark.no_gpu),
     (lambda a: {**a, "v": a["v"][..., :24], "implementation": "interpret"}, ValueError, "d_v"),
     (lambda a: {**a, "q": jnp.zeros((2, 8, 4, 272)), "k": jnp.zeros((2, 8, 4, 272)),
                 "implementation": "interpret"}, ValueError, "d_qk"),

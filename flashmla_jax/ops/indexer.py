@@ -21,9 +21,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashmla_jax import _checks, reference
-from flashmla_jax._backend import num_sms, resolve_implementation
+from flashmla_jax._backend import num_sms
 from flashmla_jax.fp8 import INDEX_KEY_DIM, _from_e4m3_bytes, dequantize_index_keys, quantize_index_tokens
 from flashmla_jax.ops._launch import launch
+from flashmla_jax.ops._registry import Implementation, Registry, TritonRunner
 from flashmla_jax.ops.decode import FP8_NATIVE, _pow2_at_least, index_layer
 
 MAX_KERNEL_HEADS = 128           # the score kernel's dot is [BLOCK_N, QG * H]: at most 128 columns
@@ -73,13 +74,6 @@ def _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format, st
     if rows * page_size > _INT32_MAX:
         raise ValueError(f"num_blocks * page_size ({rows * page_size}) must fit int32 pool indices")
     return block_table.shape[1] * page_size, page_size, rows
-
-
-def _check_kernel_heads(h: int, d: int):
-    if h > MAX_KERNEL_HEADS:
-        raise ValueError(f"the Triton kernels take at most {MAX_KERNEL_HEADS} index heads, got H={h}")
-    if d != INDEX_KEY_DIM:
-        raise ValueError(f"the Triton kernels take index heads of D={INDEX_KEY_DIM}, got D={d}")
 
 
 def _num_layers(k_cache, kv_format) -> int | None:
@@ -355,12 +349,67 @@ def _clamped(block_table, num_blocks):
     return None if block_table is None else jnp.clip(block_table, 0, num_blocks - 1)
 
 
-def _implementation(implementation, q) -> str:
-    """The implementation a call runs ("triton", "interpret" or "xla"), the kernels' shape limits checked."""
-    impl = resolve_implementation(implementation)
-    if impl != "xla":
-        _check_kernel_heads(q.shape[2], q.shape[3])
-    return impl
+@dataclasses.dataclass(frozen=True)
+class IndexerCall:
+    """The static facts of one indexer call that decide which implementation can run it."""
+    heads: int
+    dim: int
+
+
+class IndexerImplementation(Implementation[IndexerCall]):
+    """run(q, weights, k_cache, cache_seqlens, block_table, layer, *, capacity, page_size, num_blocks, kv_format,
+    topk, return_scores): the scores [B, S_q, N] (topk None) or the top-k pool indices [B, S_q, topk] (and their
+    scores with return_scores)."""
+
+    def run(self, q, weights, k_cache, cache_seqlens, block_table, layer, *, capacity, page_size, num_blocks,
+            kv_format, topk, return_scores):
+        raise NotImplementedError
+
+
+class XlaIndexer(IndexerImplementation):
+    """The jnp reference: the layer's keys dequantized (FP8 queries rounded as the kernels round them), the
+    scores, and the ranked top-k."""
+    name = "xla"
+
+    def unsupported(self, call: IndexerCall) -> str | None:
+        return None
+
+    def run(self, q, weights, k_cache, cache_seqlens, block_table, layer, *, capacity, page_size, num_blocks,
+            kv_format, topk, return_scores):
+        q_x, w_x, keys = _xla_inputs(q, weights, k_cache, layer, kv_format)
+        table = _clamped(block_table, num_blocks)
+        scores = reference.indexer_scores_reference(q_x, w_x, keys, cache_seqlens, table)
+        if topk is None:
+            return scores
+        limits = reference.visible_key_limits(cache_seqlens, capacity, q.shape[1], causal=True)
+        idx, vals = reference.indexer_topk_reference(scores, limits, topk, table, page_size)
+        return (idx, vals) if return_scores else idx
+
+
+class TritonIndexer(TritonRunner, IndexerImplementation):
+    """The score kernel and the radix-select top-k (kernels/indexer.py) through jax-triton on a CUDA GPU (runner
+    "triton") or Triton's interpreter ("interpret"); `indexer_tiles` picks their tiles."""
+
+    def unsupported(self, call: IndexerCall) -> str | None:
+        if call.heads > MAX_KERNEL_HEADS:
+            return f"the Triton kernels take at most {MAX_KERNEL_HEADS} index heads, got H={call.heads}"
+        if call.dim != INDEX_KEY_DIM:
+            return f"the Triton kernels take index heads of D={INDEX_KEY_DIM}, got D={call.dim}"
+        return self.runner_unsupported()
+
+    def run(self, q, weights, k_cache, cache_seqlens, block_table, layer, *, capacity, page_size, num_blocks,
+            kv_format, topk, return_scores):
+        b, s_q = q.shape[:2]
+        tiles = indexer_tiles(b, s_q, q.shape[2], capacity, q.dtype, kv_format is not None, num_sms(self.name))
+        kw = dict(kv_format=kv_format, layer=layer, implementation=self.name)
+        if topk is None:
+            return scores_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, **kw)
+        return topk_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, topk=topk,
+                               return_scores=return_scores, **kw)
+
+
+INDEXER = Registry("lightning indexer", {"triton": (TritonIndexer("triton"),), "xla": (XlaIndexer(),),
+                                         "interpret": (TritonIndexer("interpret"),)})
 
 
 # ---------------------------------------------------------------- public
@@ -446,23 +495,9 @@ def _indexer_topk(q, weights, k_cache, cache_seqlens, block_table, layer, topk, 
 
 def _run(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, implementation, topk=None,
          return_scores=False):
-    """The dispatch: the reference ("xla") or the kernels, for the scores (topk None) or the top-k."""
+    """The dispatch: the implementation INDEXER selects, for the scores (topk None) or the top-k."""
     capacity, page_size, num_blocks = _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format,
                                                     layer is not None)
-    impl = _implementation(implementation, q)
-    b, s_q = q.shape[:2]
-    if impl == "xla":
-        q_x, w_x, keys = _xla_inputs(q, weights, k_cache, layer, kv_format)
-        table = _clamped(block_table, num_blocks)
-        scores = reference.indexer_scores_reference(q_x, w_x, keys, cache_seqlens, table)
-        if topk is None:
-            return scores
-        limits = reference.visible_key_limits(cache_seqlens, capacity, s_q, causal=True)
-        idx, vals = reference.indexer_topk_reference(scores, limits, topk, table, page_size)
-        return (idx, vals) if return_scores else idx
-    tiles = indexer_tiles(b, s_q, q.shape[2], capacity, q.dtype, kv_format is not None, num_sms(impl))
-    kw = dict(kv_format=kv_format, layer=layer, implementation=impl)
-    if topk is None:
-        return scores_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, **kw)
-    return topk_with_tiles(tiles, q, weights, k_cache, cache_seqlens, block_table, topk=topk,
-                           return_scores=return_scores, **kw)
+    impl = INDEXER.select(implementation, IndexerCall(q.shape[2], q.shape[3]))
+    return impl.run(q, weights, k_cache, cache_seqlens, block_table, layer, capacity=capacity, page_size=page_size,
+                    num_blocks=num_blocks, kv_format=kv_format, topk=topk, return_scores=return_scores)

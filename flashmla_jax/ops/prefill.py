@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashmla_jax import _checks, reference
-from flashmla_jax._backend import resolve_implementation
 from flashmla_jax.ops._launch import launch
+from flashmla_jax.ops._registry import Implementation, Registry, TritonRunner
 from flashmla_jax.ops.prefill_partition import partition_prefill
 
 MAX_HEAD_DIM = 256
@@ -30,12 +30,6 @@ def _check_inputs(q, k, v, segment_ids):
         raise ValueError(f"v must be [B={b}, S={s}, H_kv={k.shape[2]}, d_v], got shape {v.shape}")
     if segment_ids is not None:
         _checks.int32_array("segment_ids", segment_ids, (b, s), f"None or int32 [B={b}, S={s}]")
-
-
-def _check_kernel_dims(d_qk: int, d_v: int):
-    for name, d in (("d_qk", d_qk), ("d_v", d_v)):
-        if d % 16 or not 16 <= d <= MAX_HEAD_DIM:
-            raise ValueError(f"the Triton kernels need {name} to be a multiple of 16 in [16, {MAX_HEAD_DIM}], got {d}")
 
 
 def split_head_dim(d: int) -> tuple[int, int, bool]:
@@ -309,15 +303,59 @@ def mla_prefill(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True, s
     batching rule, so vmap over the kernels is not supported (fold the batch into B).
     """
     _check_inputs(q, k, v, segment_ids)
-    impl = resolve_implementation(implementation)
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
-    if impl == "xla":
-        out, lse = reference.mla_prefill_reference(q, k, v, softmax_scale=scale, causal=causal,
-                                                   segment_ids=segment_ids)
-    else:
-        _check_kernel_dims(q.shape[-1], v.shape[-1])
-        if not scale > 0:
-            raise ValueError(f"the Triton kernels need softmax_scale > 0, got {scale}")
-        plan = plan_prefill(q.shape, k.shape, v.shape, q.dtype, causal, segment_ids is not None, impl)
-        out, lse = prefill_with_plan(plan, q, k, v, scale, segment_ids)
+    impl = PREFILL.select(implementation, PrefillCall(q.shape[-1], v.shape[-1], scale))
+    out, lse = impl.prefill(q, k, v, segment_ids, scale=scale, causal=causal)
     return (out, lse) if return_lse else out
+
+
+# ---------------------------------------------------------------- the implementations and their registry
+
+
+@dataclasses.dataclass(frozen=True)
+class PrefillCall:
+    """The static facts of one prefill call that decide which implementation can run it."""
+    d_qk: int
+    d_v: int
+    scale: float
+
+
+class PrefillImplementation(Implementation[PrefillCall]):
+    """prefill(q, k, v, segment_ids, *, scale, causal) -> (out [B, S, H, d_v], lse [B, S, H] float32),
+    differentiable in q, k and v."""
+
+    def prefill(self, q, k, v, segment_ids, *, scale, causal):
+        raise NotImplementedError
+
+
+class XlaPrefill(PrefillImplementation):
+    """The jnp reference (any widths and scales), differentiated by JAX."""
+    name = "xla"
+
+    def unsupported(self, call: PrefillCall) -> str | None:
+        return None
+
+    def prefill(self, q, k, v, segment_ids, *, scale, causal):
+        return reference.mla_prefill_reference(q, k, v, softmax_scale=scale, causal=causal, segment_ids=segment_ids)
+
+
+class TritonPrefill(TritonRunner, PrefillImplementation):
+    """The tl forward and backward kernels (kernels/prefill.py) through jax-triton on a CUDA GPU (runner
+    "triton") or Triton's interpreter ("interpret"), differentiated by their custom_vjp; `prefill_tiles` picks
+    their tiles."""
+
+    def unsupported(self, call: PrefillCall) -> str | None:
+        for name, d in (("d_qk", call.d_qk), ("d_v", call.d_v)):
+            if d % 16 or not 16 <= d <= MAX_HEAD_DIM:
+                return f"the Triton kernels need {name} to be a multiple of 16 in [16, {MAX_HEAD_DIM}], got {d}"
+        if not call.scale > 0:
+            return f"the Triton kernels need softmax_scale > 0, got {call.scale}"
+        return self.runner_unsupported()
+
+    def prefill(self, q, k, v, segment_ids, *, scale, causal):
+        plan = plan_prefill(q.shape, k.shape, v.shape, q.dtype, causal, segment_ids is not None, self.name)
+        return prefill_with_plan(plan, q, k, v, scale, segment_ids)
+
+
+PREFILL = Registry("mla_prefill", {"triton": (TritonPrefill("triton"),), "xla": (XlaPrefill(),),
+                                   "interpret": (TritonPrefill("interpret"),)})
