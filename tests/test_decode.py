@@ -351,3 +351,32 @@ def test_grad_raises_clear_error():
     q, kv, sl = make_inputs(32, 2, 1, 4, SMALL["d"], 32, jnp.float32, [7, 32])
     with pytest.raises(TypeError, match="inference-only"):
         jax.grad(lambda q: fm.mla_decode(q, kv, sl, head_dim_v=64).sum())(q)
+
+
+def test_triton_takes_the_gluon_kernel_where_it_is_faster(monkeypatch):
+    """On a Hopper GPU (faked here: the choice is static), "triton" runs the Gluon kernel for more than 32 query
+    rows and for fewer when the static schedule splits each sequence 2-8 ways, the tl kernels otherwise; "gluon"
+    runs it wherever it can and says why where it cannot."""
+    from flashmla_jax.ops import _registry
+    from flashmla_jax.ops import decode as ops
+
+    monkeypatch.setattr(ops, "cuda_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(ops, "num_sms", lambda runner: 132)
+    monkeypatch.setattr(_registry, "has_cuda_gpu", lambda: True)
+
+    def chosen(b, s_q, h, n, page_size=None, dtype=jnp.bfloat16, kv_format=None, implementation="triton"):
+        return ops.DECODE.select(implementation, ops.DecodeCall((b, s_q, h, 576), dtype, 512, page_size, kv_format, n))
+
+    assert chosen(128, 1, 128, 4096).name == "gluon"                 # D5
+    assert chosen(64, 2, 128, 8192).name == "gluon"                  # D6
+    assert chosen(1, 1024, 16, 16384).name == "gluon"                # C1
+    assert chosen(64, 1, 16, 16384).name == "gluon"                  # D2: two splits a sequence
+    assert chosen(64, 1, 16, 16384, page_size=64).name == "gluon"    # D2-paged
+    assert chosen(128, 1, 16, 4096).name == "triton"                 # D1: one split
+    assert chosen(1, 1, 16, 65536).name == "triton"                  # D3: 128 splits
+    assert chosen(128, 1, 128, 4096, page_size=16).name == "triton"  # pages below 64 tokens
+    assert chosen(128, 1, 128, 4096, dtype=jnp.float32).name == "triton"
+    assert chosen(128, 1, 128, 4096, kv_format="fp8_blockscale").name == "triton"
+    assert chosen(128, 1, 16, 4096, implementation="gluon").name == "gluon"
+    with pytest.raises(ValueError, match="implementation='gluon' cannot run this call: .*page_size 16 < 64.*'triton'"):
+        chosen(128, 1, 128, 4096, page_size=16, implementation="gluon")

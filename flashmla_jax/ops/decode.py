@@ -338,6 +338,7 @@ class DecodeCall:
     head_dim_v: int
     page_size: int | None     # None: a contiguous cache
     kv_format: str | None
+    capacity: int             # keys a sequence can hold: N, or max_blocks * page_size
 
     @property
     def rows(self) -> int:
@@ -400,14 +401,17 @@ class GluonDecode(DecodeImplementation):
     through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), DeepSeek's 512 + 64
     latent, pages of 64 tokens or more.
 
-    min_rows: the fewest query rows (S_q * H) it takes. Under "triton" it takes the 64-row tile class (more
-    than 32 rows), where it runs 1.46-1.63x the tl kernel on the H200; at 16 rows, bound by reading the cache,
-    the tl kernel was as fast or faster (benchmarks/NOTES.md). "gluon" takes every row count."""
+    every_call: False under "triton": there it takes the 64-row tile class (more than 32 query rows, S_q * H),
+    where it ran 1.46-1.63x the tl kernel on the H200, and fewer rows only when the static schedule splits each
+    sequence NARROW_SPLITS ways (D2-like rows: 0.301 against 0.329 ms; both kernels then merge partials and its
+    loop is faster). With one split the tl kernel merges nothing where this one still launches the combine
+    (D1: 0.174 against 0.164 ms), and with many its fixed start per program shows (D3: 0.043 against 0.032 ms;
+    benchmarks/NOTES.md). True under "gluon": every call it can run."""
 
     name = "gluon"
 
-    def __init__(self, min_rows: int = 1):
-        self.min_rows = min_rows
+    def __init__(self, every_call: bool):
+        self.every_call = every_call
 
     def unsupported(self, call: DecodeCall) -> str | None:
         capability = cuda_compute_capability()
@@ -421,9 +425,11 @@ class GluonDecode(DecodeImplementation):
             return f"the Gluon kernels take 512 + 64 latents, not {call.head_dim_v} + {call.d_r}"
         if call.page_size is not None and call.page_size < GluonDecodeTiles.block_n:
             return f"the Gluon kernels read 64-token blocks of one page: page_size {call.page_size} < 64"
-        if call.rows < self.min_rows:
-            return (f"{call.rows} query rows (S_q * H): below {self.min_rows}, the tl kernel is as fast or faster "
-                    "(benchmarks/NOTES.md)")
+        if not self.every_call and call.rows < WIDE_ROWS:
+            splits = choose_num_splits(call.q_shape[0], 1, call.capacity, GluonDecodeTiles.block_n, num_sms("triton"))
+            if splits not in NARROW_SPLITS:
+                return (f"{call.rows} query rows (S_q * H) split {splits} ways: the tl kernel is as fast or faster "
+                        "there (benchmarks/NOTES.md)")
         return None
 
     def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
@@ -446,11 +452,13 @@ def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
     return None
 
 
-# "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, the tl kernels for the rest.
+# "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, and for fewer rows when the static schedule
+# splits each sequence a few ways; the tl kernels for the rest.
 WIDE_ROWS = 33
+NARROW_SPLITS = range(2, 9)
 DECODE = Registry("mla_decode", {
-    "triton": (GluonDecode(min_rows=WIDE_ROWS), TritonDecode("triton")),
-    "gluon": (GluonDecode(),),
+    "triton": (GluonDecode(every_call=False), TritonDecode("triton")),
+    "gluon": (GluonDecode(every_call=True),),
     "xla": (XlaDecode(),),
     "interpret": (TritonDecode("interpret"),),
 })
@@ -527,7 +535,8 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     head_dim_v = int(head_dim_v)
     num_splits = None if num_splits is None else int(num_splits)     # NumPy integers too
     page_size = None if block_table is None else kv_cache.shape[-2]
-    impl = DECODE.select(implementation, DecodeCall(q.shape, q.dtype, head_dim_v, page_size, kv_format))
+    capacity = kv_cache.shape[-2] if block_table is None else page_size * block_table.shape[1]
+    impl = DECODE.select(implementation, DecodeCall(q.shape, q.dtype, head_dim_v, page_size, kv_format, capacity))
 
     def decode(q, kv_cache, cache_seqlens, block_table, causal, layer, kv_scale):
         return impl.decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v=head_dim_v,
