@@ -1,4 +1,4 @@
-"""Compiles the decode split kernel (or the sparse kernel) for sm_90 on this machine (no GPU needed: through
+"""Compiles the decode split kernel (or the Hopper Gluon decode kernel, or the sparse kernel) for sm_90 on this machine (no GPU needed: through
 flashmla_jax/kernels/_compile.py) and reports, per config, what the compiler made of it: registers, stack (spills),
 shared memory, the matrix instructions and the barriers in the SASS (counted over the whole kernel). This is how
 the 64-row tiles' duplicated QK^T was found: 76 HGMMA in the kernel's loop, 40 once each warp group computes its
@@ -11,6 +11,7 @@ half (benchmarks/NOTES.md).
     python benchmarks/compile_report.py --sparse --shape 128,2,128,2048,4194304 --kv-format fp8_blockscale  # S1
     python benchmarks/compile_report.py --sparse --prefill --shape 4096,1,128,2048,32768                     # SP
     python benchmarks/compile_report.py --indexer             # the lightning indexer's launches at row I1
+    python benchmarks/compile_report.py --gluon --shape 128,1,128,4096                # the Hopper kernel at D5
 
 --shape is B,S_q,H,N (contiguous cache, D 576, V 512); with --sparse B,S_q,H,topk,pool tokens (--prefill: the
 prefill's max_logits output; B is then T); --configs as profile_decode.py's.
@@ -29,6 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import common  # noqa: E402
 from flashmla_jax.kernels import _compile  # noqa: E402
 from flashmla_jax.kernels import decode as kernels  # noqa: E402
+from flashmla_jax.kernels import gluon_decode  # noqa: E402
 from flashmla_jax.kernels import sparse as sparse_kernels  # noqa: E402
 from flashmla_jax.ops import decode as decode_ops  # noqa: E402
 from flashmla_jax.ops import sparse as sparse_ops  # noqa: E402
@@ -50,6 +52,21 @@ def compile_split_kernel(shape, dtype, tiles, kv_format=None):
                          table_ptr="i32", layer_ptr="i32", kv_scale_ptr="fp32" if kv_format else "i32",
                          splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
     return _compile.compile_for_hopper(kernels.mla_decode_split_kernel, pointer_types, plan.constexprs,
+                                       plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
+
+
+def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None):
+    """(compiled kernel, plan) of the Hopper Gluon decode kernel (kernels/gluon_decode.py) for shape
+    (B, S_q, H, N), planned as its implementation plans it (GluonDecodeTiles; pages of 64 when paged)."""
+    b, s_q, h, n = shape
+    kv_shape = (b * n // 64, 64, 576) if paged else (b, n, 576)
+    plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, causal, kv_shape, (b, n // 64) if paged else None,
+                                  num_splits, H100_SMS, tiles=decode_ops.GluonDecodeTiles(), num_layers=layers)
+    t = _TRITON_TYPES[dtype]
+    pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32",
+                         kv_scale_ptr="i32", splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32",
+                         lse_part_ptr="fp32")
+    return _compile.compile_for_hopper(gluon_decode.mla_decode_gluon_kernel, pointer_types, plan.constexprs,
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
 
@@ -90,6 +107,9 @@ def main():
     parser.add_argument("--indexer", action="store_true", help="the lightning indexer's launches at row I1 (bf16 and "
                         "fp8_paged keys) instead of the decode kernel")
     parser.add_argument("--sparse", action="store_true", help="the sparse (top-k) kernel instead of the split kernel")
+    parser.add_argument("--gluon", action="store_true", help="the Hopper Gluon decode kernel instead of the split "
+                        "kernel (--paged: pages of 64 tokens)")
+    parser.add_argument("--paged", action="store_true", help="with --gluon: a paged cache")
     parser.add_argument("--prefill", action="store_true", help="with --sparse: mla_prefill_sparse's variant")
     args = parser.parse_args()
     if args.indexer:
@@ -104,12 +124,15 @@ def main():
     shape = tuple(int(v) for v in args.shape.split(","))
     dtype = getattr(jnp, args.dtype)
     for tiles in common.parse_decode_configs(args.configs) if args.configs else [None]:
-        if args.sparse:
+        if args.gluon:
+            compiled, plan = compile_gluon_kernel(shape, dtype, args.paged)
+        elif args.sparse:
             compiled, plan = compile_sparse_kernel(shape, dtype, args.kv_format, args.prefill, tiles)
         else:
             compiled, plan = compile_split_kernel(shape, dtype, tiles, args.kv_format)
         options = {k: int(v) for k, v in plan.constexprs.items() if k in ("UNCHAIN_SCORES", "SPLIT_MASKED", "LATE_ROW_SUM")}
-        label = (f"BM {plan.constexprs['BLOCK_M']} BN {plan.constexprs['BLOCK_N']} warps {plan.num_warps} "
+        block_m = plan.constexprs.get("BLOCK_M", decode_ops.GluonDecodeTiles.block_m)     # Gluon: fixed
+        label = (f"BM {block_m} BN {plan.constexprs['BLOCK_N']} warps {plan.num_warps} "
                  f"stages {plan.num_stages} {options}")
         print(f"{label:95} {report(compiled, args.dump)}", flush=True)
 
