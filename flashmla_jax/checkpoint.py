@@ -10,8 +10,9 @@ weights, [out, in]:
 (each name + ".weight"), and for DeepSeek-V3.2 (config.has_indexer) the lightning indexer's, under `indexer.`:
   indexer.wq_b [H_I·D_I, Q], indexer.wk [D_I, M], indexer.k_norm (LayerNorm: .weight and .bias [D_I]),
   indexer.weights_proj [H_I, M]
-read into index_wq_b [Q, H_I, D_I], index_wk [M, D_I], index_k_norm, index_k_norm_bias, index_weights_proj [M, H_I]. `flashmla_jax.config.param_shapes` names the other side: each Linear is transposed
-and its head axis split out (wq [M, H, Dn+R], wq_a [M, Q], q_norm [Q], wq_b [Q, H, Dn+R], wkv_a [M, C+R],
+read into index_wq_b [Q, H_I, D_I], index_wk [M, D_I], index_k_norm, index_k_norm_bias, index_weights_proj
+[M, H_I]. `flashmla_jax.config.param_shapes` names the other side: each Linear is transposed and its head axis
+split out (wq [M, H, Dn+R], wq_a [M, Q], q_norm [Q], wq_b [Q, H, Dn+R], wkv_a [M, C+R],
 kv_norm [C], wkv_b [C, H, Dn+Dv], wo [H, Dv, M]), and `stack_params` puts the layers on a leading L axis,
 the layout a model scanned over layers (`lax.scan`, `nnx.scan`) takes.
 
