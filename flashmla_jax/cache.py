@@ -28,6 +28,16 @@ uint8 bytes (656 / 576 instead of 1152 in bfloat16); `append` quantizes the new 
 step (`quantize_latent`) and scatters the bytes in place, `decode` passes the format to `mla_decode`.
 "fp8_pertensor" quantizes with a scale fixed at creation (`kv_scale`): choose amax / 448 of the latents
 you expect (e.g. calibrated on a few prompts); 1.0 covers |values| <= 448, and larger values saturate.
+
+DeepSeek-V3.2 (DeepSeek Sparse Attention) also caches one lightning-indexer key per token beside its latent
+(`create(..., index_head_dim=128)`): same token grid, block table and lengths, in `dtype` or in DeepGEMM's
+paged FP8 layout (`index_kv_format="fp8_paged"`, flashmla_jax/fp8.py). `append(kv_new, index_keys=k)` writes
+both in one jitted step; `index_topk` ranks the cached keys and `decode_sparse` attends to the chosen tokens:
+
+    cache = LatentCache.create(8, 32768, page_size=64, index_head_dim=128, index_kv_format="fp8_paged")
+    cache = cache.append(kv_new, index_keys=k_index)                      # [B, S, 576], [B, S, 128]
+    indices = cache.index_topk(q_index, weights, topk=2048)               # [B, S, 2048] pool indices
+    out = cache.decode_sparse(q, indices, softmax_scale=scale)            # [B, S, H, 512]
 """
 from __future__ import annotations
 
@@ -39,13 +49,16 @@ import jax.numpy as jnp
 from jax.experimental.custom_partitioning import custom_partitioning
 
 from flashmla_jax import _checks, _mesh
-from flashmla_jax.fp8 import LatentFormat, dequantize_latent, latent_format, quantize_latent
+from flashmla_jax.fp8 import (INDEX_KEY_DIM, LatentFormat, dequantize_latent, index_page_bytes, latent_format,
+                              quantize_latent, write_index_keys)
 from flashmla_jax.ops.decode import index_layer, mla_decode
+from flashmla_jax.ops.indexer import indexer_topk
+from flashmla_jax.ops.sparse import mla_decode_sparse
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["kv", "seqlens", "block_table", "kv_scale"],
-                   meta_fields=["page_size", "capacity", "num_layers", "kv_format", "latent_widths"])
+                   data_fields=["kv", "seqlens", "block_table", "kv_scale", "index_k"],
+                   meta_fields=["page_size", "capacity", "num_layers", "kv_format", "latent_widths", "index_kv_format"])
 @dataclasses.dataclass(frozen=True, eq=False)                    # eq on arrays has no single bool
 class LatentCache:
     """Latent rows, per-sequence lengths and (paged) the block table of B sequences.
@@ -58,6 +71,9 @@ class LatentCache:
       block_table: None (contiguous), or [B, max_blocks] int32 page indices (paged; one table for all layers,
         each layer having its own pool of num_blocks pages).
       kv_scale: "fp8_pertensor": the float32 scale, 0-d ([L] when stacked, one per layer); else None.
+      index_k: None, or the lightning indexer's keys (DeepSeek-V3.2), one per token on the latent's token grid:
+        [B, capacity, D_I] / [num_blocks, page_size, D_I] in a float dtype, or with index_kv_format "fp8_paged"
+        uint8 [B, capacity * 132] / [num_blocks, page_size * 132] (fp8.py's layout, D_I = 128); [L, ...] stacked.
     Static fields (part of the tree structure, so a jitted function retraces when they change):
       page_size: None (contiguous), or a power of two in [16, 256].
       capacity: the most tokens a sequence holds (<= max_blocks * page_size when paged).
@@ -65,6 +81,7 @@ class LatentCache:
       kv_format: None (kv holds floats of `dtype`), "fp8_blockscale" or "fp8_pertensor" (kv holds uint8
         bytes, the format's bytes per token as its last axis: 656 / 576).
       latent_widths: FP8 caches: (d_v, d_r), the c_kv and k_pe widths of a latent (512, 64); else None.
+      index_kv_format: None (index keys, if any, in a float dtype) or "fp8_paged".
 
     Make one with `LatentCache.create`; it is immutable: `append` returns a new cache.
     """
@@ -78,13 +95,16 @@ class LatentCache:
     kv_format: str | None = None
     latent_widths: tuple[int, int] | None = None
     kv_scale: jax.Array | None = None
+    index_k: jax.Array | None = None
+    index_kv_format: str | None = None
 
     # ------------------------------------------------------------------ construction
 
     @classmethod
     def create(cls, batch: int, max_len: int, dim: int = 576, dtype=jnp.bfloat16, page_size: int | None = None,
                num_blocks: int | None = None, block_table=None, num_layers: int | None = None,
-               kv_format: str | None = None, kv_scale=None, rope_dim: int = 64) -> "LatentCache":
+               kv_format: str | None = None, kv_scale=None, rope_dim: int = 64, index_head_dim: int | None = None,
+               index_kv_format: str | None = None) -> "LatentCache":
         """An empty cache (all lengths 0, latent rows zero) for `batch` sequences of up to `max_len` tokens.
 
         Args:
@@ -109,10 +129,15 @@ class LatentCache:
             beyond 448 * kv_scale saturate, and a scale far above that wastes precision. A scalar, or [L]
             (one per layer) for a stacked cache.
           rope_dim: FP8 only: d_r, the k_pe width at the end of the latent (64; kept in bfloat16 by blockscale).
+          index_head_dim: None (no indexer keys: a V2/V3 cache), or D_I: the cache also holds one lightning-indexer
+            key of D_I values per token (DeepSeek-V3.2: 128), zeros, on the latent's token grid.
+          index_kv_format: None (the index keys in `dtype`, also beside an FP8 latent) or "fp8_paged" (uint8, 132
+            bytes a token; needs index_head_dim 128).
 
         Returns:
           LatentCache with kv [B, max_len, D] or [num_blocks, page_size, D] ([L, ...] when stacked),
-          seqlens zeros [B] ([L, B]) int32, block_table None or [B, max_blocks] int32.
+          seqlens zeros [B] ([L, B]) int32, block_table None or [B, max_blocks] int32, index_k None or as the
+          class docstring says.
         """
         batch, max_len, dim = (_checks.integer(name, value, lo=1)
                                for name, value in (("batch", batch), ("max_len", max_len), ("dim", dim)))
@@ -122,13 +147,15 @@ class LatentCache:
         if not jnp.issubdtype(dtype, jnp.floating):
             raise TypeError(f"dtype must be a floating dtype, got {dtype}")
         fp8 = _fp8_fields(kv_format, kv_scale, dim, rope_dim, lead)
+        index = _index_fields(index_head_dim, index_kv_format, dtype)
         if kv_format is not None:
             dtype, dim = jnp.dtype(jnp.uint8), latent_format(kv_format, *fp8["latent_widths"]).bytes_per_token
         seqlens = jnp.zeros(lead + (batch,), jnp.int32)
         if page_size is None:
             if num_blocks is not None or block_table is not None:
                 raise ValueError("num_blocks and block_table need a paged cache: pass page_size")
-            return cls(jnp.zeros(lead + (batch, max_len, dim), dtype), seqlens, None, None, max_len, num_layers, **fp8)
+            return cls(jnp.zeros(lead + (batch, max_len, dim), dtype), seqlens, None, None, max_len, num_layers, **fp8,
+                       **_index_keys(index, lead + (batch,), max_len))
 
         page_size = _checks.page_size("page_size", page_size)
         max_blocks = -(-max_len // page_size)
@@ -151,7 +178,8 @@ class LatentCache:
                 num_blocks = batch * max_blocks
             num_blocks = _checks.integer("num_blocks", num_blocks, lo=1)
         kv = jnp.zeros(lead + (num_blocks, page_size, dim), dtype)
-        return cls(kv, seqlens, block_table, page_size, max_len, num_layers, **fp8)
+        return cls(kv, seqlens, block_table, page_size, max_len, num_layers, **fp8,
+                   **_index_keys(index, lead + (num_blocks,), page_size))
 
     # ------------------------------------------------------------------ properties
 
@@ -193,10 +221,17 @@ class LatentCache:
         """True for a layer-stacked cache (num_layers set)."""
         return self.num_layers is not None
 
+    @property
+    def index_head_dim(self) -> int | None:
+        """D_I, the width of a lightning-indexer key (128), or None for a cache without them."""
+        if self.index_k is None:
+            return None
+        return INDEX_KEY_DIM if self.index_kv_format is not None else self.index_k.shape[-1]
+
     # ------------------------------------------------------------------ update and attend
 
     def append(self, kv_new: jax.Array, num_new: jax.Array | None = None,
-               layer: int | jax.Array | None = None) -> "LatentCache":
+               layer: int | jax.Array | None = None, index_keys: jax.Array | None = None) -> "LatentCache":
         """Writes new latent rows after each sequence's own length (ragged) and advances the lengths.
 
         Args:
@@ -208,6 +243,9 @@ class LatentCache:
           layer: a stacked cache's layer to write (required there, refused otherwise): a Python int in
             [0, L), or a traced integer scalar, clamped to [0, L - 1] as `mla_decode` clamps it. Only that
             layer's rows and lengths change.
+          index_keys: a cache with indexer keys (`create(index_head_dim=)`): their new keys [B, S, D_I] float
+            (required there, refused otherwise), written at the same places as kv_new (and dropped where it is),
+            cast to the keys' dtype or quantized to "fp8_paged" (`quantize_index_tokens`) in the same jitted step.
 
         Returns:
           A new LatentCache; seqlens (of that layer) become min(seqlens + num_new, capacity).
@@ -235,9 +273,24 @@ class LatentCache:
                 raise ValueError(f"num_new must be an int [B={self.batch}], got shape {num_new.shape}")
             if not jnp.issubdtype(num_new.dtype, jnp.integer):
                 raise TypeError(f"num_new must be an integer array, got {num_new.dtype}")
+        index_keys = self._check_index_keys(index_keys, kv_new.shape[:2])
         if self.kv_format is None:
             kv_new = kv_new.astype(self.dtype)       # FP8: quantized inside the jitted step
-        return _append(self, kv_new, num_new.astype(jnp.int32), self._layer(layer))
+        return _append(self, kv_new, num_new.astype(jnp.int32), self._layer(layer), index_keys)
+
+    def _check_index_keys(self, index_keys, lead: tuple) -> jax.Array | None:
+        if self.index_k is None:
+            if index_keys is not None:
+                raise ValueError("index_keys needs a cache with indexer keys (LatentCache.create(index_head_dim=))")
+            return None
+        if index_keys is None:
+            raise ValueError("this cache holds indexer keys: pass index_keys [B, S, D_I] with every append")
+        if not hasattr(index_keys, "shape") or tuple(index_keys.shape) != tuple(lead) + (self.index_head_dim,):
+            raise ValueError(f"index_keys must be [B, S, D_I] = {tuple(lead) + (self.index_head_dim,)} (kv_new's B "
+                             f"and S), got {getattr(index_keys, 'shape', type(index_keys).__name__)}")
+        if not jnp.issubdtype(index_keys.dtype, jnp.floating):
+            raise TypeError(f"index_keys must be floating, got {index_keys.dtype}")
+        return index_keys if self.index_kv_format is not None else index_keys.astype(self.index_k.dtype)
 
     def decode(self, q: jax.Array, layer: int | jax.Array | None = None, **kwargs):
         """`mla_decode(q, self.kv, self.seqlens, self.block_table, **kwargs)`: attention against this cache.
@@ -251,6 +304,28 @@ class LatentCache:
         layer = self._layer(layer)
         return mla_decode(q, self.kv, self.lengths(layer), self.block_table, layer=layer, kv_format=self.kv_format,
                           kv_scale=self.kv_scale, **kwargs)
+
+    def index_topk(self, q: jax.Array, weights: jax.Array, layer: int | jax.Array | None = None, **kwargs):
+        """`indexer_topk(q, weights, self.index_k, lengths, self.block_table, kv_format=self.index_kv_format)`:
+        each query's top-k cached tokens by lightning-indexer score, as pool indices of this cache's latents.
+
+        q: [B, S_q, H_I, D_I] index queries (in the keys' dtype when they are floats), weights [B, S_q, H_I] (the
+        last S_q appended tokens' queries, causal); layer as in `decode`. Keyword arguments as `indexer_topk`
+        (topk, return_scores, implementation). Returns indices [B, S_q, topk] int32 for `decode_sparse`."""
+        if self.index_k is None:
+            raise ValueError("this cache holds no indexer keys (LatentCache.create(index_head_dim=))")
+        layer = self._layer(layer)
+        return indexer_topk(q, weights, self.index_k, self.lengths(layer), self.block_table,
+                            kv_format=self.index_kv_format, layer=layer, **kwargs)
+
+    def decode_sparse(self, q: jax.Array, indices: jax.Array, layer: int | jax.Array | None = None, **kwargs):
+        """`mla_decode_sparse(q, self.kv, indices, kv_format=self.kv_format, layer=layer)`: attention of each query
+        to the tokens its indices name (`index_topk`'s pool indices; -1 unused), in place in this cache.
+
+        q: [B, S_q, H, D]; indices [B, S_q, topk] int32; layer as in `decode`. Keyword arguments as
+        `mla_decode_sparse` (softmax_scale, return_lse (default True), head_dim_v, implementation, num_splits).
+        "fp8_pertensor" caches are refused (the sparse ops read bfloat16 or "fp8_blockscale" pools)."""
+        return mla_decode_sparse(q, self.kv, indices, kv_format=self.kv_format, layer=self._layer(layer), **kwargs)
 
     def lengths(self, layer: int | jax.Array | None = None) -> jax.Array:
         """[B] int32: the tokens each sequence holds (in `layer`, for a stacked cache; as in `append`)."""
@@ -286,6 +361,31 @@ def _fp8_fields(kv_format, kv_scale, dim: int, rope_dim: int, lead: tuple) -> di
     if scale is None:
         return dict(kv_format=kv_format, latent_widths=widths)
     return dict(kv_format=kv_format, latent_widths=widths, kv_scale=jnp.broadcast_to(scale, lead))
+
+
+def _index_fields(index_head_dim, index_kv_format, dtype) -> dict | None:
+    """The checked indexer-key arguments of `create`: None (no keys) or {dim, format, dtype}."""
+    index_kv_format = _checks.index_kv_format("index_kv_format", index_kv_format)
+    if index_head_dim is None:
+        if index_kv_format is not None:
+            raise ValueError(f"index_kv_format={index_kv_format!r} needs index_head_dim (128)")
+        return None
+    index_head_dim = _checks.integer("index_head_dim", index_head_dim, lo=1)
+    if index_kv_format is not None and index_head_dim != INDEX_KEY_DIM:
+        raise ValueError(f"index_kv_format={index_kv_format!r} holds keys of {INDEX_KEY_DIM} values, got "
+                         f"index_head_dim={index_head_dim}")
+    return dict(dim=index_head_dim, format=index_kv_format, dtype=dtype)
+
+
+def _index_keys(index: dict | None, rows: tuple, per_row: int) -> dict:
+    """LatentCache's index_k and index_kv_format for `rows` (lead axes, then B or num_blocks) of `per_row` tokens."""
+    if index is None:
+        return {}
+    if index["format"] is None:
+        keys = jnp.zeros(rows + (per_row, index["dim"]), index["dtype"])
+    else:
+        keys = jnp.zeros(rows + (index_page_bytes(per_row, index["format"]),), jnp.uint8)
+    return dict(index_k=keys, index_kv_format=index["format"])
 
 
 def _layer_scale(kv_scale: jax.Array | None, layer: jax.Array | None) -> jax.Array | None:
@@ -402,12 +502,32 @@ def _append_partitioned(capacity: int):
     return wrapped
 
 
+def _write_index_keys(cache: LatentCache, rows: jax.Array, keys: jax.Array) -> jax.Array:
+    """cache.index_k with keys [B, S, D_I] written at the token rows [B, S] of `_target_rows` (dropped past the
+    end): a scatter of the rows, or of each token's codes and scale in its page ("fp8_paged")."""
+    index_k = cache.index_k
+    if cache.index_kv_format is None:
+        return _scatter_rows(index_k, rows, keys.reshape(-1, keys.shape[-1]))
+    tokens_per_page = cache.page_size or cache.capacity       # a contiguous cache: one page per sequence
+    pages = index_k.reshape(-1, index_k.shape[-1])
+    rows = rows.reshape(-1)
+    pages = write_index_keys(pages, keys.reshape(-1, keys.shape[-1]), rows // tokens_per_page,
+                             rows % tokens_per_page, cache.index_kv_format)
+    return pages.reshape(index_k.shape)
+
+
 @jax.jit
-def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: jax.Array | None) -> LatentCache:
+def _append(cache: LatentCache, kv_new: jax.Array, num_new: jax.Array, layer: jax.Array | None,
+            index_keys: jax.Array | None = None) -> LatentCache:
     """kv_new [B, S, D] in the cache's dtype (FP8 caches: floats, quantized here), num_new [B] int32, layer
-    None or a 0-d int32 in range -> the updated cache (see `append`). A stacked cache gets one scatter into its whole buffer, offset to
-    the layer's rows, and one update of that layer's lengths."""
+    None or a 0-d int32 in range, index_keys None or [B, S, D_I] (a cache with indexer keys) -> the updated cache
+    (see `append`). A stacked cache gets one scatter into its whole buffer, offset to the layer's rows, and one
+    update of that layer's lengths; its indexer keys go to the same token rows."""
     b, s, _ = kv_new.shape
+    if index_keys is not None:
+        seqlens = cache.seqlens if layer is None else index_layer(cache.seqlens, layer)
+        rows, _ = _target_rows(cache, seqlens, s, num_new, layer)
+        cache = dataclasses.replace(cache, index_k=_write_index_keys(cache, rows, index_keys))
     if cache.block_table is None and layer is None:
         # Through a partitioning rule, so a sequence-sharded cache is not gathered; the same rows as below.
         # (A batch-sharded cache, paged or stacked, XLA's scatter partitions by itself.)

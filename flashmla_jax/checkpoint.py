@@ -1,4 +1,4 @@
-"""Hugging Face DeepSeek-V2/V3 attention weights -> this library's stacked MLA parameters.
+"""Hugging Face DeepSeek-V2/V3/V3.2 attention weights -> this library's stacked MLA parameters.
 
 A DeepSeek checkpoint keeps each layer's attention under `model.layers.{i}.self_attn.` as torch Linear
 weights, [out, in]:
@@ -7,8 +7,12 @@ weights, [out, in]:
   kv_a_proj_with_mqa [C+R, M] (c_kv rows, then k_pe rows), kv_a_layernorm [C]
   kv_b_proj [H·(Dn+Dv), C] (per head: the Dn k_nope rows, then the Dv value rows)
   o_proj [M, H·Dv]
-(each name + ".weight"). `flashmla_jax.config.param_shapes` names the other side: each Linear is transposed
-and its head axis split out (wq [M, H, Dn+R], wq_a [M, Q], q_norm [Q], wq_b [Q, H, Dn+R], wkv_a [M, C+R],
+(each name + ".weight"), and for DeepSeek-V3.2 (config.has_indexer) the lightning indexer's, under `indexer.`:
+  indexer.wq_b [H_I·D_I, Q], indexer.wk [D_I, M], indexer.k_norm (LayerNorm: .weight and .bias [D_I]),
+  indexer.weights_proj [H_I, M]
+read into index_wq_b [Q, H_I, D_I], index_wk [M, D_I], index_k_norm, index_k_norm_bias, index_weights_proj
+[M, H_I]. `flashmla_jax.config.param_shapes` names the other side: each Linear is transposed and its head axis
+split out (wq [M, H, Dn+R], wq_a [M, Q], q_norm [Q], wq_b [Q, H, Dn+R], wkv_a [M, C+R],
 kv_norm [C], wkv_b [C, H, Dn+Dv], wo [H, Dv, M]), and `stack_params` puts the layers on a leading L axis,
 the layout a model scanned over layers (`lax.scan`, `nnx.scan`) takes.
 
@@ -19,7 +23,10 @@ k_pe after the projection, the same permutation on both sides of every score. Ch
 the loader permutes their rotary output rows so that new row j is old row `rope_permutation(R)[j]` =
 [0, R/2, 1, R/2+1, …][j], i.e. the pair (i, i+R/2) lands on (2i, 2i+1). The rows permuted are the last R
 rows of each head's Dn+R block of q_proj / q_b_proj (q_pe), and the last R rows of kv_a_proj_with_mqa
-(k_pe); nothing else carries RoPE.
+(k_pe); nothing else of the MLA carries RoPE. DeepSeek-V3.2's indexer turns half-split pairs (x[i], x[i+R/2]) of
+its first R features (transformers and DeepSeek's code alike), which `flashmla_jax.indexer_math` computes as
+such: its rows are never permuted. V3.2's MLA RoPE is always interleaved (transformers' V3.2 config has no
+rope_interleave), so an indexer config with `rope_interleave: false` is refused.
 
 FP8 checkpoints (DeepSeek-V3's release: float8_e4m3 weights with a float32 `weight_scale_inv` per
 128 x 128 block) are dequantized to float32 while loading. Tensors are read with `safetensors`
@@ -48,7 +55,8 @@ __all__ = ["HFCheckpointConfig", "read_hf_config", "hf_param_shapes", "rope_perm
            "mla_params_from_state_dict", "stack_params", "SafetensorsStateDict", "load_mla_stack"]
 
 LAYER_PREFIX = "model.layers.{layer}.self_attn."
-_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj")
+_LINEARS = ("q_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "indexer.wq_b",
+            "indexer.wk", "indexer.weights_proj")
 # Buffers some exports keep under self_attn; they are recomputed from the config, never loaded.
 _IGNORED = ("rotary_emb.inv_freq",)
 
@@ -85,11 +93,15 @@ def read_hf_config(hf_config: Mapping[str, Any] | str | os.PathLike) -> HFCheckp
     if not isinstance(interleave, bool):
         raise ValueError(f"hf_config['rope_interleave'] must be true or false, got {interleave!r}")
     n = hf_config.get("num_hidden_layers")
+    config = MLAConfig.from_hf_config(hf_config)
+    if config.has_indexer and not interleave:
+        raise ValueError("hf_config['rope_interleave'] = false with an indexer: DeepSeek-V3.2's MLA RoPE is "
+                         "interleaved (transformers' V3.2 config has no such flag)")
     quant = hf_config.get("quantization_config") or {}
     block = tuple(int(b) for b in quant.get("weight_block_size", (128, 128)))
     if len(block) != 2 or min(block) <= 0:
         raise ValueError(f"quantization_config['weight_block_size'] must be two positive ints, got {block}")
-    return HFCheckpointConfig(MLAConfig.from_hf_config(hf_config), None if n is None else int(n), interleave, block)
+    return HFCheckpointConfig(config, None if n is None else int(n), interleave, block)
 
 
 def hf_param_shapes(config: MLAConfig) -> dict[str, tuple[int, ...]]:
@@ -107,6 +119,11 @@ def hf_param_shapes(config: MLAConfig) -> dict[str, tuple[int, ...]]:
     shapes["kv_a_layernorm.weight"] = (c.kv_lora_rank,)
     shapes["kv_b_proj.weight"] = (h * (c.qk_nope_head_dim + c.v_head_dim), c.kv_lora_rank)
     shapes["o_proj.weight"] = (m, h * c.v_head_dim)
+    if c.has_indexer:
+        hi, di = c.index_n_heads, c.index_head_dim
+        shapes.update({"indexer.wq_b.weight": (hi * di, c.q_lora_rank), "indexer.wk.weight": (di, m),
+                       "indexer.k_norm.weight": (di,), "indexer.k_norm.bias": (di,),
+                       "indexer.weights_proj.weight": (hi, m)})
     return shapes
 
 
@@ -144,7 +161,8 @@ def mla_params_from_state_dict(state_dict: Mapping[str, Any], config: MLAConfig,
     state_dict: any mapping name -> array-like (NumPy, torch via np.asarray, a `SafetensorsStateDict`);
     only the keys under `prefix.format(layer=layer)` are read, and every key there must be one this config
     expects (a `.weight` per module above; `.weight_scale_inv` beside FP8 Linear weights). rope_interleave:
-    the checkpoint's flag; False permutes the rotary rows (module docstring). dtype: the result's dtype;
+    the checkpoint's flag; False permutes the MLA's rotary rows (module docstring; refused with an indexer,
+    whose rows are never permuted). dtype: the result's dtype;
     None keeps the stored one (FP8 weights are dequantized to float32 either way).
     Raises ValueError naming a missing or unexpected key or a wrong shape.
     """
@@ -154,9 +172,12 @@ def mla_params_from_state_dict(state_dict: Mapping[str, Any], config: MLAConfig,
         raise TypeError(f"state_dict must be a mapping of names to arrays, got {type(state_dict).__name__}")
     if not isinstance(rope_interleave, (bool, np.bool_)):
         raise TypeError(f"rope_interleave must be a bool, got {rope_interleave!r}")
+    if config.has_indexer and not rope_interleave:
+        raise ValueError("rope_interleave=False with an indexer: DeepSeek-V3.2's MLA RoPE is interleaved")
     pre = prefix.format(layer=layer)
     shapes = hf_param_shapes(config)
-    allowed = set(shapes) | {n.replace(".weight", ".weight_scale_inv") for n in shapes if n.split(".")[0] in _LINEARS}
+    allowed = set(shapes) | {n.replace(".weight", ".weight_scale_inv") for n in shapes
+                             if n.removesuffix(".weight") in _LINEARS}
     present = {k[len(pre):] for k in state_dict.keys() if k.startswith(pre)}
     missing = sorted(set(shapes) - present)
     if missing:
@@ -164,15 +185,17 @@ def mla_params_from_state_dict(state_dict: Mapping[str, Any], config: MLAConfig,
                          f"{config.q_lora_rank})")
     unexpected = sorted(present - allowed - set(_IGNORED))
     if unexpected:
+        hint = ("; indexer weights: a DeepSeek-V3.2 checkpoint needs a config with index_topk"
+                if not config.has_indexer and any(k.startswith("indexer.") for k in unexpected) else "")
         raise ValueError(f"state_dict has unexpected keys {[pre + k for k in unexpected]} for this config "
-                         f"(q_lora_rank={config.q_lora_rank}; this layer has no biases)")
+                         f"(q_lora_rank={config.q_lora_rank}; this layer has no biases{hint})")
 
     def get(name: str) -> np.ndarray:
         key = pre + name
         w = np.asarray(state_dict[key])
         if tuple(w.shape) != shapes[name]:
             raise ValueError(f"{key} must have shape {shapes[name]} (torch [out, in]), got {tuple(w.shape)}")
-        scale_name = name.replace(".weight", ".weight_scale_inv")
+        scale_name = name.removesuffix(".weight") + ".weight_scale_inv"      # a norm's bias has none
         if scale_name in present:
             w = _dequantize_fp8(w, np.asarray(state_dict[pre + scale_name]), weight_block_size, key)
         elif w.dtype.itemsize == 1 and w.dtype.kind not in "iub":
@@ -192,6 +215,12 @@ def mla_params_from_state_dict(state_dict: Mapping[str, Any], config: MLAConfig,
     out["kv_norm"] = get("kv_a_layernorm.weight")
     out["wkv_b"] = get("kv_b_proj.weight").T.reshape(kv, h, dn + c.v_head_dim)
     out["wo"] = get("o_proj.weight").T.reshape(h, c.v_head_dim, c.hidden_size)
+    if c.has_indexer:
+        out["index_wq_b"] = get("indexer.wq_b.weight").T.reshape(c.q_lora_rank, c.index_n_heads, c.index_head_dim)
+        out["index_wk"] = get("indexer.wk.weight").T
+        out["index_k_norm"] = get("indexer.k_norm.weight")
+        out["index_k_norm_bias"] = get("indexer.k_norm.bias")
+        out["index_weights_proj"] = get("indexer.weights_proj.weight").T
     if not rope_interleave:
         # rotate_half weights -> interleaved: new rotary column j is old rotary column perm[j], in q_pe of
         # every head and in k_pe (our layout is [in, out], so the HF rows are the last axis here).
@@ -332,7 +361,7 @@ def load_mla_stack(path: str | os.PathLike, config: MLAConfig | Mapping[str, Any
         what the files hold).
       layers: the layer indices to load, in order (default: range(num_hidden_layers)).
       dtype: the parameters' dtype (e.g. jnp.bfloat16); None keeps the stored dtype (FP8 -> float32).
-      rope_interleave: overrides the config's flag.
+      rope_interleave: overrides the config's flag (False is refused for a DeepSeek-V3.2 config).
 
     Returns:
       (MLAConfig, {name: np.ndarray [L, ...]}) with the names of `param_shapes(config)`, e.g. wkv_b

@@ -1,8 +1,9 @@
-"""The hyperparameters of a DeepSeek-V2/V3 MLA layer: `MLAConfig`, `YarnScaling` and `param_shapes`.
+"""The hyperparameters of a DeepSeek-V2/V3/V3.2 MLA layer: `MLAConfig`, `YarnScaling` and `param_shapes`.
 
 Plain Python and NumPy (no Flax): `flashmla_jax.checkpoint` reads a config with them, and `flashmla_jax.flax`
 (which re-exports all three) builds the layer from them. Shapes: M hidden size, H heads, Q = q_lora_rank,
-C = kv_lora_rank (512), R = qk_rope_head_dim (64), Dn = qk_nope_head_dim (128), Dv = v_head_dim (128).
+C = kv_lora_rank (512), R = qk_rope_head_dim (64), Dn = qk_nope_head_dim (128), Dv = v_head_dim (128);
+DeepSeek-V3.2's lightning indexer: H_I = index_n_heads (64), D_I = index_head_dim (128).
 """
 from __future__ import annotations
 
@@ -16,7 +17,17 @@ import numpy as np
 
 from flashmla_jax import _checks
 
-__all__ = ["MLAConfig", "YarnScaling", "param_shapes"]
+__all__ = ["MLAConfig", "YarnScaling", "param_shapes", "INDEXER_PARAMS", "INDEX_PARAM_PREFIX", "indexer_param_shapes"]
+
+INDEXER_PARAMS = ("wq_b", "wk", "k_norm", "k_norm_bias", "weights_proj")
+INDEX_PARAM_PREFIX = "index_"     # the indexer's parameters in a layer's dict: index_wq_b, index_wk, ...
+
+
+def indexer_param_shapes(hidden_size: int, q_lora_rank: int, n_heads: int = 64, head_dim: int = 128) -> dict:
+    """Name -> shape of the lightning indexer's parameters (Hugging Face Linear weights transposed):
+    wq_b [Q, H_I, D_I], wk [M, D_I], k_norm [D_I], k_norm_bias [D_I], weights_proj [M, H_I]."""
+    return {"wq_b": (q_lora_rank, n_heads, head_dim), "wk": (hidden_size, head_dim), "k_norm": (head_dim,),
+            "k_norm_bias": (head_dim,), "weights_proj": (hidden_size, n_heads)}
 
 
 def _yarn_mscale(factor: float, mscale: float) -> float:
@@ -87,6 +98,10 @@ class MLAConfig:
     (64, even); v_head_dim Dv (128); rope_theta: RoPE base; rope_scaling: None, a YarnScaling, or
     DeepSeek's `rope_scaling` dict (or transformers v5's `rope_parameters`: rope_type "default" means None,
     and a `rope_theta` inside it must equal rope_theta); rms_norm_eps: epsilon of the latents' RMSNorms.
+    DeepSeek-V3.2 (DeepSeek Sparse Attention): index_topk, the tokens each query attends to (2048), chosen by a
+    lightning indexer of index_n_heads heads (64) of index_head_dim features (128, >= R: its half-split RoPE turns
+    the first R); the indexer's queries come from the query latent, so it needs q_lora_rank. index_topk None or 0
+    (the default): no indexer, a V2/V3 layer (index_n_heads and index_head_dim must then be None).
     `MLAConfig.from_hf_config` reads a DeepSeek `config.json`.
     """
     hidden_size: int
@@ -99,6 +114,9 @@ class MLAConfig:
     rope_theta: float = 10000.0
     rope_scaling: YarnScaling | None = None
     rms_norm_eps: float = 1e-6
+    index_n_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
 
     def __post_init__(self):
         for name in ("hidden_size", "num_heads", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
@@ -125,6 +143,23 @@ class MLAConfig:
             object.__setattr__(self, "rope_scaling", rs)
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, YarnScaling):
             object.__setattr__(self, "rope_scaling", YarnScaling.from_config(self.rope_scaling))
+        self._check_indexer()
+
+    def _check_indexer(self):
+        if not _checks.optional_integer("index_topk", self.index_topk, lo=0):
+            if self.index_n_heads is not None or self.index_head_dim is not None:
+                raise ValueError("index_n_heads and index_head_dim need index_topk >= 1 (index_topk None or 0 means "
+                                 "no indexer)")
+            object.__setattr__(self, "index_topk", None)
+            return
+        if self.index_n_heads is None or self.index_head_dim is None:
+            raise ValueError(f"index_topk={self.index_topk} needs index_n_heads and index_head_dim (DeepSeek-V3.2: "
+                             "64 and 128)")
+        _checks.integer("index_n_heads", self.index_n_heads, lo=1)
+        _checks.integer("index_head_dim (its RoPE turns the first qk_rope_head_dim features)", self.index_head_dim,
+                        lo=self.qk_rope_head_dim)
+        if self.q_lora_rank is None:
+            raise ValueError("an indexer (index_topk) needs q_lora_rank: its queries come from the query latent")
 
     @classmethod
     def from_hf_config(cls, hf_config: Mapping[str, Any] | str | os.PathLike) -> "MLAConfig":
@@ -136,7 +171,10 @@ class MLAConfig:
         `rope_parameters` (rope_theta inside, rope_type "default" or "yarn" with the YaRN keys). A YaRN dict
         without original_max_position_embeddings gets max_position_embeddings, as transformers does. Other
         keys (MoE, vocab, num_hidden_layers, rope_interleave) are not this layer's: `flashmla_jax.checkpoint`
-        reads the last two. Raises ValueError naming a missing or inconsistent key.
+        reads the last two. DeepSeek-V3.2 (`model_type` "deepseek_v32", or any config with an `index_topk`):
+        index_topk, index_n_heads and index_head_dim, with transformers' defaults 2048, 64 and 128 for a missing
+        one; another model_type with an indexer (GLM-MoE-DSA's indexer turns interleaved pairs) is refused.
+        Raises ValueError naming a missing or inconsistent key.
         """
         if isinstance(hf_config, (str, os.PathLike)):
             with open(hf_config) as f:
@@ -164,11 +202,17 @@ class MLAConfig:
         elif (rope.get("rope_type", rope.get("type")) != "default" and "original_max_position_embeddings" not in rope
               and hf_config.get("max_position_embeddings")):
             rope["original_max_position_embeddings"] = hf_config["max_position_embeddings"]
-        return cls(hidden_size=int(hf_config["hidden_size"]), num_heads=int(hf_config["num_attention_heads"]),
+        return cls(**_hf_indexer_fields(hf_config),
+                   hidden_size=int(hf_config["hidden_size"]), num_heads=int(hf_config["num_attention_heads"]),
                    q_lora_rank=None if hf_config.get("q_lora_rank") is None else int(hf_config["q_lora_rank"]),
                    kv_lora_rank=int(hf_config["kv_lora_rank"]), qk_nope_head_dim=int(hf_config["qk_nope_head_dim"]),
                    qk_rope_head_dim=int(hf_config["qk_rope_head_dim"]), v_head_dim=int(hf_config["v_head_dim"]),
                    rope_theta=theta, rope_scaling=rope, rms_norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)))
+
+    @property
+    def has_indexer(self) -> bool:
+        """True for a DeepSeek-V3.2 layer (index_topk set): attention over each query's top-k tokens."""
+        return self.index_topk is not None
 
     @property
     def qk_head_dim(self) -> int:
@@ -222,13 +266,31 @@ class MLAConfig:
         return _yarn_mscale(ys.factor, ys.mscale) / _yarn_mscale(ys.factor, ys.mscale_all_dim)
 
 
+def _hf_indexer_fields(hf_config: Mapping[str, Any]) -> dict:
+    """MLAConfig's index_* fields from a config.json (see `MLAConfig.from_hf_config`); {} without an indexer."""
+    model_type = hf_config.get("model_type")
+    if hf_config.get("index_topk") is None and model_type != "deepseek_v32":
+        return {}
+    if model_type not in (None, "deepseek_v32"):
+        raise ValueError(f"hf_config has an indexer (index_topk) but model_type {model_type!r}: this layer implements "
+                         "DeepSeek-V3.2's ('deepseek_v32')")
+    topk = int(hf_config.get("index_topk", 2048))
+    if topk == 0:
+        return {}
+    return dict(index_topk=topk, index_n_heads=int(hf_config.get("index_n_heads", 64)),
+                index_head_dim=int(hf_config.get("index_head_dim", 128)))
+
+
 def param_shapes(config: MLAConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every parameter (M hidden, H heads, Q = q_lora_rank, C, R, Dn, Dv as above).
 
     wq [M, H, Dn+R] (q_lora_rank None) or wq_a [M, Q], q_norm [Q], wq_b [Q, H, Dn+R];
     wkv_a [M, C+R] (the latent c_kv, then k_pe); kv_norm [C]; wkv_b [C, H, Dn+Dv] (W_UK, then W_UV);
-    wo [H, Dv, M]. From a Hugging Face checkpoint: each `*_proj.weight` transposed and reshaped to these
-    shapes (wkv_b = kv_b_proj.weight.T.reshape(C, H, Dn+Dv)), norms as they are.
+    wo [H, Dv, M]. With an indexer (config.has_indexer), its parameters too (`indexer_param_shapes`), named
+    with the prefix "index_": index_wq_b [Q, H_I, D_I], index_wk [M, D_I], index_k_norm [D_I],
+    index_k_norm_bias [D_I], index_weights_proj [M, H_I]. From a Hugging Face checkpoint: each `*_proj.weight`
+    (and `indexer.*.weight`) transposed and reshaped to these shapes (wkv_b = kv_b_proj.weight.T.reshape(C, H,
+    Dn+Dv)), norms and their biases as they are.
     """
     c = config
     shapes: dict[str, tuple[int, ...]] = {}
@@ -242,4 +304,7 @@ def param_shapes(config: MLAConfig) -> dict[str, tuple[int, ...]]:
     shapes["kv_norm"] = (c.kv_lora_rank,)
     shapes["wkv_b"] = (c.kv_lora_rank, c.num_heads, c.qk_nope_head_dim + c.v_head_dim)
     shapes["wo"] = (c.num_heads, c.v_head_dim, c.hidden_size)
+    if c.has_indexer:
+        index = indexer_param_shapes(c.hidden_size, c.q_lora_rank, c.index_n_heads, c.index_head_dim)
+        shapes.update({INDEX_PARAM_PREFIX + name: shape for name, shape in index.items()})
     return shapes

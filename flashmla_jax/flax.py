@@ -45,20 +45,23 @@ from flashmla_jax.ops.prefill import mla_prefill
 
 __all__ = ["MLAConfig", "YarnScaling", "MultiHeadLatentAttention", "mla_attention", "init_params",
            "param_shapes", "absorb_query", "absorb_output", "split_wkv_b", "apply_rope", "rms_norm",
-           "project_queries", "project_latent", "attend_expanded", "attend_absorbed"]
+           "project_queries", "project_latent", "query_latent", "attend_expanded", "attend_absorbed", "absorbed"]
 
 
 # ---------------------------------------------------------------- parameters
 
 @functools.partial(jax.jit, static_argnames=("config", "dtype"))
 def init_params(config: MLAConfig, key: jax.Array, dtype=jnp.float32) -> dict[str, jax.Array]:
-    """Fresh parameters (shapes as `param_shapes`): projections ~ N(0, 1/fan_in), norm weights 1. Jitted."""
+    """Fresh parameters (shapes as `param_shapes`): projections ~ N(0, 1/fan_in), norm weights 1, norm biases 0.
+    Jitted."""
     shapes = param_shapes(config)
     keys = jax.random.split(key, len(shapes))
     params = {}
     for k, (name, shape) in zip(keys, shapes.items()):
         if name.endswith("_norm"):
             params[name] = jnp.ones(shape, dtype)
+        elif name.endswith("_bias"):
+            params[name] = jnp.zeros(shape, dtype)
         else:
             fan_in = shape[0] if name != "wo" else shape[0] * shape[1]
             params[name] = (jax.random.normal(k, shape, jnp.float32) * fan_in ** -0.5).astype(dtype)
@@ -139,13 +142,19 @@ def absorb_output(o_latent: jax.Array, w_uv: jax.Array) -> jax.Array:
     return out.astype(jnp.result_type(o_latent, w_uv))
 
 
-def project_queries(params: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array,
-                    config: MLAConfig) -> tuple[jax.Array, jax.Array]:
-    """x [B, S, M], positions [B, S] -> (q_nope [B, S, H, Dn], q_pe [B, S, H, R] with RoPE), x's dtype."""
+def query_latent(params: Mapping[str, jax.Array], x: jax.Array, config: MLAConfig) -> jax.Array:
+    """x [B, S, M] -> the query latent RMSNorm(x · wq_a) [B, S, Q] (q_lora_rank set), x's dtype."""
+    return rms_norm(x @ params["wq_a"], params["q_norm"], config.rms_norm_eps)
+
+
+def project_queries(params: Mapping[str, jax.Array], x: jax.Array, positions: jax.Array, config: MLAConfig,
+                    q_latent: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """x [B, S, M], positions [B, S] -> (q_nope [B, S, H, Dn], q_pe [B, S, H, R] with RoPE), x's dtype.
+    q_latent: `query_latent(params, x, config)` when the caller has it already (None: computed here)."""
     if config.q_lora_rank is None:
         q = jnp.einsum("bsm,mhd->bshd", x, params["wq"])
     else:
-        q_a = rms_norm(x @ params["wq_a"], params["q_norm"], config.rms_norm_eps)
+        q_a = query_latent(params, x, config) if q_latent is None else q_latent
         q = jnp.einsum("bsq,qhd->bshd", q_a, params["wq_b"])
     q_nope, q_pe = q[..., :config.qk_nope_head_dim], q[..., config.qk_nope_head_dim:]
     return q_nope, apply_rope(q_pe, positions, config.rope_inv_freq(), config.rope_magnitude)
@@ -196,15 +205,36 @@ def attend_absorbed(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: ja
     layer: None, or the layer of a stacked kv_cache [L, ...] (read in place; see `mla_decode`).
     Returns [B, S, H, Dv] in q_nope's dtype.
     """
+    def attend(q_abs):
+        return mla_decode(q_abs, kv_cache, cache_seqlens, block_table, head_dim_v=config.kv_lora_rank,
+                          softmax_scale=config.softmax_scale, causal=True, implementation=implementation, layer=layer,
+                          kv_format=kv_format, kv_scale=kv_scale)
+
+    return absorbed(params, q_nope, q_pe, config, kv_cache.dtype if kv_format is None else jnp.bfloat16, attend)
+
+
+def absorbed(params: Mapping[str, jax.Array], q_nope: jax.Array, q_pe: jax.Array, config: MLAConfig, q_dtype,
+             attend) -> jax.Array:
+    """Absorbed attention around `attend`: q̃ = absorb_query(q_nope, q_pe, W_UK) [B, S, H, C+R] cast to q_dtype,
+    o_lat = attend(q̃) [B, S, H, C] (any latent attention: dense, sparse), then absorb_output(o_lat, W_UV).
+    Returns [B, S, H, Dv] in q_nope's dtype."""
     w_uk, w_uv = split_wkv_b(params["wkv_b"], config.qk_nope_head_dim)
-    q_abs = absorb_query(q_nope, q_pe, w_uk).astype(kv_cache.dtype if kv_format is None else jnp.bfloat16)
-    o_lat = mla_decode(q_abs, kv_cache, cache_seqlens, block_table, head_dim_v=config.kv_lora_rank,
-                       softmax_scale=config.softmax_scale, causal=True, implementation=implementation, layer=layer,
-                       kv_format=kv_format, kv_scale=kv_scale)
+    o_lat = attend(absorb_query(q_nope, q_pe, w_uk).astype(q_dtype))
     return absorb_output(o_lat, w_uv.astype(q_nope.dtype)).astype(q_nope.dtype)
 
 
 # ---------------------------------------------------------------- the layer as a function
+
+def _checked_inputs(params, x, positions, cache, config: MLAConfig, cache_empty: bool, dtype, implementation,
+                    keep=()):
+    """The checks every layer function makes, then (x, params, dtype) in the computation dtype (None: x's);
+    parameters named in `keep` keep their own dtype."""
+    _check_params(params, config)
+    _check_call(x, positions, cache, config, cache_empty, implementation)
+    dtype = jnp.dtype(dtype) if dtype is not None else x.dtype
+    params = {k: jnp.asarray(v) if k in keep else jnp.asarray(v).astype(dtype) for k, v in params.items()}
+    return x.astype(dtype), params, dtype
+
 
 def _check_call(x, positions, cache, config: MLAConfig, cache_empty: bool, implementation):
     if not hasattr(x, "ndim") or x.ndim != 3 or x.shape[-1] != config.hidden_size:
@@ -266,11 +296,10 @@ def mla_attention(params: Mapping[str, jax.Array], x: jax.Array, positions: jax.
     """
     if not isinstance(config, MLAConfig):
         raise TypeError(f"config must be an MLAConfig, got {type(config).__name__}")
-    _check_params(params, config)
-    _check_call(x, positions, cache, config, cache_empty, implementation)
-    dtype = jnp.dtype(dtype) if dtype is not None else x.dtype
-    x = x.astype(dtype)
-    params = {k: jnp.asarray(v).astype(dtype) for k, v in params.items()}
+    if config.has_indexer:
+        raise ValueError(f"config has a lightning indexer (index_topk={config.index_topk}): a DeepSeek-V3.2 layer, "
+                         "which flashmla_jax.flax_v32.dsa_attention runs")
+    x, params, dtype = _checked_inputs(params, x, positions, cache, config, cache_empty, dtype, implementation)
 
     q_nope, q_pe = project_queries(params, x, positions, config)
     latent = project_latent(params, x, positions, config)
@@ -331,11 +360,16 @@ class MultiHeadLatentAttention(nnx.Module):
                  v_head_dim: int = 128, rope_theta: float = 10000.0,
                  rope_scaling: Mapping[str, Any] | YarnScaling | None = None, rms_norm_eps: float = 1e-6,
                  dtype=None, param_dtype=jnp.float32, implementation: str | None = None, rngs: nnx.Rngs):
+        self._setup(MLAConfig(hidden_size=hidden_size, num_heads=num_heads, q_lora_rank=q_lora_rank,
+                              kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
+                              qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, rope_theta=rope_theta,
+                              rope_scaling=rope_scaling, rms_norm_eps=rms_norm_eps),
+                    dtype, param_dtype, implementation, rngs)
+
+    def _setup(self, config: MLAConfig, dtype, param_dtype, implementation, rngs: nnx.Rngs):
+        """Stores the settings and creates the parameters (`init_params`) as nnx.Param attributes."""
         _checks.implementation(implementation)
-        self.config = MLAConfig(hidden_size=hidden_size, num_heads=num_heads, q_lora_rank=q_lora_rank,
-                                kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim,
-                                qk_rope_head_dim=qk_rope_head_dim, v_head_dim=v_head_dim, rope_theta=rope_theta,
-                                rope_scaling=rope_scaling, rms_norm_eps=rms_norm_eps)
+        self.config = config
         self.dtype = dtype
         self.param_dtype = param_dtype
         self.implementation = implementation

@@ -31,17 +31,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flashmla_jax.config import INDEXER_PARAMS, indexer_param_shapes
+
 __all__ = ["INDEXER_PARAMS", "indexer_param_shapes", "init_indexer_params", "rope_half_split", "layer_norm",
            "hadamard_matrix", "hadamard_rotate", "index_weight_scale", "indexer_projections"]
 
-INDEXER_PARAMS = ("wq_b", "wk", "k_norm", "k_norm_bias", "weights_proj")
 LAYER_NORM_EPS = 1e-6        # DeepSeek's LayerNorm default, and transformers' k_norm
-
-
-def indexer_param_shapes(hidden_size: int, q_lora_rank: int, n_heads: int = 64, head_dim: int = 128) -> dict:
-    """Name -> shape of the indexer's parameters (module docstring)."""
-    return {"wq_b": (q_lora_rank, n_heads, head_dim), "wk": (hidden_size, head_dim), "k_norm": (head_dim,),
-            "k_norm_bias": (head_dim,), "weights_proj": (hidden_size, n_heads)}
 
 
 def init_indexer_params(key: jax.Array, hidden_size: int, q_lora_rank: int, n_heads: int = 64, head_dim: int = 128,
