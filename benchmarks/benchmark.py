@@ -1,4 +1,4 @@
-"""Decode benchmark: rows D1-D6 (ROWS below), against measured ceilings and two XLA baselines.
+"""Decode benchmark: rows D1-D6, C1 and their paged and FP8 variants (common.DECODE_ROWS), against measured ceilings and two XLA baselines.
 
     python benchmarks/benchmark.py                 # every row; on a CPU-only machine: xla at reduced sizes
     python benchmarks/benchmark.py --rows D1 D3    # a subset
@@ -6,7 +6,7 @@
 
 Rows named *-fp8 read an "fp8_blockscale" cache (656 bytes a token, bytes counted so); their "jnp" baseline
 dequantizes the cache first (`dequantize_latent`) then runs the same plain-jnp decode. At the end, each FP8
-row's speed-up over the bf16 row of the same shape measured in the same run is printed.
+row's time against the bf16 row of the same shape measured in the same run is printed (bf16 ms / fp8 ms).
 
 Implementations per row: "triton" (our kernels), "jnp" (the fastest plain-jnp formulation a JAX user writes,
 common.plain_jnp_decode: two einsums and a masked softmax, pages gathered first) and "xla" (our NaN-safe
@@ -18,18 +18,15 @@ benchmarks/results/decode_<device>.json and a PNG plot beside it.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
 import os
-import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")     # the torch peers share the GPU
-import jax
-import jax.numpy as jnp
-import numpy as np
+import common  # noqa: E402  (first: it puts this checkout's flashmla_jax on the path)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
 import peers  # noqa: E402
 import flashmla_jax as fm  # noqa: E402
 from flashmla_jax import reference  # noqa: E402
@@ -40,47 +37,14 @@ D, D_V = 576, 512
 SCALE = 192 ** -0.5
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    name: str
-    batch: int
-    seqlen: int            # cache length (the maximum, for a ragged row)
-    heads: int
-    s_q: int
-    ragged: bool = False
-    paged: bool = False
-    kv_format: str | None = None     # None: a bf16 cache; "fp8_blockscale": the FP8 cache
-
-    @property
-    def bytes_per_token(self) -> int:
-        return bytes_per_token(self.kv_format, jnp.bfloat16)
-
-    @property
-    def base_name(self) -> str:
-        """The bf16 row of the same shape (this row's name for a bf16 row)."""
-        return self.name.removesuffix("-fp8")
-
-    def reduced(self) -> "Row":
-        """The same row at CPU-friendly size."""
-        return dataclasses.replace(self, batch=min(self.batch, 4), seqlen=min(self.seqlen, 1024), s_q=min(self.s_q, 16))
-
-
-ROWS = [
-    Row("D1", 128, 4096, 16, 1),
-    Row("D2", 64, 16384, 16, 1),
-    Row("D3", 1, 65536, 16, 1),
-    Row("D4", 128, 8192, 16, 1, ragged=True),
-    Row("D5", 128, 4096, 128, 1),
-    Row("D6", 64, 8192, 128, 2),
-    Row("C1", 1, 16384, 16, 1024),           # a chunk of 1024 new tokens against a 16K prefix (chunked prefill)
-    Row("D1-paged", 128, 4096, 16, 1, paged=True),
-    Row("D2-paged", 64, 16384, 16, 1, paged=True),
-]
-FP8 = "fp8_blockscale"
-ROWS += [dataclasses.replace(r, name=f"{r.name}-fp8", kv_format=FP8)
-         for r in ROWS if r.name in ("D1", "D2", "D4", "D1-paged", "D5", "D6")]
-PAGE_SIZE = 64
+ROWS = common.DECODE_ROWS
+Row = common.Row
 CALLS_PER_DISPATCH = 4      # decode calls (each on its own inputs) per timed jit dispatch
+
+
+def token_bytes(row: Row) -> int:
+    """Bytes of one cached token: 1152 in bf16, the FP8 format's (656 for fp8_blockscale)."""
+    return bytes_per_token(row.kv_format, jnp.bfloat16)
 
 
 def make_inputs(row: Row, seed: int):
@@ -88,17 +52,17 @@ def make_inputs(row: Row, seed: int):
     or the FP8 row's bytes per token (uint8)."""
     kq, kk, kl = jax.random.split(jax.random.PRNGKey(seed), 3)
     q = jax.random.normal(kq, (row.batch, row.s_q, row.heads, D), jnp.bfloat16)
-    kv = jax.random.normal(kk, (row.batch, row.seqlen, D), jnp.bfloat16)
+    kv = jax.random.normal(kk, (row.batch, row.context, D), jnp.bfloat16)
     if row.kv_format is not None:
         kv = quantize_latent(kv, row.kv_format)
     if row.ragged:
-        seqlens = jax.random.randint(kl, (row.batch,), 1, row.seqlen + 1, jnp.int32)
+        seqlens = jax.random.randint(kl, (row.batch,), 1, row.context + 1, jnp.int32)
     else:
-        seqlens = jnp.full((row.batch,), row.seqlen, jnp.int32)
+        seqlens = jnp.full((row.batch,), row.context, jnp.int32)
     table = None
     if row.paged:
-        per_seq = row.seqlen // PAGE_SIZE
-        kv = kv.reshape(row.batch * per_seq, PAGE_SIZE, kv.shape[-1])
+        per_seq = row.context // row.page_size
+        kv = kv.reshape(row.batch * per_seq, row.page_size, kv.shape[-1])
         # A shuffled page order, as a serving stack's allocator leaves it.
         table = jax.random.permutation(kl, row.batch * per_seq).astype(jnp.int32).reshape(row.batch, per_seq)
     return q, kv, seqlens, table
@@ -109,7 +73,7 @@ def cost(row: Row, seqlens: np.ndarray) -> tuple[float, float]:
     2 FLOPs per multiply-add of QK^T (D wide) and PV (D_V wide)."""
     tokens = float(np.sum(seqlens))
     q_out = row.batch * row.s_q * row.heads * (D + D_V) * 2
-    return tokens * row.bytes_per_token + q_out, 2.0 * row.s_q * row.heads * tokens * (D + D_V)
+    return tokens * token_bytes(row) + q_out, 2.0 * row.s_q * row.heads * tokens * (D + D_V)
 
 
 def plain_jnp(q, kv, seqlens, table):
@@ -127,6 +91,12 @@ def decode_fn(implementation: str, kv_format: str | None = None):
     return functools.partial(fm.mla_decode, softmax_scale=SCALE, implementation=implementation, kv_format=kv_format)
 
 
+def row_fields(row: Row) -> dict:
+    """The row's fields in a result (the committed JSON's keys)."""
+    return dict(row=row.name, batch=row.batch, seqlen=row.context, heads=row.heads, s_q=row.s_q, ragged=row.ragged,
+                paged=row.paged, kv_format=row.kv_format, bytes_per_token=token_bytes(row))
+
+
 def run_row(row: Row, implementation: str, bandwidth: float, flops_rate: float) -> dict:
     sets = [make_inputs(row, seed) for seed in range(CALLS_PER_DISPATCH)]
     fn = decode_fn(implementation, row.kv_format)
@@ -136,9 +106,7 @@ def run_row(row: Row, implementation: str, bandwidth: float, flops_rate: float) 
     gpu_ms = None if kernels is None else sum(t for _, t in kernels) / len(sets)
     nbytes, flops = cost(row, np.asarray(sets[0][2]))
     floor = max(nbytes / bandwidth, flops / flops_rate)
-    return dict(row=row.name, implementation=implementation, batch=row.batch, seqlen=row.seqlen,
-                heads=row.heads, s_q=row.s_q, ragged=row.ragged, paged=row.paged, kv_format=row.kv_format,
-                bytes_per_token=row.bytes_per_token, ms=seconds * 1e3,
+    return dict(row_fields(row), implementation=implementation, ms=seconds * 1e3,
                 gpu_ms=gpu_ms, tb_s=nbytes / seconds / 1e12, tflop_s=flops / seconds / 1e12,
                 bound="memory" if nbytes / bandwidth >= flops / flops_rate else "compute",
                 pct_of_ceiling=100 * floor / seconds,
@@ -152,31 +120,34 @@ def run_peer_row(row: Row, peer: str, bandwidth: float, flops_rate: float) -> di
         return None
     q, kv, seqlens, table = make_inputs(row, 0)
     timer = dict(flashmla=peers.flashmla_decode_ms, flashinfer=peers.flashinfer_decode_ms)[peer]
-    ms = timer(q, kv, seqlens, table, SCALE, PAGE_SIZE)
+    ms = timer(q, kv, seqlens, table, SCALE, row.page_size)
     nbytes, flops = cost(row, np.asarray(seqlens))
     floor = max(nbytes / bandwidth, flops / flops_rate)
-    return dict(row=row.name, implementation=peer, batch=row.batch, seqlen=row.seqlen, heads=row.heads, s_q=row.s_q,
-                ragged=row.ragged, paged=row.paged, kv_format=row.kv_format, bytes_per_token=row.bytes_per_token,
-                ms=None, gpu_ms=ms, clock="cuda events", tb_s=nbytes / ms / 1e9, tflop_s=flops / ms / 1e9,
+    return dict(row_fields(row), implementation=peer, ms=None, gpu_ms=ms, clock="cuda events", tb_s=nbytes / ms / 1e9, tflop_s=flops / ms / 1e9,
                 bound="memory" if nbytes / bandwidth >= flops / flops_rate else "compute", pct_of_ceiling=None,
                 gpu_pct_of_ceiling=100 * floor / (ms * 1e-3))
 
 
-def print_fp8_speedups(results: list[dict], rows: list[Row]) -> None:
-    """Each FP8 row's speed-up over the bf16 row of its shape, per implementation, both from this run."""
+def print_fp8_speedups(results: list[dict], rows: list[Row], gpu: bool) -> None:
+    """Each FP8 row against the bf16 row of its shape, per implementation, both from this run: the two times and
+    their ratio bf16 ms / fp8 ms (above 1: the FP8 cache is faster)."""
     ms = {(r["row"], r["implementation"]): r["ms"] for r in results}
     pairs = [(r.name, r.base_name) for r in rows if r.kv_format is not None]
     if not pairs:
         return
-    print("\nFP8 cache vs bf16 cache, same shape, this run (bf16 ms / fp8 ms):")
+    print("\nFP8 cache against the bf16 cache of the same shape, this run: bf16 ms / fp8 ms (> 1: FP8 faster)")
+    if not gpu:
+        print("  (no GPU: jnp and xla dequantize the whole FP8 cache before attending, so these ratios time that "
+              "conversion, not the kernels' FP8 reads)")
     for fp8_row, base in pairs:
-        gains = [f"{impl} {ms[base, impl] / ms[fp8_row, impl]:.2f}x" for impl in dict.fromkeys(i for _, i in ms)
-                 if (base, impl) in ms and (fp8_row, impl) in ms]
-        print(f"  {fp8_row:13} vs {base:9} " + ("  ".join(gains) or f"(run {base} too)"))
+        gains = [f"{impl} {ms[base, impl]:.3g} / {ms[fp8_row, impl]:.3g} ms = {ms[base, impl] / ms[fp8_row, impl]:.2f}x"
+                 for impl in dict.fromkeys(i for _, i in ms) if ms.get((base, impl)) and ms.get((fp8_row, impl))]
+        print(f"  {fp8_row:13} {base:9} " + ("   ".join(gains) or f"(run {base} too)"))
 
 
-def plot(results: list[dict], path: str) -> None:
-    common.plot_pct_of_ceiling(results, path, f"MLA decode on {common.device_name()}")
+def plot(results: list[dict], path: str, gpu: bool = True) -> None:
+    common.plot_pct_of_ceiling(results, path, f"MLA decode on {common.device_name()}"
+                               + ("" if gpu else " (no GPU: the jnp and xla baselines at reduced sizes)"))
 
 
 def main(argv=None):
@@ -186,24 +157,23 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="*", help="implementations and peers to run (default: triton, gluon, jnp, "
                                                    "xla and every peer that imports; on a CPU jnp and xla)")
     args = parser.parse_args(argv)
-    from tqdm import tqdm
-
     gpu = has_cuda_gpu()
-    rows = [r for r in ROWS if not args.rows or r.name in args.rows]
+    rows = common.select_rows(ROWS, args.rows)
     impls = (["triton", "gluon", "jnp", "xla"] if gpu else ["jnp", "xla"]) if not args.impls else args.impls
     peer_names = [p for p in peers.available() if gpu and (not args.impls or p in args.impls)]
     if not gpu:
-        rows = [r.reduced() for r in rows]
-        print("No CUDA GPU: running the xla rows only, at reduced sizes (batch <= 4, cache <= 1024).")
+        rows = [r.reduced(batch=4, context=1024, s_q=16) for r in rows]
+        print("No CUDA GPU: running the jnp and xla baselines only, at reduced sizes (batch <= 4, cache <= 1024); "
+              "GPU columns (kernel times, peers) are left out.")
     bandwidth = common.measure_read_bandwidth(2.0 if gpu else 0.25)
     flops_rate = common.measure_matmul_rate(8192 if gpu else 1024)
-    print(f"device: {common.device_name()}  read bandwidth {bandwidth / 1e12:.2f} TB/s  "
-          f"bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s  peers: {', '.join(peer_names) or 'none'}")
+    print(f"device: {common.device_name()}  read bandwidth {common.number(bandwidth / 1e12, '.2f')} TB/s  "
+          f"bf16 matmul {common.number(flops_rate / 1e12, '.0f')} TFLOP/s  peers: {', '.join(peer_names) or 'none'}")
     results = []
     jobs = [(r, i) for r in rows for i in impls if not (i == "gluon" and (r.kv_format or r.name == "C1"))]
-    for row, impl in tqdm(jobs, desc="decode sweep"):
+    for row, impl in common.progress(jobs, desc="decode sweep"):
         results.append(run_row(row, impl, bandwidth, flops_rate))
-    for row, peer in tqdm([(r, p) for r in rows for p in peer_names], desc="peers"):
+    for row, peer in common.progress([(r, p) for r in rows for p in peer_names], desc="peers"):
         result = run_peer_row(row, peer, bandwidth, flops_rate)
         if result is not None:
             results.append(result)
@@ -217,24 +187,24 @@ def main(argv=None):
             r[f"gpu_speedup_vs_{peer}"] = (peer_ms[r["row"]] / r["gpu_ms"]
                                            if r["row"] in peer_ms and r["gpu_ms"] else None)
 
-    columns = [("ms", "ms", "9.4f"), ("gpu_ms", "gpu ms", "9.4f"), ("tb_s", "TB/s", "6.2f"),
-               ("tflop_s", "TFLOP/s", "8.1f"), ("pct_of_ceiling", "% ceil", "6.1f"),
-               ("gpu_pct_of_ceiling", "gpu %", "6.1f"), ("speedup_vs_jnp", "vs jnp", "6.2f"),
-               ("speedup_vs_xla", "vs xla", "6.2f")] + [(f"gpu_speedup_vs_{p}", f"vs {p}", "6.2f") for p in peer_names]
-    shown = [c for c in columns if any(r.get(c[0]) is not None for r in results)]
-    print(f"\n{'row':13} {'impl':10} {'bound':>7} " + " ".join(f"{title:>{len(format(0.0, spec))}}"
-                                                             for _, title, spec in shown))
-    for r in results:
-        cells = [format(r[key], spec) if r.get(key) is not None else " " * len(format(0.0, spec))
-                 for key, _, spec in shown]
-        print(f"{r['row']:13} {r['implementation']:10} {r['bound']:>7} " + " ".join(cells))
-    print_fp8_speedups(results, rows)
+    columns = [("ms", "ms", ".4f"), ("gpu_ms", "gpu ms", ".4f"), ("tb_s", "TB/s", ".2f"),
+               ("tflop_s", "TFLOP/s", ".1f"), ("pct_of_ceiling", "% ceil", ".1f"),
+               ("gpu_pct_of_ceiling", "gpu %", ".1f"), ("speedup_vs_jnp", "vs jnp", ".2f"),
+               ("speedup_vs_xla", "vs xla", ".2f")] + [(f"gpu_speedup_vs_{p}", f"vs {p}", ".2f") for p in peer_names]
+    ratio = "vs jnp, vs xla: that implementation's ms / this one's, same row (> 1: this one is faster)"
+    notes = dict(pct_of_ceiling="% ceil: the binding ceiling's time (bytes / read bandwidth or FLOPs / matmul rate) "
+                                "over the wall time",
+                 gpu_pct_of_ceiling="gpu %: the same over the kernels' GPU time (CUPTI)",
+                 speedup_vs_jnp=ratio, speedup_vs_xla=ratio,
+                 **{f"gpu_speedup_vs_{p}": f"vs {p}: {p}'s GPU ms / this one's GPU ms" for p in peer_names})
+    common.print_table(results, [("row", "row"), ("implementation", "impl"), ("bound", "bound")], columns, notes)
+    print_fp8_speedups(results, rows, gpu)
     payload = dict(device=common.device_name(), reduced_sizes=not gpu, jax=jax.__version__,
                    read_bandwidth_tb_s=bandwidth / 1e12, matmul_tflop_s=flops_rate / 1e12, results=results)
     if args.merge:
         payload = common.merged_rows("decode", payload)
     path = common.write_json("decode", payload)
-    plot(results, path.replace(".json", ".png"))
+    plot(results, path.replace(".json", ".png"), gpu)
     print(f"wrote {path} and its .png")
 
 

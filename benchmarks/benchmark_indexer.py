@@ -20,50 +20,37 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import os
-import sys
 
+import common  # first: it puts this checkout's flashmla_jax on the path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import flashmla_jax as fm  # noqa: E402
-from flashmla_jax import reference  # noqa: E402
-from flashmla_jax._backend import has_cuda_gpu, num_sms  # noqa: E402
-from flashmla_jax.ops import indexer as indexer_ops  # noqa: E402
+import flashmla_jax as fm
+from flashmla_jax import reference
+from flashmla_jax._backend import has_cuda_gpu, num_sms
+from flashmla_jax.ops import indexer as indexer_ops
 
 D = 128
 FP8 = "fp8_paged"
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    name: str
-    batch: int
-    context: int
-    heads: int
-    s_q: int
-    topk: int
-    page_size: int = 64
-    kv_format: str | None = None
-
-    @property
-    def key_bytes(self) -> int:
-        return D + 4 if self.kv_format else 2 * D
-
-    def cost(self) -> tuple[float, float]:
-        """(bytes, FLOPs) of one call: keys read once, q, weights, indices out; QK products counted."""
-        tokens = self.batch * self.context
-        q_bytes = self.batch * self.s_q * self.heads * (D * (1 if self.kv_format else 2) + 4)
-        out = self.batch * self.s_q * self.topk * 4
-        return tokens * self.key_bytes + q_bytes + out, 2.0 * self.batch * self.s_q * self.heads * self.context * D
-
-
-ROWS = [Row("I1", 64, 131072, 64, 1, 2048), Row("I1-fp8", 64, 131072, 64, 1, 2048, kv_format=FP8)]
+Row = common.Row
+ROWS = common.INDEXER_ROWS
 SMOKE = {r.name: dataclasses.replace(r, batch=2, context=512, heads=16, topk=32) for r in ROWS}
+
+
+def key_bytes(row: Row) -> int:
+    """Bytes of one cached index key: 128 bf16 values, or 128 e4m3 codes and a float32 scale."""
+    return D + 4 if row.kv_format else 2 * D
+
+
+def cost(row: Row) -> tuple[float, float]:
+    """(bytes, FLOPs) of one call: keys read once, q, weights, indices out; QK products counted."""
+    tokens = row.batch * row.context
+    q_bytes = row.batch * row.s_q * row.heads * (D * (1 if row.kv_format else 2) + 4)
+    out = row.batch * row.s_q * row.topk * 4
+    return tokens * key_bytes(row) + q_bytes + out, 2.0 * row.batch * row.s_q * row.heads * row.context * D
 
 
 def make_inputs(row: Row, seed: int):
@@ -112,10 +99,12 @@ def functions(row: Row, implementation: str, tiles=None) -> dict:
     return fns
 
 
-def run(row: Row, name: str, fn, sets, bandwidth: float, flops_rate: float, repeats: int) -> dict:
-    seconds = common.time_call(fn, sets, repeats=repeats, calls_per_repeat=4)
+def run(row: Row, name: str, fn, sets, bandwidth: float, flops_rate: float, repeats: int, smoke: bool) -> dict:
+    # A smoke run (the interpreter's host callbacks) waits for each call: enqueue-then-wait timing reads nothing.
+    seconds = (common.time_serial(fn, sets, repeats=repeats, warmup=1) if smoke
+               else common.time_call(fn, sets, repeats=repeats, calls_per_repeat=4))
     kernels = common.gpu_kernel_times(lambda: fn(*sets[0]))
-    nbytes, flops = row.cost()
+    nbytes, flops = cost(row)
     if name == "scores":
         nbytes -= row.batch * row.s_q * row.topk * 4
     floor = max(nbytes / bandwidth, flops / flops_rate)
@@ -124,10 +113,9 @@ def run(row: Row, name: str, fn, sets, bandwidth: float, flops_rate: float, repe
                bound="memory" if nbytes / bandwidth >= flops / flops_rate else "compute", floor_ms=floor * 1e3,
                pct_of_ceiling=100 * floor / seconds, tb_s=nbytes / seconds / 1e12)
     if kernels is not None:
-        gpu = sum(t for _, t in kernels)
-        score_ms = sum(t for n, t in kernels if "indexer_scores" in n)
-        out.update(gpu_ms=gpu, gpu_pct_of_ceiling=100 * floor / (gpu * 1e-3), score_kernel_ms=score_ms,
-                   topk_kernels_ms=sum(t for n, t in kernels if "indexer_topk" in n), kernels=kernels)
+        split = common.kernel_groups(kernels, dict(score=("indexer_scores",), topk=("indexer_topk",)))
+        out.update(gpu_ms=split["total"], gpu_pct_of_ceiling=100 * floor / (split["total"] * 1e-3),
+                   score_kernel_ms=split["score"], topk_kernels_ms=split["topk"], kernels=kernels)
     return out
 
 
@@ -154,10 +142,11 @@ def main(argv=None):
     if not gpu and not args.smoke:
         parser.error("no CUDA GPU: run with --smoke (tiny shapes through the interpreter)")
     impl = "triton" if gpu and not args.smoke else "interpret"
-    rows = [SMOKE[r.name] if args.smoke else r for r in ROWS if not args.rows or r.name in args.rows]
+    rows = [SMOKE[r.name] if args.smoke else r for r in common.select_rows(ROWS, args.rows)]
     bandwidth = common.measure_read_bandwidth(2.0 if gpu else 0.05)
     flops_rate = common.measure_matmul_rate(8192 if gpu else 512)
-    print(f"device: {common.device_name()}  read {bandwidth / 1e12:.2f} TB/s  bf16 matmul {flops_rate / 1e12:.0f} "
+    print(f"device: {common.device_name()}  read {common.number(bandwidth / 1e12, '.2f')} TB/s  bf16 matmul "
+          f"{common.number(flops_rate / 1e12, '.0f')} "
           f"TFLOP/s  implementation {impl}")
     results = []
     for row in rows:
@@ -172,7 +161,7 @@ def main(argv=None):
                        for c in args.sweep.split(";")]
         for tiles in configs:
             for name, fn in functions(row, impl, tiles).items():
-                r = run(row, name, fn, sets, bandwidth, flops_rate, repeats=2 if args.smoke else 10)
+                r = run(row, name, fn, sets, bandwidth, flops_rate, repeats=2 if args.smoke else 10, smoke=args.smoke)
                 if tiles is not None:
                     r["tiles"] = dataclasses.asdict(tiles)
                 results.append(r)
@@ -181,11 +170,12 @@ def main(argv=None):
                 if "gpu_ms" in r:
                     gpu_part = (f"  gpu {r['gpu_ms']:.4f} ms ({r['gpu_pct_of_ceiling']:.1f}%)  score kernel "
                                 f"{r['score_kernel_ms']:.4f}  top-k kernels {r['topk_kernels_ms']:.4f}")
-                print(f"{row.name:7} {label:28} {r['ms']:9.4f} ms  {r['tb_s']:5.2f} TB/s  "
-                      f"{r['pct_of_ceiling']:5.1f}% of the {r['bound']} ceiling ({r['floor_ms']:.4f} ms){gpu_part}",
-                      flush=True)
+                rates = ("" if args.smoke else f"  {r['tb_s']:5.2f} TB/s  {r['pct_of_ceiling']:5.1f}% of the "
+                         f"{r['bound']} ceiling ({r['floor_ms']:.4f} ms)")
+                print(f"{row.name:7} {label:28} {r['ms']:9.4f} ms{rates}{gpu_part}", flush=True)
     if args.smoke:
-        print("smoke run (Triton's interpreter on the CPU): its times say nothing about a GPU; no JSON written")
+        print("smoke run (Triton's interpreter on the CPU): wall ms of one call each, which say nothing about a GPU "
+              "(rates and % of the ceilings left out); no JSON written")
         return
     payload = dict(device=common.device_name(), jax=jax.__version__, read_bandwidth_tb_s=bandwidth / 1e12,
                    matmul_tflop_s=flops_rate / 1e12, results=results)

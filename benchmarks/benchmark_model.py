@@ -45,20 +45,16 @@ import argparse
 import dataclasses
 import json
 import os
-import statistics
-import sys
 import time
 
+import common  # first: it puts this checkout's flashmla_jax on the path
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
-from flashmla_jax import LatentCache  # noqa: E402
-from flashmla_jax._backend import has_cuda_gpu  # noqa: E402
-from flashmla_jax import flax as fmx  # noqa: E402
-from flashmla_jax.scanned_step import SCANNED_STEP_COMPILER_OPTIONS, stack_slices  # noqa: E402
+from flashmla_jax import LatentCache
+from flashmla_jax import flax as fmx
+from flashmla_jax._backend import has_cuda_gpu
+from flashmla_jax.scanned_step import SCANNED_STEP_COMPILER_OPTIONS, stack_slices
 
 D, D_V = 576, 512
 
@@ -200,29 +196,16 @@ def slice_buffers(hlo: str, stacks: dict, per_step: int) -> tuple[dict[str, int]
 # ---------------------------------------------------------------- timing
 
 
-def time_steps(step, state, args) -> tuple[float, object]:
-    """(median wall seconds per step, the state after them): each step waits for the previous one, as a
-    sampling loop that reads its token on the host."""
-    state, out = step(state, *args)               # compile and warm up
-    jax.block_until_ready(out)
-    samples = []
-    for _ in range(STEPS - 2):
-        t0 = time.perf_counter()
-        state, out = step(state, *args)
-        jax.block_until_ready(out)
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples), state
-
-
-def gpu_times(step, state, args) -> tuple[list[tuple[str, float]] | None, object]:
-    """([(kernel name, ms)] of one step from CUPTI, None without a GPU; the state after)."""
+def stepping(step, state, args):
+    """run(): one step from the state the previous one left (the cache is donated, so each step must get the last
+    one's), returning its output."""
     box = [state]
 
     def run():
         box[0], out = step(box[0], *args)
         return out
 
-    return common.gpu_kernel_times(run), box[0]
+    return run
 
 
 def kernel_summary(kernels: list[tuple[str, float]] | None) -> dict:
@@ -234,8 +217,8 @@ def kernel_summary(kernels: list[tuple[str, float]] | None) -> dict:
     for name, ms in kernels:
         by_name[name] = by_name.get(name, 0.0) + ms
     top = sorted(by_name.items(), key=lambda kv: -kv[1])[:10]
-    return dict(gpu_ms=sum(t for _, t in kernels), attention_gpu_ms=sum(t for n, t in kernels if "mla_decode" in n),
-                gemm_gpu_ms=sum(t for n, t in kernels if "gemm" in n.lower() or "nvjet" in n.lower()),
+    split = common.kernel_groups(kernels, dict(attention=("mla_decode",), gemm=("gemm", "nvjet")))
+    return dict(gpu_ms=split["total"], attention_gpu_ms=split["attention"], gemm_gpu_ms=split["gemm"],
                 top_kernels=[(n[:120], round(t, 4)) for n, t in top])
 
 
@@ -262,9 +245,12 @@ def run_form(part: str, form: str, dims: ModelDims, batch: int, context: int, dt
         slices["weight_slice_buffers"], slices["weight_slice_mb_per_step"] = slice_buffers(hlo, weights, per_step)
         slices["cache_slice_buffers"], slices["cache_slice_mb_per_step"] = slice_buffers(hlo, {"kv": state.kv},
                                                                                          per_step)
-    wall, state = time_steps(step, state, inputs)
-    kernels, state = gpu_times(step, state, inputs)
+    # Each step waits for the previous one, as a sampling loop that reads its token on the host.
+    run = stepping(step, state, inputs)
     del state
+    wall = common.time_serial(run, repeats=STEPS - 2, warmup=1)
+    kernels = common.gpu_kernel_times(run)
+    del run
     k = kernel_summary(kernels)
     attn_ms = k["attention_gpu_ms"]
     return dict(part=part, form=form, model=dims.name, layers=dims.layers, hidden=dims.hidden, heads=dims.heads,
@@ -282,28 +268,12 @@ def row_key(r: dict) -> tuple:
 
 
 def plot(results: list[dict], path: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(15, 4.5))
-    for ax, part, key, label in ((axes[0], "attention", "per_layer_wall_ms", "ms per layer (wall)"),
-                                 (axes[1], "model", "tokens_per_s", "tokens/s")):
-        rows = [r for r in results if r["part"] == part]
-        cases = list(dict.fromkeys(f"{r['model']} B{r['batch']}" for r in rows))
-        series = list(dict.fromkeys(bar_label(r) for r in rows))
-        width = 0.8 / max(len(series), 1)
-        for j, name in enumerate(series):
-            vals = [next((r[key] for r in rows if f"{r['model']} B{r['batch']}" == c and bar_label(r) == name), 0)
-                    for c in cases]
-            ax.bar(np.arange(len(cases)) + j * width, vals, width, label=name)
-        ax.set_xticks(np.arange(len(cases)) + width * (len(series) - 1) / 2, cases, rotation=20)
-        ax.set_ylabel(label)
-        ax.set_title(f"{part} step on {common.device_name()}")
-        if series:
-            ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    panels = []
+    for part, key, label in (("attention", "per_layer_wall_ms", "ms per layer (wall)"),
+                             ("model", "tokens_per_s", "tokens/s")):
+        values = {(f"{r['model']} B{r['batch']}", bar_label(r)): r[key] for r in results if r["part"] == part}
+        panels.append(common.BarPanel(f"{part} step on {common.device_name()}", label, values))
+    common.plot_bars(panels, path)
 
 
 def bar_label(r: dict) -> str:
@@ -383,12 +353,13 @@ def main(argv=None):
 
 
 def report_line(r: dict) -> str:
-    nan = float("nan")
+    """One printed line per form; the kernel times (CUPTI) only where there are some (a GPU)."""
     line = (f"{r['part']:9} {r['model']:8} B{r['batch']:<4} {r['form']:9} {r['compile']:16} wall {r['wall_ms']:8.3f} ms "
-            f"({r['per_layer_wall_ms']:.4f} ms/layer)  kernels {r['gpu_ms'] or nan:8.3f} ms (attention "
-            f"{r['attention_gpu_ms'] or nan:.3f}, gemm {r['gemm_gpu_ms'] or nan:.3f})  wall-kernels "
-            f"{nan if r['wall_minus_kernel_ms'] is None else r['wall_minus_kernel_ms']:7.3f} ms  "
-            f"{r['tokens_per_s']:10.0f} tokens/s")
+            f"({r['per_layer_wall_ms']:.4f} ms/layer)")
+    if r["gpu_ms"] is not None:
+        line += (f"  kernels {r['gpu_ms']:8.3f} ms (attention {r['attention_gpu_ms']:.3f}, gemm {r['gemm_gpu_ms']:.3f})"
+                 f"  wall-kernels {r['wall_minus_kernel_ms']:7.3f} ms")
+    line += f"  {r['tokens_per_s']:10.0f} tokens/s"
     if r["part"] == "model":
         line += (f"  HLO slice buffers: weights {sum(r['weight_slice_buffers'].values())} "
                  f"({r['weight_slice_mb_per_step']:.0f} MB/step), cache {sum(r['cache_slice_buffers'].values())}")

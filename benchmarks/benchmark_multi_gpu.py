@@ -7,7 +7,7 @@ inputs laid out by flashmla_jax.sharding, against the same call on one GPU.
 
 Rows: X-DP-D1 (B128 N4096 H16), X-DP-D1-paged, X-DP-D2 (B64 N16384 H16) batch-sharded; X-CP-256K and
 X-CP-1M (one sequence, H16) sequence-sharded; X-TP-D5 (B128 N4096 H128) head-sharded. bf16, S_q 1.
-Per row and device count: wall time per call (`time_in_one_dispatch`: four calls on distinct inputs in one
+Per row and device count: wall time per call (`common.time_synced_dispatch`: four calls on distinct inputs in one
 jitted dispatch, host dispatch included) and GPU time from CUPTI (benchmarks/common.py `gpu_kernel_times`),
 split by kernel name into attention (our Triton kernels), collective (NCCL) and other;
 CUPTI sees the kernels of every GPU, so per-device time is the total over the number of devices.
@@ -19,51 +19,34 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import statistics
 import sys
-import time
 import tempfile
 
 if "--smoke" in sys.argv:                  # before jax starts: 8 CPU devices stand in for GPUs
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
-import jax
-import jax.numpy as jnp
-import numpy as np
-from jax.sharding import Mesh
+import common  # noqa: E402  (first: it puts this checkout's flashmla_jax on the path)
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
 import flashmla_jax as fm  # noqa: E402
 from flashmla_jax import sharding  # noqa: E402
 
-D, D_V, PAGE = 576, 512, 64
+D, D_V = 576, 512
 SCALE = 192 ** -0.5
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    name: str
-    layout: str            # "dp" | "cp" | "tp"
-    batch: int
-    seqlen: int
-    heads: int
-    paged: bool = False
-    devices: tuple = (2, 4)
-
-    def smoke(self) -> "Row":
-        return dataclasses.replace(self, batch=min(self.batch, 8), seqlen=min(self.seqlen // 16, 1024),
-                                   heads=min(self.heads, 8))
+Row = common.Row
+ROWS = common.MULTI_GPU_ROWS      # layout "dp" | "cp" | "tp", devices: the counts besides one
 
 
-ROWS = [
-    Row("X-DP-D1", "dp", 128, 4096, 16),
-    Row("X-DP-D1-paged", "dp", 128, 4096, 16, paged=True),
-    Row("X-DP-D2", "dp", 64, 16384, 16),
-    Row("X-CP-256K", "cp", 1, 262144, 16),
-    Row("X-CP-1M", "cp", 1, 1048576, 16),
-    Row("X-TP-D5", "tp", 128, 4096, 128, devices=(4,)),
-]
+def smoke(row: Row) -> Row:
+    return dataclasses.replace(row, batch=min(row.batch, 8), context=min(row.context // 16, 1024),
+                               heads=min(row.heads, 8))
+
+
 COLLECTIVE_MARKERS = ("nccl", "allreduce", "all_reduce", "allgather", "all_gather", "reducescatter",
                       "all_to_all", "alltoall", "collective")
 
@@ -80,13 +63,13 @@ def make_inputs(row: Row, layout: sharding.DecodeLayout, seed: int):
     put = lambda spec: layout.sharding(spec)
     q = jax.jit(lambda k: jax.random.normal(k, (row.batch, 1, row.heads, D), jnp.bfloat16),
                 out_shardings=put(layout.q))(kq)
-    lens = jax.device_put(jnp.full((row.batch,), row.seqlen, jnp.int32), put(layout.cache_seqlens))
+    lens = jax.device_put(jnp.full((row.batch,), row.context, jnp.int32), put(layout.cache_seqlens))
     if not row.paged:
-        kv = jax.jit(lambda k: jax.random.normal(k, (row.batch, row.seqlen, D), jnp.bfloat16),
+        kv = jax.jit(lambda k: jax.random.normal(k, (row.batch, row.context, D), jnp.bfloat16),
                      out_shardings=put(layout.kv_cache))(kk)
         return q, kv, lens, None
-    per = row.seqlen // PAGE
-    kv = jax.jit(lambda k: jax.random.normal(k, (row.batch * per, PAGE, D), jnp.bfloat16),
+    per = row.context // row.page_size
+    kv = jax.jit(lambda k: jax.random.normal(k, (row.batch * per, row.page_size, D), jnp.bfloat16),
                  out_shardings=put(layout.paged_kv_cache))(kk)
     # Pages shuffled within each device's pool slice (the per-device-pool layout's invariant).
     n_dev = layout.size(layout.batch)
@@ -104,30 +87,12 @@ def gpu_times(fn, args, n_dev: int) -> dict | None:
         return dict(error=f"{type(e).__name__}: {e}"[:300])
     if kernels is None:
         return None
-    kind = lambda name: ("collective" if any(m in name.lower() for m in COLLECTIVE_MARKERS)
-                         else "attention" if "mla_decode" in name else "other")
-    split = {"attention": 0.0, "collective": 0.0, "other": 0.0}
-    for name, ms in kernels:
-        split[kind(name)] += ms
-    total = sum(split.values())
-    return dict(total_ms=total, per_device_ms=total / n_dev, **{f"{k}_ms": v for k, v in split.items()},
+    split = common.kernel_groups(kernels, dict(collective=COLLECTIVE_MARKERS, attention=("mla_decode",)))
+    total = split.pop("total")
+    return dict(total_ms=total, per_device_ms=total / n_dev, **{f"{k}_ms": split[k] for k in ("attention",
+                                                                                                "collective", "other")},
                 per_device_collective_ms=split["collective"] / n_dev,
                 kernels=[(n, round(t, 5)) for n, t in kernels[:40]])
-
-
-def time_in_one_dispatch(f, sets, repeats: int = 10) -> float:
-    """Median seconds per call when the calls on all of `sets` (distinct inputs, so nothing is merged) run in
-    one jitted dispatch, timed from the dispatch to the last output on every device. common.time_call's
-    steady-state clock needs one GPU kept busy by its blocker, which does not hold with several devices
-    (it read 1 us for a 4-GPU call); one dispatch per len(sets) calls keeps the host's share small."""
-    many = jax.jit(lambda sets: [f(*s) for s in sets])
-    jax.block_until_ready(many(sets))
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(many(sets))
-        samples.append((time.perf_counter() - t0) / len(sets))
-    return statistics.median(samples)
 
 
 def run_row(row: Row, impl: str | None, counts: list[int]) -> list[dict]:
@@ -138,9 +103,9 @@ def run_row(row: Row, impl: str | None, counts: list[int]) -> list[dict]:
         mesh = Mesh(np.array(jax.devices()[:n]), ("x",))
         layout = layout_for(row, mesh)
         sets = [make_inputs(row, layout, seed) for seed in range(4)]
-        wall = time_in_one_dispatch(f, sets)
+        wall = common.time_synced_dispatch(f, sets)
         hlo = f.lower(*sets[0]).compile().as_text()
-        res = dict(row=row.name, layout=row.layout, devices=n, batch=row.batch, seqlen=row.seqlen, heads=row.heads,
+        res = dict(row=row.name, layout=row.layout, devices=n, batch=row.batch, seqlen=row.context, heads=row.heads,
                    paged=row.paged, wall_ms=wall * 1e3, gpu=gpu_times(f, sets[0], n),
                    hlo_all_gathers=hlo.count(" all-gather(") + hlo.count(" all-gather-start("))
         results.append(res)
@@ -164,27 +129,12 @@ def run_row(row: Row, impl: str | None, counts: list[int]) -> list[dict]:
 
 
 def plot(results: list[dict], path: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = list(dict.fromkeys(r["row"] for r in results))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(rows)), 4))
-    counts = sorted({r["devices"] for r in results})
-    width = 0.8 / len(counts)
-    for i, n in enumerate(counts):
-        ys = []
-        for name in rows:
-            base = next(r for r in results if r["row"] == name and r["devices"] == 1)
-            hit = [r for r in results if r["row"] == name and r["devices"] == n]
-            ys.append(base["wall_ms"] / hit[0]["wall_ms"] if hit else 0.0)
-        ax.bar(np.arange(len(rows)) + i * width, ys, width, label=f"{n} device{'s' * (n > 1)}")
-    ax.set_xticks(np.arange(len(rows)) + width * (len(counts) - 1) / 2, rows, rotation=20)
-    ax.set_ylabel("speed-up over one device (wall)")
-    ax.set_title(f"mla_decode under jit, sharded ({common.device_name()})")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    """Wall speed-up over one device, per row and device count."""
+    one = {r["row"]: r["wall_ms"] for r in results if r["devices"] == 1}
+    values = {(r["row"], f"{r['devices']} device{'s' * (r['devices'] > 1)}"): one[r["row"]] / r["wall_ms"]
+              for r in results if r["devices"] > 1}
+    common.plot_bars([common.BarPanel(f"mla_decode under jit, sharded ({common.device_name()})",
+                                      "speed-up over one device (wall)", values, reference=1.0)], path)
 
 
 def main(argv=None):
@@ -195,9 +145,9 @@ def main(argv=None):
     parser.add_argument("--out-dir", default=None, help="default: benchmarks/results (smoke: a temp dir)")
     args = parser.parse_args(argv)
     impl = "xla" if args.smoke else args.implementation
-    rows = [r for r in ROWS if not args.rows or r.name in args.rows]
+    rows = common.select_rows(ROWS, args.rows)
     if args.smoke:
-        rows = [r.smoke() for r in rows]
+        rows = [smoke(r) for r in rows]
     available = len(jax.devices())
     print(f"{common.device_name()} x {available}, implementation {impl or 'default'}")
     results = []
@@ -208,25 +158,21 @@ def main(argv=None):
             continue
         for r in run_row(row, impl, counts):
             results.append(r)
-            g = r["gpu"] or {}
-            gpu = (f"GPU/device {g['per_device_ms']:.3f} ms (attention {g['attention_ms'] / r['devices']:.3f}, "
-                   f"collective {g['per_device_collective_ms']:.3f})" if "per_device_ms" in g else
-                   (g.get("error", "GPU time: n/a")))
-            extra = f" speed-up {r['speedup_wall']:.2f}x" if "speedup_wall" in r else ""
+            g = r["gpu"]        # None without a GPU: no GPU part in the line
+            gpu = "" if g is None else (
+                f", GPU/device {g['per_device_ms']:.3f} ms (attention {g['attention_ms'] / r['devices']:.3f}, "
+                f"collective {g['per_device_collective_ms']:.3f})" if "per_device_ms" in g else f", {g['error']}")
+            extra = f" (one device's wall ms / this: {r['speedup_wall']:.2f}x)" if "speedup_wall" in r else ""
             target = f"  [{r['target']}: {'met' if r['target_met'] else 'MISSED'}]" if "target" in r else ""
-            print(f"{r['row']:>14} {r['layout']} x{r['devices']}: wall {r['wall_ms']:.3f} ms{extra}, {gpu}, "
+            print(f"{r['row']:>14} {r['layout']} x{r['devices']}: wall {r['wall_ms']:.3f} ms{extra}{gpu}, "
                   f"all-gathers in HLO {r['hlo_all_gathers']}{target}", flush=True)
     out_dir = args.out_dir or (tempfile.mkdtemp(prefix="multi_gpu_smoke_") if args.smoke else common.RESULTS_DIR)
     os.makedirs(out_dir, exist_ok=True)
-    name = f"multi_gpu_{'smoke_' if args.smoke else ''}{common.device_slug()}"
     payload = dict(device=common.device_name(), device_count=available, implementation=impl or "default",
                    jax=jax.__version__, results=results)
-    import json
-    json_path = os.path.join(out_dir, name + ".json")
-    with open(json_path, "w") as f:
-        json.dump(payload, f, indent=2)
+    json_path = common.write_json("multi_gpu_smoke" if args.smoke else "multi_gpu", payload, out_dir)
     if results:
-        plot(results, os.path.join(out_dir, name + ".png"))
+        plot(results, json_path.replace(".json", ".png"))
     print("wrote", json_path)
 
 

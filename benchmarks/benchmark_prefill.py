@@ -20,22 +20,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-import sys
 import time
 import traceback
 
+import common  # first: it puts this checkout's flashmla_jax on the path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import flashmla_jax as fm
+from flashmla_jax.ops import prefill as prefill_ops
 
-import common  # noqa: E402
-import flashmla_jax as fm  # noqa: E402
-from flashmla_jax.ops import prefill as prefill_ops  # noqa: E402
-
-ROWS = {"P1": dict(b=1, s=8192, h=128), "P2": dict(b=4, s=4096, h=16)}
+ROWS = {r.name: r for r in common.PREFILL_ROWS}     # batch, context (the sequence length), heads
 D_QK, D_V = 192, 128
 SCALE = D_QK ** -0.5
 
@@ -130,7 +126,7 @@ SWEEP = dict(
 
 
 def sweep(row, budget_s, log):
-    b, s, h = ROWS[row]["b"], ROWS[row]["s"], ROWS[row]["h"]
+    b, s, h = ROWS[row].batch, ROWS[row].context, ROWS[row].heads
     q, k, v, do = inputs(b, s, h)
     best = prefill_ops.prefill_tiles("triton", jnp.bfloat16, D_QK, D_V)
     results = []
@@ -175,6 +171,9 @@ def main():
     ap.add_argument("--no-chunked", action="store_true")
     ap.add_argument("--out", default=None, help="also copy the JSON into this folder")
     args = ap.parse_args()
+    if not common.on_gpu():
+        ap.error("needs a CUDA GPU: it times mla_prefill's Triton kernels (tests/test_prefill.py runs them on a CPU "
+                 "in Triton's interpreter)")
 
     lines = []
 
@@ -208,8 +207,8 @@ def main():
     if args.sweep:
         save()
 
-    for row in args.rows:
-        b, s, h = ROWS[row]["b"], ROWS[row]["s"], ROWS[row]["h"]
+    for row in [r.name for r in common.select_rows(common.PREFILL_ROWS, args.rows)]:
+        b, s, h = ROWS[row].batch, ROWS[row].context, ROWS[row].heads
         q, k, v, do = inputs(b, s, h)
         ff, bf = fwd_flops(b, s, h), bwd_flops(b, s, h)
         res = dict(B=b, S=s, H=h, d_qk=D_QK, d_v=D_V, fwd_gflop=ff / 1e9, bwd_gflop=bf / 1e9)
@@ -259,8 +258,8 @@ def log_row(row, res, log):
     for impl in ("xla", "cudnn"):
         if impl in res:
             e = res[impl]
-            msg += f" | {impl}: " + (e["error"][:80] if "error" in e else
-                                     f"fwd {e['fwd_ms']:.2f} ms, fwd+bwd {e.get('fwd_bwd_ms', float('nan')):.2f} ms")
+            both = f"{e['fwd_bwd_ms']:.2f} ms" if "fwd_bwd_ms" in e else "failed (fwd_bwd_error in the JSON)"
+            msg += f" | {impl}: " + (e["error"][:80] if "error" in e else f"fwd {e['fwd_ms']:.2f} ms, fwd+bwd {both}")
     log(msg)
 
 
@@ -288,7 +287,8 @@ def chunked_prefill(matmul, log):
 def table(payload):
     mm = payload["matmul_tflops"]
     out = [f"\n{payload['device']} — bf16 matmul ceiling {mm:.0f} TFLOP/s (measured); causal, d_qk 192 / d_v 128, bf16",
-           "| row | pass | triton ms | TFLOP/s | % matmul | xla ms (v padded) | cuDNN ms (v padded) | vs xla | vs cuDNN |",
+           "| row | pass | triton ms | TFLOP/s | % matmul | xla ms (v padded) | cuDNN ms (v padded) | xla / triton | "
+           "cuDNN / triton |",
            "|---|---|---|---|---|---|---|---|---|"]
     for row, r in payload["rows"].items():
         t = r["triton"]

@@ -25,24 +25,17 @@ bf16 matmul rate measured in the same run, whichever binds.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import functools
-import os
-import statistics
-import sys
-import time
 
+import common  # first: it puts this checkout's flashmla_jax on the path
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-import peers  # noqa: E402
-import flashmla_jax as fm  # noqa: E402
-from flashmla_jax._backend import has_cuda_gpu  # noqa: E402
-from flashmla_jax.fp8 import bytes_per_token, quantize_latent  # noqa: E402
+import peers
+import flashmla_jax as fm
+from flashmla_jax._backend import has_cuda_gpu
+from flashmla_jax.fp8 import bytes_per_token, quantize_latent
 
 D, D_V = 576, 512
 SCALE = 192 ** -0.5
@@ -50,26 +43,13 @@ PAGE = 64
 FP8 = "fp8_blockscale"
 
 
-@dataclasses.dataclass(frozen=True)
-class Row:
-    name: str
-    batch: int            # sequences (1 for the prefill row)
-    s_q: int              # query tokens per sequence (the prefill row's tokens)
-    heads: int
-    topk: int
-    context: int          # tokens each sequence's top-k is drawn from (prefill: the kv length)
-    kv_format: str | None
-    prefill: bool = False
-
-    def reduced(self) -> "Row":
-        """The same row at CPU-friendly size (H 16 keeps the kernels' narrow tiles)."""
-        return dataclasses.replace(self, batch=min(self.batch, 2), s_q=min(self.s_q, 4 if self.prefill else 2),
-                                   heads=min(self.heads, 16), topk=min(self.topk, 128),
-                                   context=min(self.context, 1024))
+Row = common.Row
+ROWS = common.SPARSE_ROWS     # batch (1 for SP), s_q (SP: its query tokens), heads, topk, context (SP: kv length)
 
 
-ROWS = [Row("S1", 128, 2, 128, 2048, 32768, FP8), Row("S2", 128, 1, 128, 2048, 32768, FP8),
-        Row("S3", 128, 1, 64, 2048, 32768, FP8), Row("SP", 1, 4096, 128, 2048, 32768, None, prefill=True)]
+def reduced(row: Row) -> Row:
+    """The same row at CPU-friendly size (H 16 keeps the kernels' narrow tiles)."""
+    return row.reduced(batch=2, s_q=4 if row.prefill else 2, heads=16, topk=128, context=1024)
 
 
 def _random_topk(key, rows: int, n: int, topk: int) -> jax.Array:
@@ -140,7 +120,7 @@ def run_row(row: Row, impls: list[str], with_peer: bool, gpu: bool) -> list[dict
         if gpu:
             seconds = common.time_call(fn, sets, repeats=10, calls_per_repeat=5, warmup=2)
         else:
-            seconds = _serial_time(fn, sets)
+            seconds = common.time_serial(fn, sets)
         kernels = common.gpu_kernel_times(lambda: fn(*sets[0]))
         results.append(dict(base, implementation=impl, ms=seconds * 1e3,
                             gpu_ms=None if kernels is None else sum(t for _, t in kernels), relerr=relerr(out)))
@@ -151,17 +131,6 @@ def run_row(row: Row, impls: list[str], with_peer: bool, gpu: bool) -> list[dict
             results.append(dict(base, implementation="flashmla", ms=None, gpu_ms=ms, clock="cuda events",
                                 relerr=relerr(out.float().cpu().numpy())))
     return results
-
-
-def _serial_time(fn, sets, repeats: int = 3) -> float:
-    """Median seconds of one call run alone (a CPU runs jitted calls side by side, which common.time_call's
-    enqueue-then-wait timing would hide)."""
-    samples = []
-    for r in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*sets[r % len(sets)]))
-        samples.append(time.perf_counter() - t0)
-    return statistics.median(samples)
 
 
 def add_rates(results: list[dict], bandwidth: float, flops_rate: float) -> None:
@@ -191,9 +160,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     gpu = has_cuda_gpu()
     smoke = args.smoke or not gpu
-    rows = [r for r in ROWS if not args.rows or r.name in args.rows]
+    rows = common.select_rows(ROWS, args.rows)
     if smoke:
-        rows = [r.reduced() for r in rows]
+        rows = [reduced(r) for r in rows]
         print("smoke run: reduced sizes (B <= 2, H <= 16, top-k <= 128, context <= 1024)"
               + ("" if gpu else "; no CUDA GPU: the kernels run in Triton's interpreter"))
     impls = ["triton", "xla"] if gpu else ["interpret", "xla"]
@@ -213,13 +182,13 @@ def main(argv=None):
     add_rates(results, bandwidth, flops_rate)
     print(f"device: {common.device_name()}  read bandwidth {bandwidth / 1e12:.2f} TB/s  "
           f"bf16 matmul {flops_rate / 1e12:.0f} TFLOP/s")
-    nan = float("nan")
-    print(f"\n{'row':4} {'impl':9} {'ms':>8} {'gpu ms':>8} {'TB/s':>6} {'TFLOP/s':>8} {'bound':>7} {'% ceil':>7} "
-          f"{'gpu %':>7} {'vs FlashMLA':>11} {'relerr':>8}   (FlashMLA: CUDA-event time, no wall time)")
-    for r in results:
-        print(f"{r['row']:4} {r['implementation']:9} {r['ms'] or nan:8.4f} {r['gpu_ms'] or nan:8.4f} {r['tb_s']:6.2f} "
-              f"{r['tflop_s']:8.1f} {r['bound']:>7} {r['pct_of_ceiling'] or nan:6.1f}% "
-              f"{r['gpu_pct_of_ceiling'] or nan:6.1f}% {r['speedup_vs_flashmla'] or nan:10.2f}x {r['relerr']:8.1e}")
+    columns = [("ms", "ms", ".4f"), ("gpu_ms", "gpu ms", ".4f"), ("tb_s", "TB/s", ".2f"),
+               ("tflop_s", "TFLOP/s", ".1f"), ("pct_of_ceiling", "% ceil", ".1f"),
+               ("gpu_pct_of_ceiling", "gpu %", ".1f"), ("speedup_vs_flashmla", "vs FlashMLA", ".2f"),
+               ("relerr", "relerr", ".1e")]
+    common.print_table(results, [("row", "row"), ("implementation", "impl"), ("bound", "bound")], columns, dict(ms="ms: wall time per call (FlashMLA has none: its gpu ms are CUDA-event time)",
+                                     speedup_vs_flashmla="vs FlashMLA: FlashMLA's GPU ms / this one's (> 1: faster)",
+                                     relerr="relerr: ||out - xla|| / ||xla|| on the same inputs"))
     if smoke:
         return
     payload = dict(device=common.device_name(), jax=jax.__version__, read_bandwidth_tb_s=bandwidth / 1e12,

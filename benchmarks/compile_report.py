@@ -21,20 +21,17 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
+import common  # first: it puts this checkout's flashmla_jax on the path
 import jax.numpy as jnp
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import common  # noqa: E402
-from flashmla_jax.kernels import _compile  # noqa: E402
-from flashmla_jax.kernels import decode as kernels  # noqa: E402
-from flashmla_jax.kernels import gluon_decode  # noqa: E402
-from flashmla_jax.kernels import sparse as sparse_kernels  # noqa: E402
-from flashmla_jax.ops import decode as decode_ops  # noqa: E402
-from flashmla_jax.ops import sparse as sparse_ops  # noqa: E402
-from flashmla_jax.fp8 import FP8_FORMATS, latent_format  # noqa: E402
+from flashmla_jax.fp8 import FP8_FORMATS, latent_format
+from flashmla_jax.kernels import _compile
+from flashmla_jax.kernels import decode as kernels
+from flashmla_jax.kernels import gluon_decode
+from flashmla_jax.kernels import sparse as sparse_kernels
+from flashmla_jax.ops import decode as decode_ops
+from flashmla_jax.ops import sparse as sparse_ops
 
 H100_SMS = 132         # the schedule is planned for an H100 SXM: this machine has no GPU to ask
 _TRITON_TYPES = {jnp.bfloat16: "bf16", jnp.float16: "fp16", jnp.float32: "fp32"}

@@ -14,37 +14,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import itertools
-import os
-import sys
 
+import benchmark
+import common
 import jax.numpy as jnp
 import numpy as np
 import torch
 import triton
 import triton.testing
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import benchmark  # noqa: E402
-import common  # noqa: E402
-from flashmla_jax.kernels import decode as kernels  # noqa: E402
-from flashmla_jax.ops import decode as decode_ops  # noqa: E402
+from flashmla_jax.kernels import decode as kernels
+from flashmla_jax.ops import decode as decode_ops
 
-EXTRA_ROWS = [benchmark.Row("chunk", 1, 16384, 16, 1024)]     # C1, the absorbed chunked-prefill row
+# "chunk": C1's earlier name, the absorbed chunked-prefill row
+EXTRA_ROWS = [dataclasses.replace(r, name="chunk") for r in common.DECODE_ROWS if r.name == "C1"]
 
 
 def make_inputs(row, seed=0):
     g = torch.Generator(device="cuda").manual_seed(seed)
     d = benchmark.D
     q = torch.randn(row.batch, row.s_q * row.heads, d, device="cuda", generator=g).to(torch.bfloat16)
-    kv = torch.randn(row.batch, row.seqlen, d, device="cuda", generator=g).to(torch.bfloat16)
+    kv = torch.randn(row.batch, row.context, d, device="cuda", generator=g).to(torch.bfloat16)
     if row.ragged:
-        seqlens = torch.randint(1, row.seqlen + 1, (row.batch,), device="cuda", generator=g, dtype=torch.int32)
+        seqlens = torch.randint(1, row.context + 1, (row.batch,), device="cuda", generator=g, dtype=torch.int32)
     else:
-        seqlens = torch.full((row.batch,), row.seqlen, device="cuda", dtype=torch.int32)
+        seqlens = torch.full((row.batch,), row.context, device="cuda", dtype=torch.int32)
     table = None
     if row.paged:
-        per_seq = row.seqlen // benchmark.PAGE_SIZE
-        kv = kv.reshape(row.batch * per_seq, benchmark.PAGE_SIZE, d)
+        per_seq = row.context // row.page_size
+        kv = kv.reshape(row.batch * per_seq, row.page_size, d)
         table = torch.randperm(row.batch * per_seq, device="cuda", generator=g).to(torch.int32).reshape(
             row.batch, per_seq)
     return q, kv, seqlens, table
@@ -128,9 +126,9 @@ def main():
     parser.add_argument("--waves", nargs="*", type=int, default=None, help="balanced schedule waves to try")
     parser.add_argument("--once", action="store_true", help="launch a few times only (for ncu)")
     args = parser.parse_args()
-    rows = [r for r in benchmark.ROWS + EXTRA_ROWS if r.name in args.rows]
+    rows = common.select_rows(common.DECODE_ROWS + EXTRA_ROWS, args.rows)
     for row in rows:
-        base = decode_ops.decode_tiles(row.s_q * row.heads, jnp.bfloat16, benchmark.PAGE_SIZE if row.paged else None)
+        base = decode_ops.decode_tiles(row.s_q * row.heads, jnp.bfloat16, row.page_size if row.paged else None)
         candidates = [base]
         if args.sweep:
             candidates = [decode_ops.DecodeTiles.with_defaults(bm, bn, w, s)

@@ -41,13 +41,15 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 import flashmla_jax as fm
+from flashmla_jax._extras import require
 from flashmla_jax._backend import has_cuda_gpu
 from flashmla_jax.flax import MultiHeadLatentAttention
 from flashmla_jax.fp8 import E4M3_MAX, FP8_FORMATS, bytes_per_token
 from flashmla_jax.scanned_step import jit_scanned_step, stack_slices
+
+nnx = require("flax.nnx", "examples/generate.py")
 
 
 def parse_args(argv=None):

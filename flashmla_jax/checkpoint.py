@@ -49,6 +49,7 @@ from typing import Any
 
 import numpy as np
 
+from flashmla_jax._extras import require
 from flashmla_jax.config import MLAConfig, param_shapes
 
 __all__ = ["HFCheckpointConfig", "read_hf_config", "hf_param_shapes", "rope_permutation",
@@ -328,7 +329,7 @@ class SafetensorsStateDict(Mapping):
         file = self._where[name]   # KeyError for an unknown name, as a dict
         if not file.is_file():
             raise ValueError(f"{name} is mapped to {file}, which does not exist")
-        from safetensors import safe_open
+        safe_open = require("safetensors", "flashmla_jax.checkpoint").safe_open
         try:
             with safe_open(str(file), framework="numpy") as f:
                 return f.get_tensor(name)

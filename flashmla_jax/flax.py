@@ -35,13 +35,15 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from flashmla_jax import _checks
+from flashmla_jax._extras import require
 from flashmla_jax.cache import LatentCache
 from flashmla_jax.config import MLAConfig, YarnScaling, param_shapes
 from flashmla_jax.ops.decode import mla_decode
 from flashmla_jax.ops.prefill import mla_prefill
+
+nnx = require("flax.nnx", "flashmla_jax.flax")
 
 __all__ = ["MLAConfig", "YarnScaling", "MultiHeadLatentAttention", "mla_attention", "init_params",
            "param_shapes", "absorb_query", "absorb_output", "split_wkv_b", "apply_rope", "rms_norm",

@@ -81,3 +81,28 @@ def test_context_parallel_rejects_paged():
     mesh = Mesh(np.array(jax.devices()[:1]), ("seq",))
     with pytest.raises(ValueError, match="contiguous kv_cache"):
         sharding.context_parallel(mesh).check((2, 1, 4, 576), (8, 16, 576), paged=True)
+
+
+_EXIT_WITHOUT_READING = """
+import jax, jax.numpy as jnp
+from jax.sharding import Mesh
+import flashmla_jax as fm
+from flashmla_jax import sharding
+layout = sharding.context_parallel(Mesh(jax.devices(), ("x",)), "x")
+q = jax.device_put(jnp.ones((1, 1, 16, 576), jnp.float32), layout.sharding(layout.q))
+kv = jax.device_put(jnp.ones((1, 256, 576), jnp.float32), layout.sharding(layout.kv_cache))
+lens = jax.device_put(jnp.full((1,), 256, jnp.int32), layout.sharding(layout.cache_seqlens))
+out = jax.jit(lambda q, kv, l: fm.mla_decode(q, kv, l, softmax_scale=0.05, implementation="interpret"))(q, kv, lens)
+print("dispatched", flush=True)
+"""
+
+
+def test_interpreted_sharded_program_exits_without_reading_its_result():
+    """A sequence-sharded interpreted decode on 8 host devices, in a script that exits while the program may
+    still run: it exits cleanly (it used to hang 60 s in a collective, then abort with rc 134: the interpreter's
+    host callback imported torch after Python's shutdown had begun, which raised)."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+    proc = subprocess.run([sys.executable, "-c", _EXIT_WITHOUT_READING],
+                          env=subprocess_env(XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=50)
+    assert proc.returncode == 0 and "dispatched" in proc.stdout, proc.stderr[-3000:]

@@ -9,6 +9,7 @@ float scalar as `np.float32`), then one output pointer per `out_shape` entry, th
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
 from typing import Any, Callable, Sequence
 
@@ -54,6 +55,7 @@ def launch(kernel, *args, out_shape: Sequence[jax.ShapeDtypeStruct], grid: tuple
 
 
 def _interpret(kernel, args, out_shape, grid, zeroed_outputs, aliases, constexprs):
+    _import_interpreter_modules()
     is_array = [not isinstance(a, (bool, int, float, np.floating, np.integer)) for a in args]
     arrays = [a for a, arr in zip(args, is_array) if arr]
     grid = tuple(grid(constexprs) if callable(grid) else grid)
@@ -73,6 +75,15 @@ def _interpret(kernel, args, out_shape, grid, zeroed_outputs, aliases, constexpr
     # host_call: jax.pure_callback without the device_put that stalls a program on many CPU devices
     # (ops/_host_call.py).
     return list(host_call(host, tuple(out_shape), *arrays))
+
+
+def _import_interpreter_modules() -> None:
+    """Imports what the host function uses, here (when the program is traced) rather than in the callback: a
+    program may still run when Python exits, and an import there fails (torch's import registers a threading
+    exit hook, refused after shutdown: "can't register atexit after shutdown"). On many devices the failed
+    callback left the other devices waiting in a collective until they aborted (rc 134, 60 s)."""
+    for module in ("ml_dtypes", "torch", "triton.runtime.interpreter"):
+        importlib.import_module(module)
 
 
 def _interpreted(jit_fn):

@@ -12,6 +12,7 @@ import abc
 from typing import Generic, Mapping, Sequence, TypeVar
 
 from flashmla_jax._backend import has_cuda_gpu
+from flashmla_jax._extras import runner_missing
 
 Call = TypeVar("Call")
 
@@ -41,11 +42,12 @@ class TritonRunner:
         self.partitionable = runner != "interpret"
 
     def runner_unsupported(self) -> str | None:
-        """Why the runner cannot run here (None when it can)."""
+        """Why the runner cannot run here (None when it can): no CUDA GPU for "triton", or a module it imports
+        missing (the message says which extra installs it)."""
         if self.name == "triton" and not has_cuda_gpu():
             return ("the Triton kernels need a CUDA GPU as JAX's default backend (\"interpret\" runs them on the CPU "
                     "through Triton's interpreter)")
-        return None
+        return runner_missing(self.name)
 
 
 class Registry(Generic[Call]):

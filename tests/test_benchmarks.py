@@ -1,0 +1,67 @@
+"""benchmarks/common.py, the module every benchmark shares: one row type, a printed table that leaves out the
+columns a CPU cannot fill, ratios that say what they compare, bar plots."""
+import dataclasses
+import importlib
+import os
+
+import pytest
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """(common, benchmark) imported as the scripts import them (their folder on sys.path)."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    return importlib.import_module("common"), importlib.import_module("benchmark")
+
+
+def test_every_row_table_holds_one_row_type(bench):
+    common, _ = bench
+    tables = (common.DECODE_ROWS, common.PREFILL_ROWS, common.SPARSE_ROWS, common.INDEXER_ROWS,
+              common.MULTI_GPU_ROWS)
+    rows = [r for table in tables for r in table]
+    assert all(type(r) is common.Row for r in rows)
+    assert len({r.name for r in rows}) == len(rows)
+    d1 = next(r for r in common.DECODE_ROWS if r.name == "D1")
+    dp = next(r for r in common.MULTI_GPU_ROWS if r.name == "X-DP-D1")
+    assert dataclasses.replace(dp, name="D1", layout="", devices=()) == d1        # X-DP-D1 is D1, sharded
+    assert d1.reduced(batch=4, context=1024) == dataclasses.replace(d1, batch=4, context=1024)
+    with pytest.raises(SystemExit, match="unknown rows"):
+        common.select_rows(common.DECODE_ROWS, ["D9"])
+
+
+def test_table_leaves_out_columns_without_values(bench, capsys):
+    common, _ = bench
+    results = [dict(row="D1", implementation="xla", ms=2.5, gpu_ms=None, tb_s=0.00137, speedup_vs_jnp=1.2),
+               dict(row="D1", implementation="jnp", ms=3.0, gpu_ms=None, tb_s=0.0011, speedup_vs_jnp=None)]
+    common.print_table(results, [("row", "row"), ("implementation", "impl")],
+                       [("ms", "ms", ".4f"), ("gpu_ms", "gpu ms", ".4f"), ("tb_s", "TB/s", ".2f"),
+                        ("speedup_vs_jnp", "vs jnp", ".2f")],
+                       dict(gpu_ms="gpu ms: never printed here", speedup_vs_jnp="vs jnp: jnp's ms / this one's"))
+    out = capsys.readouterr().out
+    assert "gpu ms" not in out and "nan" not in out          # the GPU column is left out, with its note
+    assert "0.00137" in out and " 0.00 " not in out          # a small rate keeps its digits
+    assert "vs jnp: jnp's ms / this one's" in out
+    lines = out.strip().splitlines()
+    assert len({len(line) for line in lines[:2]}) == 1       # header and first row aligned
+
+
+def test_fp8_ratio_says_what_it_compares(bench, capsys):
+    _, benchmark = bench
+    rows = [r for r in benchmark.ROWS if r.name in ("D1", "D1-fp8")]
+    results = [dict(row="D1", implementation="jnp", ms=2.0), dict(row="D1-fp8", implementation="jnp", ms=8.0)]
+    benchmark.print_fp8_speedups(results, rows, gpu=False)
+    out = capsys.readouterr().out
+    assert "bf16 ms / fp8 ms" in out and "jnp 2 / 8 ms = 0.25x" in out
+    assert "dequantize the whole FP8 cache" in out           # on a CPU: why the ratio is not the kernels'
+
+
+def test_plot_bars_draws_only_the_values_it_has(bench, tmp_path):
+    pytest.importorskip("matplotlib")
+    common, _ = bench
+    values = {("D1", "triton"): 80.0, ("D1", "xla"): 20.0, ("D1-fp8", "xla"): 10.0, ("D1-fp8", "triton"): None}
+    path = tmp_path / "plot.png"
+    common.plot_bars([common.BarPanel("decode", "% of ceiling", values, reference=100),
+                      common.BarPanel("empty", "nothing", {("D1", "xla"): None})], str(path))
+    assert path.stat().st_size > 1000
