@@ -71,8 +71,13 @@ def test_nan_or_inf_in_a_query_reaches_its_row_only(impl, splits):
     _assert_rows(_decode(q, kv, lengths, impl=impl, num_splits=splits), clean, poisoned)
 
 
-@pytest.mark.parametrize("impl, splits", SPLITS)
-@pytest.mark.parametrize("value, column", [(np.nan, 5), (np.nan, D_V + 10), (np.inf, 5), (-np.inf, 40)])
+_KEY_VALUES = [(np.nan, 5), (np.nan, D_V + 10), (np.inf, 5), (-np.inf, 40)]        # V columns, and a rope one
+
+
+@pytest.mark.parametrize("impl, splits, value, column",
+                         [("xla", None, *vc) for vc in _KEY_VALUES] +
+                         [("interpret", splits, *vc) for splits, vc in zip((None, 3, 20, 3, 20),
+                                                                           _KEY_VALUES[1:] + _KEY_VALUES[:2])])
 def test_nan_or_inf_in_a_visible_key_reaches_every_row_of_its_sequence(impl, splits, value, column):
     """A key inside the length (NaN anywhere; inf in a V column: its score is inf, or its weight 0 meets the inf
     value) makes every row of that sequence NaN; the other sequences stay as they were."""
