@@ -13,10 +13,14 @@ lengths = jnp.asarray([0, -7, 1, 10 ** 6], jnp.int32)            # empty, negati
 out = fm.mla_decode(q, kv, lengths, num_splits=5, implementation="triton")
 pages = kv.reshape(b * n // page, page, 576)
 table = jnp.asarray([[0, 1, -1, 10 ** 6, 7, 2 ** 31 - 1, 3, -(2 ** 31)]] * b, jnp.int32)   # garbage indices
-paged = fm.mla_decode(q, pages, lengths, table, num_splits=3, implementation="triton")
+# Under jit, so that the kernels get the garbage (concrete values raise ValueError first); the last sequence reads
+# the bad entries, and mla_decode makes its rows NaN.
+paged_at = jax.jit(lambda t, splits: fm.mla_decode(q, pages, lengths, t, num_splits=splits, implementation="triton"),
+                   static_argnums=1)
+paged = paged_at(table, 3)
 # num_splits=None: the device-side schedule (a ragged batch: per-sequence splits, in-place combine)
 scheduled = fm.mla_decode(q, kv, lengths, implementation="triton")
-scheduled_paged = fm.mla_decode(q, pages, lengths, table, implementation="triton")
+scheduled_paged = paged_at(table, None)
 # A layer-stacked cache read at traced layers out of range (-1 and L): clamped, never read outside the stack.
 stack = jnp.stack([kv, -kv])
 at_layer = jax.jit(lambda i: fm.mla_decode(q, stack, lengths, layer=i, num_splits=2, implementation="triton"))
@@ -50,6 +54,9 @@ kv_flat = kv.reshape(-1, 576)
 prefill_idx = sparse_idx[:, 0].reshape(8, -1) % (2 * kv_flat.shape[0]) - 3       # some past N, some negative
 prefill = fm.mla_prefill_sparse(q.reshape(8, 16, 576), kv_flat, prefill_idx, jnp.arange(8, dtype=jnp.int32) * 100,
                                 implementation="triton")
-outs = (out, paged, scheduled, scheduled_paged, *stacked, fp8, *sparse, sparse_bf16, *sparse_stacked, prefill[0])
+outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *sparse, sparse_bf16, *sparse_stacked,
+        prefill[0])
 jax.block_until_ready(outs)
-print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs))
+bad_rows_nan = bool(jnp.isnan(paged[3]).all() & jnp.isnan(scheduled_paged[3]).all())
+print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs),
+      "; the rows that read a bad block-table entry NaN:", bad_rows_nan)

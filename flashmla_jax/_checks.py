@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 import operator
 
+import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("triton", "xla", "interpret")
@@ -86,13 +87,50 @@ def page_size(name: str, value) -> int:
     return value
 
 
-def softmax_scale(value, head_dim: int) -> float:
-    """The caller's scale as a float, or head_dim ** -0.5 when None."""
+def static_scale(value) -> float | None:
+    """The caller's softmax_scale as a Python float (None stays None): a Python or NumPy real, or a concrete
+    0-d float array. The scale is compiled into the kernels, so a traced one is a TypeError that says so; a
+    scale <= 0 is a ValueError on every implementation (NaN and inf pass: every row that reads them is NaN)."""
     if value is None:
-        return head_dim ** -0.5
+        return None
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError("softmax_scale must be a Python float: it is compiled into the kernels, and a traced value "
+                        "(an argument of a jitted function) has no value at compile time; pass it as a static "
+                        "argument (jax.jit(..., static_argnames=...)) or close over it")
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == () and jnp.issubdtype(value.dtype, jnp.floating):
+        value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"softmax_scale must be None or a real number, got {value!r}")
-    return float(value)
+    value = float(value)
+    if value <= 0:
+        raise ValueError(f"softmax_scale must be > 0 (scores are q·k times it), got {value}")
+    return value
+
+
+def softmax_scale(value, head_dim: int) -> float:
+    """The caller's scale as a float (`static_scale`), or head_dim ** -0.5 when None."""
+    value = static_scale(value)
+    return head_dim ** -0.5 if value is None else value
+
+
+def as_array(name: str, value):
+    """An array argument as a jax array: arrays and tracers as they are, array-likes (lists, NumPy arrays,
+    Python scalars) through jnp.asarray; TypeError naming the argument for anything else. A NumPy array whose
+    dtype JAX would narrow (float64, int64 without x64) is left as it is, so that the dtype check names it."""
+    if isinstance(value, (jax.Array, jax.core.Tracer)):
+        return value
+    try:
+        array = jnp.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise TypeError(f"{name} must be an array or an array-like (a list, a NumPy array), got "
+                        f"{type(value).__name__}: {e}") from None
+    dtype = getattr(value, "dtype", None)
+    return value if dtype is not None and array.dtype != dtype else array
+
+
+def concrete(*values) -> bool:
+    """True when every value is known here (no tracer among them): checks on values, not only shapes, apply."""
+    return not any(isinstance(v, jax.core.Tracer) for v in values)
 
 
 def layer_index(name: str, value, num_layers: int | None):

@@ -18,8 +18,9 @@ def gather_pages(kv_cache: jax.Array, block_table: jax.Array) -> jax.Array:
     """Paged cache -> contiguous view.
 
     kv_cache: [num_blocks, page_size, D]; block_table: [B, max_blocks] int32.
-    Returns [B, max_blocks * page_size, D]. Out-of-range block indices are clamped into range: whatever
-    they point at lies past the sequence's length and is masked by the caller.
+    Returns [B, max_blocks * page_size, D]. Out-of-range block indices are clamped into range: past a
+    sequence's last block whatever they point at is masked by the caller; in a used block `mla_decode` refuses
+    them (concrete values) or makes the rows that read them NaN (under jit).
     """
     num_blocks, page_size, d = kv_cache.shape
     pages = jnp.take(kv_cache, jnp.clip(block_table, 0, num_blocks - 1), axis=0)
@@ -45,8 +46,9 @@ def mla_decode_reference(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.A
     q: [B, S_q, H, D]; kv_cache: [B, N, D], or [num_blocks, page_size, D] with block_table [B, max_blocks];
     cache_seqlens: [B] int32 (clamped to [0, N]).
     Returns out [B, S_q, H, head_dim_v] in q.dtype and lse [B, S_q, H] float32 (natural log). A row that
-    sees no key gives out 0 and lse -inf. Scores and the softmax are float32; the probabilities meet V in
-    the cache's dtype, as in the kernels.
+    sees no key gives out 0 and lse -inf; a NaN or inf in q, the scale or a visible key makes its row NaN
+    (`nan_rows`). Scores and the softmax are float32; the probabilities meet V in the cache's dtype, as in the
+    kernels.
     """
     kv = kv_cache if block_table is None else gather_pages(kv_cache, block_table)
     b, n, _ = kv.shape
@@ -62,24 +64,38 @@ def mla_decode_reference(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.A
     p, row_max, denom = _softmax_numerators(scores)
     out = jnp.einsum("bshn,bnd->bshd", p.astype(kv.dtype), kv[..., :head_dim_v],
                      preferred_element_type=jnp.float32)
-    return _normalized(out, row_max, denom, q.dtype)
+    return nan_rows(*_normalized(out, row_max, denom, q.dtype), (limits > 0)[:, :, None])
 
 
 def _softmax_numerators(scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """scores [..., K] float32, -inf where masked -> (p = exp(scores - row_max), row_max [..., 1], denom [..., 1]);
-    row_max is 0 for a row with no finite score (its p and denom are then 0, never NaN)."""
+    row_max is 0 for a row whose scores are all -inf (its p and denom are then 0, never NaN). A NaN score, or a
+    +inf one, makes its row's p and denom NaN."""
     row_max = jnp.max(scores, axis=-1, keepdims=True, initial=-jnp.inf)
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)
     p = jnp.exp(scores - row_max)
     return p, row_max, jnp.sum(p, axis=-1, keepdims=True)
 
 
 def _normalized(out: jax.Array, row_max: jax.Array, denom: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
     """The un-normalized p @ V [..., D_v] and `_softmax_numerators`' row_max, denom -> (out in dtype, lse float32);
-    a row with denom 0 gives out 0 and lse -inf."""
-    out = jnp.where(denom > 0, out / jnp.where(denom > 0, denom, 1.0), 0.0)
-    lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
+    a row with denom 0 gives out 0 and lse -inf, one with denom NaN NaN in both."""
+    out = jnp.where(denom != 0, out / jnp.where(denom != 0, denom, 1.0), 0.0)
+    lse = jnp.where(denom[..., 0] != 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
     return out.astype(dtype), lse
+
+
+def nan_rows(out: jax.Array, lse: jax.Array, visible: jax.Array, bad: jax.Array | None = None
+             ) -> tuple[jax.Array, jax.Array]:
+    """The rule every implementation follows: out [..., D_v] and lse [...] NaN in each row whose result a NaN or
+    inf reached (lse NaN, or NaN anywhere in out), or that sees a key (`visible`, broadcast to lse's shape) but
+    gave it no weight (lse -inf: every visible score -inf, from an inf in q, a key or the scale), or where `bad`
+    (a row that would read a block-table entry outside the pool). Other rows are as they are."""
+    poisoned = jnp.isnan(lse) | jnp.any(jnp.isnan(out), axis=-1) | (visible & (lse == -jnp.inf))
+    if bad is not None:
+        poisoned = poisoned | bad
+    return (jnp.where(poisoned[..., None], jnp.asarray(jnp.nan, out.dtype), out),
+            jnp.where(poisoned, jnp.float32(jnp.nan), lse))
 
 
 def mla_prefill_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_scale: float, causal: bool = True,
@@ -89,9 +105,10 @@ def mla_prefill_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_s
     q: [B, S, H, d_qk]; k: [B, S, H_kv, d_qk]; v: [B, S, H_kv, d_v]; H a multiple of H_kv (query head h
     reads KV head h // (H // H_kv)); segment_ids: None or [B, S] int32 (a token sees only keys of its own
     segment). causal: query i sees keys j <= i.
-    Returns out [B, S, H, d_v] in q.dtype and lse [B, S, H] float32 (natural log; -inf for a row that sees
-    no key, whose out is 0). Scores and the softmax are float32; the probabilities meet V in v's dtype, as
-    in the kernels. Differentiable with jax.grad (it is the "xla" implementation).
+    Returns out [B, S, H, d_v] in q.dtype and lse [B, S, H] float32 (natural log). Every row sees its own
+    token; a NaN or inf in q, a visible key or value, or the scale makes the row NaN (`nan_rows`). Scores and
+    the softmax are float32; the probabilities meet V in v's dtype, as in the kernels. Differentiable with
+    jax.grad (it is the "xla" implementation).
     """
     b, s, h, d_qk = q.shape
     h_kv = k.shape[2]
@@ -104,14 +121,15 @@ def mla_prefill_reference(q: jax.Array, k: jax.Array, v: jax.Array, *, softmax_s
     if segment_ids is not None:
         visible = visible & (segment_ids[:, :, None] == segment_ids[:, None, :])
     scores = jnp.where(visible[:, None, None], scores, -jnp.inf)                      # [B, H_kv, G, S, S]
-    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
-    row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    row_max = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True, initial=-jnp.inf))
+    row_max = jnp.where(row_max == -jnp.inf, 0.0, row_max)
     p = jnp.exp(scores - row_max)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    safe = jnp.where(denom > 0, denom, 1.0)
+    safe = jnp.where(denom != 0, denom, 1.0)
     out = jnp.einsum("bkgqn,bnkd->bqkgd", (p / safe).astype(v.dtype), v, preferred_element_type=jnp.float32)
-    lse = jnp.where(denom[..., 0] > 0, row_max[..., 0] + jnp.log(safe[..., 0]), -jnp.inf)   # [B, H_kv, G, S]
-    return out.reshape(b, s, h, v.shape[-1]).astype(q.dtype), lse.reshape(b, h, s).transpose(0, 2, 1)
+    lse = jnp.where(denom[..., 0] != 0, row_max[..., 0] + jnp.log(safe[..., 0]), -jnp.inf)   # [B, H_kv, G, S]
+    out, lse = out.reshape(b, s, h, v.shape[-1]).astype(q.dtype), lse.reshape(b, h, s).transpose(0, 2, 1)
+    return nan_rows(out, lse, jnp.ones((), bool))      # every row sees at least its own token
 
 
 # ---------------------------------------------------------------- the lightning indexer (DeepSeek Sparse Attention)

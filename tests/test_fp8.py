@@ -649,7 +649,7 @@ def test_decode_errors():
         call(kv_scale="1.0")
     with pytest.raises(ValueError, match="head_dim_v=64"):
         call(kv_cache=kvb, kv_format="fp8_blockscale", kv_scale=None, head_dim_v=64)
-    with pytest.raises(TypeError, match="kv_cache dtype"):
+    with pytest.raises(TypeError, match="kv_cache is uint8, raw bytes: pass kv_format"):
         call(kv_format=None, kv_scale=None)
 
 

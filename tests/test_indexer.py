@@ -494,10 +494,11 @@ def test_op_errors(request):
     with pytest.raises(ValueError, match="index heads"):
         fm.indexer_scores(wide, jnp.zeros((2, 1, 256)), cache, sl, table, implementation="interpret")
     narrow = jnp.zeros((2, 1, 16, 64), jnp.bfloat16)
+    narrow_keys = jnp.zeros((cache.shape[0], 16, 64), jnp.bfloat16)      # the same pages, 64 wide
     with pytest.raises(ValueError, match="D=128"):
-        fm.indexer_scores(narrow, w, jnp.zeros((8, 16, 64), jnp.bfloat16), sl, table, implementation="interpret")
+        fm.indexer_scores(narrow, w, narrow_keys, sl, table, implementation="interpret")
     # The reference takes any head dim.
-    assert fm.indexer_scores(narrow, w, jnp.zeros((8, 16, 64), jnp.bfloat16), sl, table,
+    assert fm.indexer_scores(narrow, w, narrow_keys, sl, table,
                              implementation="xla").shape == (2, 1, 64)
 
 

@@ -7,18 +7,20 @@ LN2: tl.constexpr = tl.constexpr(0.6931471805599453)      # and the LSE goes bac
 
 # The epilogue of an online softmax with running max m_i [M] (base 2) and row sums l_i [M]: the output is
 # acc / row_divisor(l_i)[:, None] and the LSE row_lse(m_i, l_i). A row that saw no key (l_i 0, acc 0) gets
-# output 0 and LSE -inf, never NaN. Two helpers, so that each kernel computes the LSE where it did before
-# (after its output stores in the prefill forward, which keeps its registers where they were).
+# output 0 and LSE -inf, never NaN; a row whose scores met a NaN or inf (l_i NaN) gets NaN in both, so that a
+# NaN in anything a row reads reaches its result (the row max, a maxnum, skips NaN: the row sum does not). Two
+# helpers, so that each kernel computes the LSE where it did before (after its output stores in the prefill
+# forward, which keeps its registers where they were).
 
 
 @triton.jit
 def row_divisor(l_i):
-    """l_i where a row saw a key, else 1."""
-    return tl.where(l_i > 0, l_i, 1.0)
+    """l_i where a row saw a key (NaN included), else 1."""
+    return tl.where(l_i != 0, l_i, 1.0)
 
 
 @triton.jit
 def row_lse(m_i, l_i):
-    """(m_i + log2 l_i) * ln 2, the natural-log LSE, where a row saw a key, else -inf."""
-    has_keys = l_i > 0
+    """(m_i + log2 l_i) * ln 2, the natural-log LSE, where a row saw a key (NaN for a NaN row sum), else -inf."""
+    has_keys = l_i != 0
     return tl.where(has_keys, (m_i + tl.log2(tl.where(has_keys, l_i, 1.0))) * LN2, float("-inf"))

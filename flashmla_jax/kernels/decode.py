@@ -344,12 +344,14 @@ def _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr
 def _split_weights(lse_s):
     """Merge weights of split partials from their LSE, reduced over axis 0 (the splits): (w, lse) with
     w normalized (an empty split, lse -inf, weighs 0) and lse the merged natural-log LSE (-inf when no
-    split saw a key)."""
+    split saw a key). A NaN LSE makes every weight and the LSE NaN: the max (a maxnum) skips it, the sum does
+    not, so the sum decides."""
     lse_max = tl.max(lse_s, 0)
-    has_keys = lse_max > float("-inf")
-    lse_max_safe = tl.where(has_keys, lse_max, 0.0)
+    lse_max_safe = tl.where(lse_max != float("-inf"), lse_max, 0.0)
     w = tl.exp(lse_s - lse_max_safe)                 # broadcasts over axis 0
-    w_sum = tl.where(has_keys, tl.sum(w, 0), 1.0)
+    total = tl.sum(w, 0)                             # 0 only when no split saw a key
+    has_keys = total != 0
+    w_sum = tl.where(has_keys, total, 1.0)
     lse = tl.where(has_keys, lse_max_safe + tl.log(w_sum), float("-inf"))
     return w / w_sum, lse
 

@@ -234,6 +234,9 @@ def mla_prefill_fwd_kernel(
             offs_qa, offs_qb, offs_va, offs_vb, qk_scale, mid, hi,
             KEYS, CAUSAL, True, HAS_SEG, BLOCK_N, PRECISE)
 
+    # Every row sees its own token: a row sum of 0 means that all its scores were -inf (an inf in q, k or the
+    # scale), which must reach the result as NaN, not as a row that saw nothing.
+    l_i = tl.where(l_i == 0, float("nan"), l_i)
     l_safe = row_divisor(l_i)
     o_rows = (b.to(tl.int64) * S + offs_m) * (H * D_V) + h * D_V
     _store_tile(o_ptr, o_rows, row_ok, offs_va, (acc_a / l_safe[:, None]).to(o_ptr.dtype.element_ty), D_V, False)

@@ -28,10 +28,7 @@ def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_split
     b, s_q, h, d = q.shape
     _checks.float_dtype("q", q)
     head_dim_v = _checks.integer("head_dim_v", head_dim_v)
-    if not 0 < head_dim_v < d:
-        raise ValueError(f"head_dim_v must be in (0, {d}): V is the first head_dim_v columns of the latent, "
-                         f"got {head_dim_v}")
-    width = _token_width(kv_cache, d, head_dim_v, kv_format, q)
+    width = check_widths(kv_cache, q, head_dim_v, kv_format)
     if kv_cache.ndim != 3 + stacked or kv_cache.shape[-1] != width:
         lead = "L, " if stacked else ""
         raise ValueError(f"kv_cache must be [{lead}B, N, {width}] (or [{lead}num_blocks, page_size, {width}] with "
@@ -48,11 +45,31 @@ def _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_split
         _checks.page_size("page_size (kv_cache.shape[1])", kv_cache.shape[1])
 
 
+def check_widths(kv_cache, q, head_dim_v: int, kv_format: str | None, name: str = "kv_cache") -> int:
+    """head_dim_v against q's width D, and `_token_width` (the last axis kv_cache must have), in the order that
+    names the likelier mistake: for a cache in q's dtype, q's width against the cache's first."""
+    d = q.shape[-1]
+    if kv_format is None:
+        width = _token_width(kv_cache, d, head_dim_v, kv_format, q, name)
+    if not 0 < head_dim_v < d:
+        raise ValueError(f"head_dim_v must be in (0, D): V is the first head_dim_v columns of each D-wide latent, and "
+                         f"q is D={d} wide, got head_dim_v={head_dim_v} (the absorbed q is as wide as the latent: "
+                         "512 + 64 = 576 for DeepSeek)")
+    return width if kv_format is None else _token_width(kv_cache, d, head_dim_v, kv_format, q, name)
+
+
 def _token_width(kv_cache, d: int, head_dim_v: int, kv_format: str | None, q, name: str = "kv_cache") -> int:
     """The last axis kv_cache (the argument `name`) must have: D (a cache in q's dtype) or the FP8 format's
-    bytes per token (656 / 576 for DeepSeek's 512 + 64), after checking kv_cache's dtype."""
+    bytes per token (656 / 576 for DeepSeek's 512 + 64), after checking kv_cache's dtype and, for a cache in q's
+    dtype, that its tokens are q's width."""
     if kv_format is None:
+        if kv_cache.dtype == jnp.uint8:
+            raise TypeError(f"{name} is uint8, raw bytes: pass kv_format (one of {_checks.FP8_FORMATS}) to say how "
+                            f"they hold each latent; kv_format=None means {name} holds q's dtype ({q.dtype})")
         _checks.same_dtype(name, kv_cache, "q", q)
+        if kv_cache.ndim and kv_cache.shape[-1] != d:
+            raise ValueError(f"q is {d} wide but {name}'s tokens are {kv_cache.shape[-1]} wide: q must be the absorbed "
+                             "query, as wide as the latent it attends ([q_nope · W_UKᵀ ; q_pe]: 576 for DeepSeek)")
         return d
     if kv_cache.dtype != jnp.uint8:
         raise TypeError(f"{name} must be uint8 (the raw bytes) with kv_format={kv_format!r}, got {kv_cache.dtype}")
@@ -479,10 +496,14 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         to [0, capacity] (capacity N, or max_blocks * page_size): a negative length counts as 0 and no
         value makes a kernel read outside the cache.
       block_table: None, or [B, max_blocks] int32 page indices (paged cache; page_size a power of two in
-        [16, 256]). Entries past a sequence's length are never read; an out-of-range index is clamped.
+        [16, 256]). Entries past each sequence's last block (its first ceil(length / page_size)) are never read
+        and may hold anything. An entry outside [0, num_blocks) in a block a sequence uses raises ValueError
+        naming block_table when the values are concrete (a device-to-host copy of the table and lengths); under
+        jit (traced values) the rows that would read it come out NaN, never another page's data.
       head_dim_v: width of V, the first columns of the latent (512).
-      softmax_scale: scores are q·k times this; None means D ** -0.5. DeepSeek passes
-        mscale² / sqrt(192).
+      softmax_scale: scores are q·k times this, a Python float > 0 (ValueError otherwise, on every
+        implementation; a traced value is a TypeError: it is compiled into the kernels); None means D ** -0.5.
+        DeepSeek passes mscale² / sqrt(192).
       causal: query i of S_q sees keys < seqlen - S_q + i + 1; otherwise all keys < seqlen.
       num_splits: key splits per sequence (flash-decoding). None (the default): a cap from the static
         shapes and the GPU's SM count, and a schedule the kernels compute from the real lengths, so a
@@ -510,14 +531,27 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
 
     Returns:
       out [B, S_q, H, head_dim_v] in q's dtype, and with return_lse lse [B, S_q, H] float32 (natural log).
-      A row that sees no key gives out 0 and lse -inf.
+      A row that sees no key gives out 0 and lse -inf (so do all rows of an empty cache, N = 0); B, S_q or H 0
+      give empty results. A NaN or inf in anything a row reads (its query, a key or V column it sees, the scale;
+      an FP8 cache's NaN code or scale in a token it sees) makes that row NaN in out and lse, on every
+      implementation; keys past each length and unused pages are never read. Keys inside the length that a
+      row cannot see causally (the later new tokens of the same call) meet a zero probability: a NaN there may
+      or may not reach the earlier rows, depending on the implementation's tiles (as in jnp, 0 · NaN is NaN).
+      Arrays may be given as array-likes (lists, NumPy arrays).
     """
+    q, kv_cache, cache_seqlens = (_checks.as_array(name, x) for name, x in
+                                  (("q", q), ("kv_cache", kv_cache), ("cache_seqlens", cache_seqlens)))
+    block_table = None if block_table is None else _checks.as_array("block_table", block_table)
+    softmax_scale = _checks.static_scale(softmax_scale)
     num_layers = None
     if layer is not None:
-        num_layers = kv_cache.shape[0] if getattr(kv_cache, "ndim", 0) == 4 else None   # else: refused below
+        num_layers = kv_cache.shape[0] if kv_cache.ndim == 4 else None   # else: refused below
         layer = _checks.layer_index("layer", layer, num_layers)
     kv_format = _checks.kv_format("kv_format", kv_format)
     kv_scale = _checks.kv_scale("kv_scale", kv_scale, kv_format, num_layers)
+    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None, kv_format)
+    if block_table is not None and _checks.concrete(block_table, cache_seqlens):
+        check_block_table(block_table, cache_seqlens, kv_cache.shape[-3], kv_cache.shape[-2])
     return _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v=head_dim_v,
                        softmax_scale=softmax_scale, causal=causal, num_splits=num_splits, return_lse=return_lse,
                        implementation=implementation, kv_format=kv_format)
@@ -527,8 +561,8 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
                                              "return_lse", "implementation", "kv_format"))
 def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_dim_v, softmax_scale, causal,
                 num_splits, return_lse, implementation, kv_format):
-    """`mla_decode` under jit; layer: None or a 0-d int32 array; kv_scale None or a float array."""
-    _check_inputs(q, kv_cache, cache_seqlens, block_table, head_dim_v, num_splits, layer is not None, kv_format)
+    """`mla_decode` under jit, its inputs checked; layer: None or a 0-d int32 array; kv_scale None or a float
+    array."""
     if kv_scale is not None and layer is not None:     # one per layer of a stacked cache: the kernels' [L] pointer
         kv_scale = jnp.broadcast_to(kv_scale, kv_cache.shape[:1])
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
@@ -536,6 +570,13 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     num_splits = None if num_splits is None else int(num_splits)     # NumPy integers too
     page_size = None if block_table is None else kv_cache.shape[-2]
     capacity = kv_cache.shape[-2] if block_table is None else page_size * block_table.shape[1]
+    b, s_q, h, _ = q.shape
+    num_blocks = kv_cache.shape[-3]
+    if q.size == 0 or capacity == 0 or num_blocks == 0:
+        # Nothing to attend, on every implementation: empty rows, or 0 and -inf (NaN where a used block has no page).
+        out, lse = jnp.zeros((b, s_q, h, head_dim_v), q.dtype), jnp.full((b, s_q, h), -jnp.inf, jnp.float32)
+        out, lse = _row_rules(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
+        return (out, lse) if return_lse else out
     impl = DECODE.select(implementation, DecodeCall(q.shape, q.dtype, head_dim_v, page_size, kv_format, capacity))
 
     def decode(q, kv_cache, cache_seqlens, block_table, causal, layer, kv_scale):
@@ -548,7 +589,46 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     shard = (partitioned_decode(decode, causal=causal) if impl.partitionable
              else functools.partial(_with_causal, decode, causal))
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
+    out, lse = _row_rules(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
     return (out, lse) if return_lse else out
+
+
+def _row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None, capacity: int,
+               causal: bool):
+    """The rules every implementation's result follows (reference.nan_rows), applied after whichever ran: NaN
+    rows where a NaN or inf reached a row, and where a row would read a block-table entry outside the pool
+    (the kernels clamp it onto another page)."""
+    limits = reference.visible_key_limits(cache_seqlens, capacity, out.shape[1], causal)      # [B, S_q]
+    bad = None
+    if block_table is not None:
+        bad = (first_bad_block(block_table, num_blocks) * page_size)[:, None, None] < limits[:, :, None]
+    return reference.nan_rows(out, lse, (limits > 0)[:, :, None], bad)
+
+
+def first_bad_block(block_table, num_blocks: int, xp=jnp):
+    """block_table [B, max_blocks] -> [B] int32: each sequence's first block whose entry lies outside
+    [0, num_blocks), max_blocks where none does (xp: jax.numpy under jit, numpy for concrete values)."""
+    max_blocks = block_table.shape[1]
+    out_of_range = (block_table < 0) | (block_table >= num_blocks)
+    blocks = xp.where(out_of_range, xp.arange(max_blocks, dtype=xp.int32)[None, :], max_blocks)
+    return xp.min(blocks, axis=1, initial=max_blocks).astype(xp.int32)
+
+
+def check_block_table(block_table, cache_seqlens, num_blocks: int, page_size: int) -> None:
+    """For concrete values: ValueError naming block_table when a block some sequence uses (one of its first
+    ceil(length / page_size), the length clamped to the table's capacity) holds an entry outside the pool
+    [0, num_blocks). Entries past a sequence's last block may hold anything."""
+    table = np.asarray(block_table)
+    lengths = np.clip(np.asarray(cache_seqlens), 0, page_size * table.shape[1])
+    first = first_bad_block(table, num_blocks, np)
+    bad = np.flatnonzero(first * page_size < lengths)
+    if bad.size:
+        b, j = int(bad[0]), int(first[bad[0]])
+        last = -(-int(lengths[b]) // page_size) - 1
+        raise ValueError(f"block_table[{b}, {j}] = {table[b, j]} lies outside the pool's pages [0, {num_blocks}), in a "
+                         f"block sequence {b} uses (length {lengths[b]}: blocks 0..{last} of {page_size} tokens); "
+                         f"{bad.size} sequence(s) use such entries. Entries past a sequence's last block may hold "
+                         "anything")
 
 
 def _with_causal(decode, causal, q, kv_cache, cache_seqlens, block_table, *extras):

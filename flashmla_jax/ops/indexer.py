@@ -25,7 +25,7 @@ from flashmla_jax._backend import num_sms
 from flashmla_jax.fp8 import INDEX_KEY_DIM, _from_e4m3_bytes, dequantize_index_keys, quantize_index_tokens
 from flashmla_jax.ops._launch import launch
 from flashmla_jax.ops._registry import Implementation, Registry, TritonRunner
-from flashmla_jax.ops.decode import FP8_NATIVE, _pow2_at_least, index_layer
+from flashmla_jax.ops.decode import FP8_NATIVE, _pow2_at_least, check_block_table, index_layer
 
 MAX_KERNEL_HEADS = 128           # the score kernel's dot is [BLOCK_N, QG * H]: at most 128 columns
 MAX_SCORE_BYTES = 1 << 30        # the top-k's float32 score buffer per pass; longer query runs go in chunks
@@ -47,6 +47,9 @@ def _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format, st
     _checks.int32_array("cache_seqlens", cache_seqlens, (b,), f"int32 [B={b}]")
     lead = "L, " if stacked else ""
     if kv_format is None:
+        if k_cache.dtype == jnp.uint8:
+            raise TypeError(f"k_cache is uint8, raw bytes: pass kv_format (one of {_checks.INDEX_FORMATS}) to say how "
+                            f"they hold the keys; kv_format=None means k_cache holds q's dtype ({q.dtype})")
         _checks.same_dtype("k_cache", k_cache, "q", q)
         if k_cache.ndim != 3 + stacked or k_cache.shape[-1] != d:
             raise ValueError(f"k_cache must be [{lead}B, N, {d}] (or [{lead}num_blocks, page_size, {d}] with "
@@ -415,11 +418,20 @@ INDEXER = Registry("lightning indexer", {"triton": (TritonIndexer("triton"),), "
 # ---------------------------------------------------------------- public
 
 
-def _layer_and_format(k_cache, layer, kv_format):
+def _arguments(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format):
+    """The public ops' arguments as arrays (array-likes accepted), the format and layer checked; a concrete
+    block table is checked as mla_decode checks one (an entry outside the pool in a used block: ValueError)."""
+    q, weights, k_cache, cache_seqlens = (_checks.as_array(name, x) for name, x in (
+        ("q", q), ("weights", weights), ("k_cache", k_cache), ("cache_seqlens", cache_seqlens)))
+    block_table = None if block_table is None else _checks.as_array("block_table", block_table)
     _checks.index_kv_format("kv_format", kv_format)
     if layer is not None:
         layer = _checks.layer_index("layer", layer, _num_layers(k_cache, kv_format))
-    return layer
+    if block_table is not None and _checks.concrete(block_table, cache_seqlens):
+        _, page_size, num_blocks = _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format,
+                                                 layer is not None)
+        check_block_table(block_table, cache_seqlens, num_blocks, page_size)
+    return q, weights, k_cache, cache_seqlens, block_table, layer
 
 
 def indexer_scores(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_seqlens: jax.Array,
@@ -441,7 +453,9 @@ def indexer_scores(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_s
         With `layer`: a stack [L, ...] of such caches.
       cache_seqlens: [B] int32 keys per sequence, the S_q new ones included; clamped to [0, N].
       block_table: None or [B, max_blocks] int32 (page_size a power of two in [16, 256]). Entries past each
-        length are never read; an out-of-range entry is clamped into the pool.
+        sequence's last block are never read. An entry outside the pool in a block a sequence uses raises
+        ValueError naming block_table when the values are concrete (as `mla_decode`); under jit it is clamped into
+        the pool.
       kv_format: None or "fp8_paged".
       layer: None, or the layer of a stacked k_cache: a Python int in [0, L) or a traced integer (clamped).
       implementation: "triton" (CUDA GPU), "xla" (the jnp reference) or "interpret" (the Triton kernels in
@@ -453,7 +467,8 @@ def indexer_scores(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_s
       [B, S_q, N] float32: Σ_h weights[b, s, h] · relu(q[b, s, h] · k[b, t]) for t < seqlen - S_q + s + 1, -inf
       elsewhere (N = max_blocks * page_size when paged). Keys of unused pages are never used, whatever they hold.
     """
-    layer = _layer_and_format(k_cache, layer, kv_format)
+    q, weights, k_cache, cache_seqlens, block_table, layer = _arguments(q, weights, k_cache, cache_seqlens,
+                                                                        block_table, layer, kv_format)
     return _indexer_scores(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format=kv_format,
                            implementation=implementation)
 
@@ -482,7 +497,8 @@ def indexer_topk(q: jax.Array, weights: jax.Array, k_cache: jax.Array, cache_seq
     topk = _checks.integer("topk", topk, lo=1)
     if not isinstance(return_scores, bool):
         raise TypeError(f"return_scores must be a bool, got {type(return_scores).__name__}")
-    layer = _layer_and_format(k_cache, layer, kv_format)
+    q, weights, k_cache, cache_seqlens, block_table, layer = _arguments(q, weights, k_cache, cache_seqlens,
+                                                                        block_table, layer, kv_format)
     return _indexer_topk(q, weights, k_cache, cache_seqlens, block_table, layer, topk=topk, kv_format=kv_format,
                          return_scores=return_scores, implementation=implementation)
 
@@ -498,6 +514,12 @@ def _run(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, impl
     """The dispatch: the implementation INDEXER selects, for the scores (topk None) or the top-k."""
     capacity, page_size, num_blocks = _check_inputs(q, weights, k_cache, cache_seqlens, block_table, kv_format,
                                                     layer is not None)
+    b, s_q = q.shape[:2]
+    if b * s_q == 0:           # no queries, on every implementation: empty results
+        if topk is None:
+            return jnp.full((b, s_q, capacity), -jnp.inf, jnp.float32)
+        indices = jnp.full((b, s_q, topk), -1, jnp.int32)
+        return (indices, jnp.full((b, s_q, topk), -jnp.inf, jnp.float32)) if return_scores else indices
     impl = INDEXER.select(implementation, IndexerCall(q.shape[2], q.shape[3]))
     return impl.run(q, weights, k_cache, cache_seqlens, block_table, layer, capacity=capacity, page_size=page_size,
                     num_blocks=num_blocks, kv_format=kv_format, topk=topk, return_scores=return_scores)

@@ -23,7 +23,8 @@ def _check_inputs(q, k, v, segment_ids):
     _checks.float_dtype("q", q)
     for name, x in (("k", k), ("v", v)):
         _checks.same_dtype(name, x, "q", q)
-    if k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d_qk or k.shape[2] < 1 or h % k.shape[2]:
+    heads_ok = k.ndim == 4 and (h % k.shape[2] == 0 if k.shape[2] else h == 0)     # no heads: none of k either
+    if k.ndim != 4 or k.shape[:2] != (b, s) or k.shape[3] != d_qk or not heads_ok:
         raise ValueError(f"k must be [B={b}, S={s}, H_kv, d_qk={d_qk}] with H={h} a multiple of H_kv, "
                          f"got shape {k.shape}")
     if v.ndim != 4 or v.shape[:3] != k.shape[:3]:
@@ -277,7 +278,6 @@ def prefill_with_plan(plan: PrefillPlan, q, k, v, softmax_scale: float, segment_
     return out, lse.transpose(0, 2, 1)
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "softmax_scale", "return_lse", "implementation"))
 def mla_prefill(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True, softmax_scale: float | None = None,
                 segment_ids: jax.Array | None = None, return_lse: bool = False, implementation: str | None = None):
     """Flash attention for the MLA prefill (non-absorbed form), differentiable in q, k and v.
@@ -288,7 +288,8 @@ def mla_prefill(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True, s
       v: [B, S, H_kv, d_v] values (d_v = 128 for DeepSeek). Same dtype as q.
         The Triton kernels take d_qk and d_v any multiple of 16 up to 256 (they may differ); "xla" any.
       causal: query i sees keys j <= i.
-      softmax_scale: scores are q·k times this; None means d_qk ** -0.5. The Triton kernels need it > 0.
+      softmax_scale: scores are q·k times this, a Python float > 0 (ValueError otherwise, on every implementation;
+        a traced value is a TypeError: it is compiled into the kernels); None means d_qk ** -0.5.
       segment_ids: None, or [B, S] int32 packing variable-length sequences: a token sees only keys with its
         own segment id (and, when causal, not after it).
       return_lse: also return the log-sum-exp of the scaled scores (differentiable too: its cotangent enters
@@ -297,14 +298,29 @@ def mla_prefill(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool = True, s
         (the Triton kernels through Triton's interpreter on the CPU); None: "triton" on a CUDA device, else "xla".
 
     Returns:
-      out [B, S, H, d_v] in q's dtype, and with return_lse lse [B, S, H] float32 (natural log).
+      out [B, S, H, d_v] in q's dtype, and with return_lse lse [B, S, H] float32 (natural log). Every row sees its
+      own token; a NaN or inf in q, a key or value the row sees, or the scale makes that row NaN (out and lse)
+      on every implementation. Empty inputs (B, S or H 0) give empty results.
 
     Gradients ("triton"/"interpret") come from the Triton backward through jax.custom_vjp; jax-triton has no
     batching rule, so vmap over the kernels is not supported (fold the batch into B).
     """
+    q, k, v = (_checks.as_array(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
+    segment_ids = None if segment_ids is None else _checks.as_array("segment_ids", segment_ids)
+    return _mla_prefill(q, k, v, segment_ids, causal=causal, softmax_scale=_checks.static_scale(softmax_scale),
+                        return_lse=return_lse, implementation=implementation)
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "softmax_scale", "return_lse", "implementation"))
+def _mla_prefill(q, k, v, segment_ids, causal, softmax_scale, return_lse, implementation):
+    """`mla_prefill` under jit, softmax_scale a float or None."""
     _check_inputs(q, k, v, segment_ids)
     scale = _checks.softmax_scale(softmax_scale, q.shape[-1])
-    impl = PREFILL.select(implementation, PrefillCall(q.shape[-1], v.shape[-1], scale))
+    if q.size == 0:        # every implementation: empty rows
+        b, s, h, _ = q.shape
+        out, lse = jnp.zeros((b, s, h, v.shape[-1]), q.dtype), jnp.full((b, s, h), -jnp.inf, jnp.float32)
+        return (out, lse) if return_lse else out
+    impl = PREFILL.select(implementation, PrefillCall(q.shape[-1], v.shape[-1]))
     out, lse = impl.prefill(q, k, v, segment_ids, scale=scale, causal=causal)
     return (out, lse) if return_lse else out
 
@@ -317,7 +333,6 @@ class PrefillCall:
     """The static facts of one prefill call that decide which implementation can run it."""
     d_qk: int
     d_v: int
-    scale: float
 
 
 class PrefillImplementation(Implementation[PrefillCall]):
@@ -329,7 +344,7 @@ class PrefillImplementation(Implementation[PrefillCall]):
 
 
 class XlaPrefill(PrefillImplementation):
-    """The jnp reference (any widths and scales), differentiated by JAX."""
+    """The jnp reference (any widths), differentiated by JAX."""
     name = "xla"
 
     def unsupported(self, call: PrefillCall) -> str | None:
@@ -348,8 +363,6 @@ class TritonPrefill(TritonRunner, PrefillImplementation):
         for name, d in (("d_qk", call.d_qk), ("d_v", call.d_v)):
             if d % 16 or not 16 <= d <= MAX_HEAD_DIM:
                 return f"the Triton kernels need {name} to be a multiple of 16 in [16, {MAX_HEAD_DIM}], got {d}"
-        if not call.scale > 0:
-            return f"the Triton kernels need softmax_scale > 0, got {call.scale}"
         return self.runner_unsupported()
 
     def prefill(self, q, k, v, segment_ids, *, scale, causal):

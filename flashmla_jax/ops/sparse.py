@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any
 
 import jax
@@ -25,7 +24,7 @@ from flashmla_jax.ops._batching import Mapped, fold_vmap_into_batch, inference_o
 from flashmla_jax.ops._launch import launch
 from flashmla_jax.ops._registry import Implementation, Registry, TritonRunner
 from flashmla_jax.ops.decode import (FP8_NATIVE, KV_FORMATS, MAX_SPLITS_MERGED_IN_KERNEL, DecodePlan, DecodeTiles,
-                                     SplitOutputs, _kernel_dims_unsupported, _pow2_at_least, _token_width,
+                                     SplitOutputs, _kernel_dims_unsupported, _pow2_at_least, check_widths,
                                      choose_num_splits, combine_plan, decode_tiles, index_layer, merge_splits,
                                      split_buffers)
 
@@ -211,7 +210,13 @@ def _fold_sparse_members(call, v, in_batched, q, pool, indices, topk_length, lay
 def _attend(registry: Registry, implementation, q, pool, indices, topk_length, layer, *, head_dim_v, kv_format,
             **options):
     """The implementation `registry` selects, under vmap (folded into the batch) and refusing derivatives.
-    pool: flat [N, W] or [L, N, W]."""
+    pool: flat [N, W] or [L, N, W]. With nothing to attend (no rows, no pool tokens or no slots) every
+    implementation gives empty rows, or 0 with lse (and max_logits) -inf."""
+    b, s_q, h, _ = q.shape
+    if q.size == 0 or pool.shape[-2] == 0 or indices.shape[-1] == 0:
+        rows = jnp.full((b, s_q, h), -jnp.inf, jnp.float32)
+        empty = (jnp.zeros((b, s_q, h, head_dim_v), q.dtype), rows)
+        return (*empty, rows) if options["with_max"] else empty
     impl = registry.select(implementation, SparseCall(q.shape, q.dtype, head_dim_v, kv_format, layer is not None))
     message = (f"{registry.op} is inference-only (forward only) and has no derivative: jax.lax.stop_gradient its "
                "inputs (mla_prefill_sparse's docstring says what a backward needs)")
@@ -225,11 +230,7 @@ def _attend(registry: Registry, implementation, q, pool, indices, topk_length, l
 
 def _check_common(q, head_dim_v, indices, topk_length, index_shape, index_text, length_shape, length_text):
     _checks.float_dtype("q", q)
-    d = q.shape[-1]
-    head_dim_v = _checks.integer("head_dim_v", head_dim_v)
-    if not 0 < head_dim_v < d:
-        raise ValueError(f"head_dim_v must be in (0, {d}): V is the first head_dim_v columns of the latent, "
-                         f"got {head_dim_v}")
+    head_dim_v = _checks.integer("head_dim_v", head_dim_v)     # its range: `_check_pool`, beside the widths
     _checks.int32_array("indices", indices, index_shape, index_text)
     if topk_length is not None:
         _checks.int32_array("topk_length", topk_length, length_shape, length_text)
@@ -238,11 +239,9 @@ def _check_common(q, head_dim_v, indices, topk_length, index_shape, index_text, 
 
 def _check_pool(name, pool, q, head_dim_v, kv_format, shapes_text, ndims, stacked=False):
     """pool: tokens [..., W] with ndim in `ndims` (a layer axis first when stacked), W = D or the FP8 bytes."""
-    width = _token_width(pool, q.shape[-1], head_dim_v, kv_format, q, name=name)
+    width = check_widths(pool, q, head_dim_v, kv_format, name)
     if pool.ndim not in ndims or pool.shape[-1] != width:
         raise ValueError(f"{name} must be {shapes_text.format(W=width)}, got shape {pool.shape}")
-    if math.prod(pool.shape[int(stacked):-1]) == 0:
-        raise ValueError(f"{name} must hold at least one token, got shape {pool.shape}")
 
 
 def _kv_format(kv_format):
@@ -274,7 +273,8 @@ def mla_decode_sparse(q: jax.Array, pool: jax.Array, indices: jax.Array, topk_le
         The indices encode causality: there is no causal flag.
       topk_length: None, or [B] int32: only the first topk_length[b] slots of each of sequence b's rows count
         (clamped to [0, topk]; later slots are never read).
-      softmax_scale: scores are q·k times this; None means D ** -0.5 (DeepSeek passes mscale² / sqrt(192)).
+      softmax_scale: scores are q·k times this, a Python float > 0 (a traced value is a TypeError: it is compiled
+        into the kernel); None means D ** -0.5 (DeepSeek passes mscale² / sqrt(192)).
       kv_format: None or "fp8_blockscale" (the kernel dequantizes each gathered tile to q's dtype; "xla"
         dequantizes the gathered tokens with `dequantize_latent`). "fp8_pertensor" is refused.
       return_lse: also return the log-sum-exp (the default, as FlashMLA).
@@ -291,12 +291,17 @@ def mla_decode_sparse(q: jax.Array, pool: jax.Array, indices: jax.Array, topk_le
     Returns:
       out [B, S_q, H, head_dim_v] in q's dtype and, with return_lse, lse [B, S_q, H] float32 (natural log). A row
       with no valid index gives out 0 and lse -inf (FlashMLA returns lse +inf there; its lse is also laid out
-      [B, H, S_q]).
+      [B, H, S_q]); so do all rows of an empty pool or index list. A NaN in the row's query, the scale or a token
+      it lists (an FP8 NaN code or scale) makes the row NaN on every implementation; unused slots are never read.
+      An inf that makes all of a row's scores -inf gives that row 0 and lse -inf (as if it listed nothing).
 
     Works under jit and vmap (members folded into the batch); differentiating raises (inference only)."""
+    q, pool, indices = (_checks.as_array(name, x) for name, x in (("q", q), ("pool", pool), ("indices", indices)))
+    topk_length = None if topk_length is None else _checks.as_array("topk_length", topk_length)
+    softmax_scale = _checks.static_scale(softmax_scale)
     kv_format = _kv_format(kv_format)
     if layer is not None:
-        num_layers = pool.shape[0] if getattr(pool, "ndim", 0) in (3, 4) else None   # else: refused below
+        num_layers = pool.shape[0] if pool.ndim in (3, 4) else None   # else: refused below
         layer = _checks.layer_index("layer", layer, num_layers)
     out, lse = _mla_decode_sparse(q, pool, indices, topk_length, layer, softmax_scale=softmax_scale,
                                   kv_format=kv_format, head_dim_v=head_dim_v, implementation=implementation,
@@ -350,8 +355,10 @@ def mla_prefill_sparse(q: jax.Array, kv: jax.Array, indices: jax.Array, topk_len
     scatter-added into the rows the indices name (a duplicated or shared index receives every slot's share,
     so the scatter needs atomics or a sort by index), and nothing for unused slots.
     """
-    return _mla_prefill_sparse(q, kv, indices, topk_length, softmax_scale=softmax_scale, head_dim_v=head_dim_v,
-                               implementation=implementation)
+    q, kv, indices = (_checks.as_array(name, x) for name, x in (("q", q), ("kv", kv), ("indices", indices)))
+    topk_length = None if topk_length is None else _checks.as_array("topk_length", topk_length)
+    return _mla_prefill_sparse(q, kv, indices, topk_length, softmax_scale=_checks.static_scale(softmax_scale),
+                               head_dim_v=head_dim_v, implementation=implementation)
 
 
 @functools.partial(jax.jit, static_argnames=("softmax_scale", "head_dim_v", "implementation"))
