@@ -275,7 +275,7 @@ def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr):
     mbarrier.arrive(done, count=1)
     mbarrier.wait(done, 0)
     l_all = l_i + l_x.slice((1 - side) * BLOCK_M, BLOCK_M).load(_row_vector_layout())
-    has_keys = l_all > 0
+    has_keys = l_all != 0          # a NaN sum (a NaN score or value) is not an empty row: it reaches the result
     lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
     out = acc / gl.expand_dims(gl.convert_layout(gl.where(has_keys, l_all, 1.0), gl.SliceLayout(1, _out_layout())), 1)
     return out, lse
