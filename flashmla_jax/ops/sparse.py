@@ -147,11 +147,6 @@ class TritonSparse(TritonRunner, SparseImplementation):
     jax-triton on a CUDA GPU (runner "triton") or Triton's interpreter on the CPU ("interpret")."""
 
     def unsupported(self, call: SparseCall) -> str | None:
-        if self.name == "triton" and call.stacked:
-            # The H200 check of a stacked FP8 pool under jit (tests/test_sparse.py) returned a wrong answer
-            # (rel_err 0.43) where the interpreter's agree with the reference: refused until that is found.
-            return ("a stacked pool (layer=) is not run by the sparse kernel on the GPU: it failed its GPU check; "
-                    "index the layer first (pool[layer]) or use implementation='xla'")
         return self.runner_unsupported() or _kernel_dims_unsupported(call)
 
     def attend(self, q, pool, indices, topk_length, layer, *, head_dim_v, scale, kv_format, num_splits, with_max):
