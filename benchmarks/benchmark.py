@@ -159,8 +159,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
     gpu = has_cuda_gpu()
     rows = common.select_rows(ROWS, args.rows)
-    impls = (["triton", "gluon", "jnp", "xla"] if gpu else ["jnp", "xla"]) if not args.impls else args.impls
     peer_names = [p for p in peers.available() if gpu and (not args.impls or p in args.impls)]
+    impls = (["triton", "gluon", "jnp", "xla"] if gpu else ["jnp", "xla"]) if not args.impls else [
+        i for i in args.impls if i not in peers.NAMES]
     if not gpu:
         rows = [r.reduced(batch=4, context=1024, s_q=16) for r in rows]
         print("No CUDA GPU: running the jnp and xla baselines only, at reduced sizes (batch <= 4, cache <= 1024); "

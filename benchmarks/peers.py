@@ -14,6 +14,9 @@ import functools
 BURST = 7
 
 
+NAMES = ("flashmla", "flashinfer")
+
+
 @functools.lru_cache(maxsize=None)
 def available() -> dict[str, object]:
     """{"flashmla": module, "flashinfer": module} for the peers that import here."""
