@@ -176,6 +176,17 @@ def _from_e4m3_bytes(b: jax.Array) -> jax.Array:
     return jax.lax.bitcast_convert_type(b, jnp.float8_e4m3fn).astype(jnp.float32)
 
 
+# The 256 e4m3 values by byte, float32 (0x7F / 0xFF NaN).
+_E4M3_VALUES = np.arange(256, dtype=np.uint8).view(jnp.float8_e4m3fn).astype(np.float32)
+
+
+def e4m3_values_by_lookup(b: jax.Array) -> jax.Array:
+    """uint8 bytes [...] of float8_e4m3fn as float32 [...], by a table lookup. For bytes made in the same
+    program: on a GPU, XLA may drop a float32 -> e4m3 -> float32 round trip of converts as excess precision
+    (seen on the H200: the indexer's FP8 queries came out unrounded), but not a lookup."""
+    return jnp.asarray(_E4M3_VALUES)[b.astype(jnp.int32)]
+
+
 def _le_bytes(words: jax.Array, nbytes: int) -> jax.Array:
     """Unsigned words [...] as little-endian bytes [..., nbytes] (uint8), whatever the host's byte order."""
     w = words.astype(jnp.uint32)
@@ -353,12 +364,18 @@ def dequantize_index_keys(packed, kv_format: str = "fp8_paged", dtype=jnp.float3
     if width == 0 or width % _INDEX_TOKEN_BYTES:
         raise ValueError(f"packed's last axis must be page_size * {_INDEX_TOKEN_BYTES} bytes, got shape "
                          f"{tuple(packed.shape)}")
+    codes, scales = index_key_codes(packed)
+    return (codes * scales[..., None]).astype(dtype)
+
+
+def index_key_codes(packed: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """uint8 pages [..., P * 132] in the "fp8_paged" layout (checked by the caller) -> (the e4m3 values as
+    float32 [..., P, 128], exact; the per-token scales float32 [..., P]): key = values * scales[..., None]."""
     packed = jnp.asarray(packed)
-    lead, p = packed.shape[:-1], width // _INDEX_TOKEN_BYTES
+    lead, p = packed.shape[:-1], packed.shape[-1] // _INDEX_TOKEN_BYTES
     codes = _from_e4m3_bytes(packed[..., :p * INDEX_KEY_DIM]).reshape(*lead, p, INDEX_KEY_DIM)
     words = _from_le_bytes(packed[..., p * INDEX_KEY_DIM:].reshape(*lead, p, 4), jnp.uint32)
-    scales = jax.lax.bitcast_convert_type(words, jnp.float32)
-    return (codes * scales[..., None]).astype(dtype)
+    return codes, jax.lax.bitcast_convert_type(words, jnp.float32)
 
 
 def write_index_keys(pages, keys, blocks, slots, kv_format: str | None = None) -> jax.Array:

@@ -168,7 +168,9 @@ def indexer_scores_reference(q: jax.Array, weights: jax.Array, k_cache: jax.Arra
     n, s_q = keys.shape[1], q.shape[1]
     seqlen = jnp.clip(cache_seqlens.astype(jnp.int32), 0, n)
     keys = jnp.where(jnp.arange(n)[None, :, None] < seqlen[:, None, None], keys, jnp.zeros((), keys.dtype))
-    logits = jnp.einsum("bshd,bnd->bshn", q, keys, preferred_element_type=jnp.float32)
+    # HIGHEST: float32 keys (an FP8 cache, dequantized) would otherwise go through TF32 on a GPU.
+    logits = jnp.einsum("bshd,bnd->bshn", q, keys, preferred_element_type=jnp.float32,
+                        precision=jax.lax.Precision.HIGHEST)
     scores = jnp.einsum("bsh,bshn->bsn", weights.astype(jnp.float32), jnp.maximum(logits, 0.0),
                         precision=jax.lax.Precision.HIGHEST)
     limits = visible_key_limits(cache_seqlens, n, s_q, causal=True)

@@ -250,6 +250,15 @@ def test_fp8_pages_dequantize_a_deepgemm_buffer(request):
     assert fm.dequantize_index_keys(jnp.asarray(buf), dtype=jnp.bfloat16).dtype == jnp.bfloat16
 
 
+def test_e4m3_lookup_matches_every_byte():
+    """The lookup the reference reads its FP8 queries with (so that XLA keeps their rounding) gives ml_dtypes'
+    value of each of the 256 bytes, jitted or not."""
+    b = np.arange(256, dtype=np.uint8)
+    want = b.view(ml_dtypes.float8_e4m3fn).astype(np.float32)
+    for f in (fp8.e4m3_values_by_lookup, jax.jit(fp8.e4m3_values_by_lookup)):
+        np.testing.assert_array_equal(np.asarray(f(jnp.asarray(b))), want)
+
+
 def test_fp8_round_trip_and_token_quantization(request):
     rng = _rng(request)
     keys = rng.standard_normal((4, 32, D)).astype(np.float32)
@@ -707,6 +716,11 @@ def _assert_topk_correct(idx, vals, ref_scores, table, topk, tol):
             assert row[pos].min() >= kth - tol * np.abs(row[visible]).max()
 
 
+# The GPU's FP8 score products accumulate in the FP8 wgmma's reduced-precision adder (IndexerTiles.fp8_acc_depth):
+# 1.3e-4 relative error against float64 on the H200, bf16 keys 1e-6.
+GPU_TOL = {None: 1e-4, "fp8_paged": 5e-4}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_format", [None, "fp8_paged"])
 def test_i1_scores_and_topk_on_gpu(kv_format):
@@ -714,10 +728,10 @@ def test_i1_scores_and_topk_on_gpu(kv_format):
     kw = dict(kv_format=kv_format)
     scores = fm.indexer_scores(q, w, pages, seqlens, table, implementation="triton", **kw)
     ref = fm.indexer_scores(q, w, pages, seqlens, table, implementation="xla", **kw)
-    assert rel_err(scores, ref) < 1e-4
+    assert rel_err(scores, ref) < GPU_TOL[kv_format]
     idx, vals = fm.indexer_topk(q, w, pages, seqlens, table, topk=2048, return_scores=True, implementation="triton",
                                 **kw)
-    _assert_topk_correct(idx, vals, ref, table, 2048, 1e-4)
+    _assert_topk_correct(idx, vals, ref, table, 2048, GPU_TOL[kv_format])
     again = fm.indexer_topk(q, w, pages, seqlens, table, topk=2048, implementation="triton", **kw)
     np.testing.assert_array_equal(idx, again)                                 # deterministic
 
@@ -739,7 +753,7 @@ def test_ragged_mtp_garbage_pages_on_gpu():
         got = fm.indexer_scores(q, w, pages, seqlens, table, implementation="triton", **kw)
         finite = np.isfinite(np.asarray(ref))
         np.testing.assert_array_equal(np.isfinite(got), finite)
-        assert rel_err(np.asarray(got)[finite], np.asarray(ref)[finite]) < 1e-4
+        assert rel_err(np.asarray(got)[finite], np.asarray(ref)[finite]) < GPU_TOL[kv_format]
         idx, vals = fm.indexer_topk(q, w, pages, seqlens, table, topk=2048, return_scores=True,
                                     implementation="triton", **kw)
-        _assert_topk_correct(idx, vals, ref, table, 2048, 1e-4)
+        _assert_topk_correct(idx, vals, ref, table, 2048, GPU_TOL[kv_format])

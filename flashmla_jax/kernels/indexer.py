@@ -111,14 +111,15 @@ def indexer_scores_kernel(q_ptr, w_ptr, k_ptr, seqlens_ptr, table_ptr, layer_ptr
                           BLOCK_N: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
                           MAX_BLOCKS: tl.constexpr, NUM_BLOCKS: tl.constexpr, NUM_LAYERS: tl.constexpr,
                           LAYER_STRIDE: tl.constexpr, FP8: tl.constexpr, FP8_NATIVE: tl.constexpr,
-                          HIST: tl.constexpr, TOPK: tl.constexpr):
+                          FP8_ACC_DEPTH: tl.constexpr, HIST: tl.constexpr, TOPK: tl.constexpr):
     """Scores of QG queries of one sequence against SPLIT keys; grid (B * NUM_GROUPS, cdiv(CAPACITY, SPLIT)).
 
     q_ptr [B, S_Q, H, 128] (float, or e4m3 bytes with FP8); w_ptr [B, S_Q, H] float32 (with FP8: w times the
     query's scale); k_ptr: the key cache (module docstring; PAGE_SIZE = CAPACITY when not PAGED), uint8 with FP8;
     seqlens_ptr [B] int32 (clamped to [0, CAPACITY]); table_ptr [B, MAX_BLOCKS] int32 (PAGED; entries clamped
     into [0, NUM_BLOCKS)); layer_ptr: 0-d int32 layer of a stack of NUM_LAYERS caches LAYER_STRIDE elements
-    apart (NUM_LAYERS 0: not stacked); q_offset: index of this launch's query 0 among S_TOTAL.
+    apart (NUM_LAYERS 0: not stacked); q_offset: index of this launch's query 0 among S_TOTAL; FP8_ACC_DEPTH:
+    e4m3 products summed in the FP8 wgmma's reduced-precision adder before each float32 promotion.
     scores_ptr [B * S_Q, CAPACITY] float32: every slot written, -inf past each query's limit.
     hist_ptr [B * S_Q, BINS1] int32, zeroed (HIST): digit-1 counts of the visible scores of rows with more
     than TOPK visible keys.
@@ -190,7 +191,7 @@ def indexer_scores_kernel(q_ptr, w_ptr, k_ptr, seqlens_ptr, table_ptr, layer_ptr
                 keys = codes.to(tl.float8e4nv, bitcast=True)
             else:
                 keys = e4m3_to_float32(codes, False).to(tl.bfloat16)
-            logits = tl.dot(keys, q_t)
+            logits = tl.dot(keys, q_t, max_num_imprecise_acc=FP8_ACC_DEPTH)
         else:
             keys = tl.load(k_ptr + (blk * PAGE_SIZE + slot)[:, None] * D + offs_d[None, :], mask=valid[:, None],
                            other=0.0)

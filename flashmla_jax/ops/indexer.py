@@ -22,7 +22,7 @@ import numpy as np
 
 from flashmla_jax import _checks, reference
 from flashmla_jax._backend import num_sms
-from flashmla_jax.fp8 import INDEX_KEY_DIM, _from_e4m3_bytes, dequantize_index_keys, quantize_index_tokens
+from flashmla_jax.fp8 import INDEX_KEY_DIM, e4m3_values_by_lookup, index_key_codes, quantize_index_tokens
 from flashmla_jax.ops._launch import launch
 from flashmla_jax.ops._registry import Implementation, Registry, TritonRunner
 from flashmla_jax.ops.decode import FP8_NATIVE, _pow2_at_least, check_block_table, index_layer
@@ -92,7 +92,10 @@ def _num_layers(k_cache, kv_format) -> int | None:
 class IndexerTiles:
     """How the kernels cut the work (kernels/indexer.py): the score kernel's key tile (block_n), keys per program
     (split), warps and stages; the top-k programs' scores per program (chunk) and per step (tile); query rows
-    per top-k pass (query_chunk; None: all S_q at once)."""
+    per top-k pass (query_chunk; None: all S_q at once); fp8_acc_depth: products an FP8 wgmma accumulates in
+    its own reduced-precision adder before each float32 promotion (Triton's max_num_imprecise_acc). 128, the
+    key width, never promotes: 1.3e-4 relative error at I1-fp8 on the H200, where 32 gave 4.6e-5 but a 31%
+    slower score kernel (benchmarks/NOTES.md)."""
     block_n: int
     split: int
     num_warps: int
@@ -100,6 +103,7 @@ class IndexerTiles:
     chunk: int
     tile: int
     query_chunk: int | None = None
+    fp8_acc_depth: int = 128
 
 
 SCORE_WAVES = 8            # score programs per SM the split aims for (ragged batches and the tail balance)
@@ -207,7 +211,8 @@ def plan_scores(batch: int, s_q: int, s_total: int, heads: int, layout: KeyLayou
         "indexer_scores_kernel", (batch * groups, -(-layout.capacity // tiles.split)), tiles.num_warps,
         tiles.num_stages, dict(S_Q=s_q, S_TOTAL=s_total, H=heads, QG=qg, NUM_GROUPS=groups, SPLIT=tiles.split,
                                BLOCK_N=tiles.block_n, NUM_LAYERS=layout.num_layers, LAYER_STRIDE=layout.layer_stride,
-                               FP8=layout.fp8, FP8_NATIVE=bool(fp8_native), HIST=topk is not None, TOPK=topk or 0,
+                               FP8=layout.fp8, FP8_NATIVE=bool(fp8_native), FP8_ACC_DEPTH=tiles.fp8_acc_depth,
+                               HIST=topk is not None, TOPK=topk or 0,
                                **layout.constexprs()),
         zeroed_outputs=(1,) if topk is not None else ())
 
@@ -337,15 +342,25 @@ def topk_with_tiles(tiles: IndexerTiles, q, weights, k_cache, cache_seqlens, blo
 # ---------------------------------------------------------------- the reference's path
 
 
-def _xla_inputs(q, weights, k_cache, layer, kv_format):
-    """(q, weights, float keys) for the reference: the layer's cache, dequantized; with FP8 keys the queries
-    rounded to FP8 as the kernels take them (one scale per (token, head))."""
+def _xla_scores(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, num_blocks):
+    """The reference's scores [B, S_q, N] of the layer's keys. FP8 keys: the queries rounded to FP8 as the
+    kernels take them (one scale per (token, head); their bytes read back by lookup, so that XLA keeps the
+    rounding); the e4m3 values of both sides meet in a bfloat16 product (each is exact in bfloat16, so is each
+    product in float32) and the scales, positive, are applied outside the relu: w·s_q into the weights, s_k
+    after the head sum, as the kernels apply them."""
     if layer is not None:
         k_cache = index_layer(k_cache, layer)
+    table = _clamped(block_table, num_blocks)
     if kv_format is None:
-        return q, weights, k_cache
+        return reference.indexer_scores_reference(q, weights, k_cache, cache_seqlens, table)
     codes, q_scale = quantize_index_tokens(q)
-    return _from_e4m3_bytes(codes) * q_scale[..., None], weights, dequantize_index_keys(k_cache, kv_format)
+    key_values, key_scales = index_key_codes(k_cache)
+    scores = reference.indexer_scores_reference(e4m3_values_by_lookup(codes).astype(jnp.bfloat16),
+                                                weights.astype(jnp.float32) * q_scale,
+                                                key_values.astype(jnp.bfloat16), cache_seqlens, table)
+    if table is not None:
+        key_scales = reference.gather_pages(key_scales[..., None], table)[..., 0]                # [B, N]
+    return jnp.where(jnp.isneginf(scores), scores, scores * key_scales[:, None, :])
 
 
 def _clamped(block_table, num_blocks):
@@ -379,13 +394,12 @@ class XlaIndexer(IndexerImplementation):
 
     def run(self, q, weights, k_cache, cache_seqlens, block_table, layer, *, capacity, page_size, num_blocks,
             kv_format, topk, return_scores):
-        q_x, w_x, keys = _xla_inputs(q, weights, k_cache, layer, kv_format)
-        table = _clamped(block_table, num_blocks)
-        scores = reference.indexer_scores_reference(q_x, w_x, keys, cache_seqlens, table)
+        scores = _xla_scores(q, weights, k_cache, cache_seqlens, block_table, layer, kv_format, num_blocks)
         if topk is None:
             return scores
         limits = reference.visible_key_limits(cache_seqlens, capacity, q.shape[1], causal=True)
-        idx, vals = reference.indexer_topk_reference(scores, limits, topk, table, page_size)
+        idx, vals = reference.indexer_topk_reference(scores, limits, topk, _clamped(block_table, num_blocks),
+                                                     page_size)
         return (idx, vals) if return_scores else idx
 
 
