@@ -138,9 +138,14 @@ def attention_step(form: str, scale: float):
 # The ways --compile names: (XLA compiler options for the step's executable, layer scan unrolled).
 _DSF = {"xla_gpu_enable_dynamic_slice_fusion": True}
 _GEMM_ANY_OFF = {"xla_gpu_triton_gemm_any": False}
+# CUDA graphs for the loop too (WHILE, CONDITIONAL), from sequences of one command up: launch gaps and the host's
+# per-layer work out of the step, where the commands allow (a custom call that is not graph-safe ends a graph).
+_GRAPHS = {"xla_gpu_enable_command_buffer": "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,WHILE,CONDITIONAL",
+           "xla_gpu_graph_min_graph_size": 1}
 COMPILE_WAYS = {
     "default": ({}, False),
     "step": (dict(SCANNED_STEP_COMPILER_OPTIONS), False),
+    "step-graphs": ({**SCANNED_STEP_COMPILER_OPTIONS, **_GRAPHS}, False),
     "step-dsf": ({**SCANNED_STEP_COMPILER_OPTIONS, **_DSF}, False),
     "gemm-any-off": (_GEMM_ANY_OFF, False),
     "gemm-any-off-dsf": ({**_GEMM_ANY_OFF, **_DSF}, False),

@@ -65,3 +65,16 @@ def test_plot_bars_draws_only_the_values_it_has(bench, tmp_path):
     common.plot_bars([common.BarPanel("decode", "% of ceiling", values, reference=100),
                       common.BarPanel("empty", "nothing", {("D1", "xla"): None})], str(path))
     assert path.stat().st_size > 1000
+
+
+def test_every_model_compile_way_is_accepted_by_xla(monkeypatch):
+    """benchmark_model.py's --compile ways: each way's options are DebugOptions XLA parses (a misspelt name or
+    enum value fails here, not on the GPU), and unrolled is a bool."""
+    import jax
+    import jax.numpy as jnp
+
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    model = importlib.import_module("benchmark_model")
+    for name, (options, unrolled) in model.COMPILE_WAYS.items():
+        assert isinstance(unrolled, bool), name
+        jax.jit(lambda x: x * 2, compiler_options=dict(options) or None).lower(jnp.ones(3)).compile()
