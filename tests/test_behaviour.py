@@ -50,6 +50,7 @@ def _assert_rows(got, clean, poisoned):
     out, lse = (np.asarray(x, np.float32) for x in got)
     ref, ref_lse = (np.asarray(x, np.float32) for x in clean)
     poisoned = np.broadcast_to(poisoned, lse.shape)
+    assert not np.isnan(ref).any() and not np.isnan(ref_lse).any(), "the clean result holds NaN"
     np.testing.assert_array_equal(_nan_rows(out, lse), poisoned)
     np.testing.assert_allclose(out[~poisoned], ref[~poisoned], rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(lse[~poisoned], ref_lse[~poisoned], rtol=1e-5, atol=1e-5)
@@ -87,16 +88,30 @@ def test_nan_or_inf_in_a_visible_key_reaches_every_row_of_its_sequence(impl, spl
     _assert_rows(got, clean, np.array([True, False, False])[:, None, None])
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-def test_all_scores_minus_inf_is_nan_not_an_empty_row(impl):
+@pytest.mark.parametrize("impl, splits", SPLITS)
+def test_all_scores_minus_inf_is_nan_not_an_empty_row(impl, splits):
     """-inf in q against keys all positive in that column: every visible score is -inf. The row saw keys, so it
     is NaN, not the 0 / -inf of a row that sees nothing."""
     q, kv, lengths = _decode_inputs(3)
     kv = kv.at[:, :, 0].set(jnp.abs(kv[:, :, 0]) + 0.5)
-    clean = _decode(q, kv, lengths, impl=impl)
+    clean = _decode(q, kv, lengths, impl=impl, num_splits=splits)
     poisoned = np.zeros((3, 1, 16), bool)
     poisoned[:2, 0, 4] = True                         # sequence 2 is empty: it reads no key, it stays 0 / -inf
-    _assert_rows(_decode(q.at[:, 0, 4, 0].set(-jnp.inf), kv, lengths, impl=impl), clean, poisoned)
+    _assert_rows(_decode(q.at[:, 0, 4, 0].set(-jnp.inf), kv, lengths, impl=impl, num_splits=splits), clean,
+                 poisoned)
+
+
+@pytest.mark.parametrize("impl, splits", SPLITS)
+def test_keys_scoring_minus_inf_in_one_split_only_get_no_weight(impl, splits):
+    """Sequence 0's first 32 keys score -inf for every row (-inf in a rope column against a positive query
+    column), the rest of its keys are finite: those keys get weight 0 and the rows are finite, also where the
+    -inf keys fill whole splits of their own (3: one 32-key split each)."""
+    q, kv, lengths = _decode_inputs(6)
+    q = q.at[..., D_V + 1].set(jnp.abs(q[..., D_V + 1]) + 0.5)
+    kv = kv.at[0, :32, D_V + 1].set(-jnp.inf)
+    want = _decode(q, kv, lengths, impl="xla")
+    assert np.isfinite(np.asarray(want[0])).all() and np.isfinite(np.asarray(want[1])[:2]).all()
+    _assert_rows(_decode(q, kv, lengths, impl=impl, num_splits=splits), want, False)
 
 
 @pytest.mark.parametrize("impl", IMPLS)

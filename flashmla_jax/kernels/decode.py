@@ -20,7 +20,7 @@ and LATE_ROW_SUM (row sums kept per column and reduced once, after the loop).
 import triton
 import triton.language as tl
 
-from flashmla_jax.kernels._common import LOG2E, row_divisor, row_lse
+from flashmla_jax.kernels._common import ALL_NEG_INF_LSE, LOG2E, row_divisor, row_lse
 from flashmla_jax.kernels.fp8 import load_blockscale_tile, load_pertensor_tile
 
 # KV_FORMAT: how the cache stores a latent token (flashmla_jax/fp8.py has the byte layouts)
@@ -168,7 +168,7 @@ def mla_decode_split_kernel(
     UNIFORM_NUM: tl.constexpr, UNIFORM_DEN: tl.constexpr,
     LAST_MERGES: tl.constexpr, SPLITS_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     UNCHAIN_SCORES: tl.constexpr, SPLIT_MASKED: tl.constexpr, LATE_ROW_SUM: tl.constexpr,
-    KV_FORMAT: tl.constexpr, FP8_NATIVE: tl.constexpr,
+    KV_FORMAT: tl.constexpr, FP8_NATIVE: tl.constexpr, ROW_RULES: tl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(S_Q * H, BLOCK_M), B, NUM_SPLITS). The row tile is the fastest axis, so the
     row tiles of one split run side by side and share each latent tile through L2; the split is the
@@ -191,7 +191,9 @@ def mla_decode_split_kernel(
     Partials are merged by the last split of a (sequence, row tile) to finish (LAST_MERGES: count_ptr
       [B * ROW_TILES] int32, zeroed, counts arrivals), or else by `mla_decode_combine_kernel`, which
       reads splits_ptr [B] int32, the splits each sequence took. Neither is used when NUM_SPLITS == 1.
-    LSE is natural-log; a row that sees no key in its range gets lse -inf and output 0.
+    LSE is natural-log; a row that sees no key in its range gets lse -inf and output 0. ROW_RULES: the row
+      rules of `_write_split` (a NaN reaching a row's output makes the row NaN; keys seen but all scores -inf give
+      NaN output and ALL_NEG_INF_LSE), which the merges keep.
     Tile rules (ops/decode.py's plans keep them): BLOCK_M, BLOCK_N, D_V and D_R powers of two >= 16; paged,
     BLOCK_N <= PAGE_SIZE (a power of two), so that a key tile lies in one page; the *_POW2 sizes powers of two
     at least what they cover.
@@ -255,7 +257,8 @@ def mla_decode_split_kernel(
     if LATE_ROW_SUM:
         l_i = tl.sum(l_i, 1)
     _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, acc, m_i, l_i, b, tile, split,
-                 splits_here, lo < hi, offs_m, offs_v, row_ok, R, D_V, NUM_SPLITS, SPLITS_POW2, ROW_TILES, LAST_MERGES)
+                 splits_here, lo < hi, offs_m, offs_v, row_ok, R, D_V, NUM_SPLITS, SPLITS_POW2, ROW_TILES, LAST_MERGES,
+                 ROW_RULES, (lo < hi) & (lo < limit))
 
 
 @triton.jit
@@ -311,11 +314,22 @@ def _table_row(table_ptr, b, PAGED: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_
 def _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, acc, m_i, l_i, b, tile, split,
                  splits_here, nonempty, offs_m, offs_v, row_ok, R: tl.constexpr, D_V: tl.constexpr,
                  NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, ROW_TILES: tl.constexpr,
-                 LAST_MERGES: tl.constexpr):
+                 LAST_MERGES: tl.constexpr, ROW_RULES: tl.constexpr, saw_keys):
     """The split kernel's epilogue: a sequence's only split writes the result; a split one writes its
-    partial (skipped when empty) and LSE, and with LAST_MERGES the last of them to arrive merges all."""
+    partial (skipped when empty) and LSE, and with LAST_MERGES the last of them to arrive merges all.
+
+    ROW_RULES (saw_keys [BLOCK_M]: the row has keys in this split): a NaN anywhere in a row's accumulator (0 · inf
+    from an infinite value under a zero probability) makes its row sum NaN, so its output and LSE are NaN; a row
+    that saw keys but gave them no weight (every score -inf) gets NaN output and LSE ALL_NEG_INF_LSE."""
+    if ROW_RULES:
+        nan_in_row = tl.max(tl.where(acc != acc, 1, 0), 1) > 0
+        l_i = tl.where(nan_in_row, float("nan"), l_i)
     out = acc / row_divisor(l_i)[:, None]
     lse = row_lse(m_i, l_i)
+    if ROW_RULES:
+        unweighted = saw_keys & (l_i == 0)
+        out = tl.where(unweighted[:, None], float("nan"), out)
+        lse = tl.where(unweighted, ALL_NEG_INF_LSE, lse)
     offs_m64 = offs_m.to(tl.int64)
     final = row_ok & (splits_here == 1) & (split == 0)
     row = b.to(tl.int64) * R + offs_m64

@@ -33,6 +33,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
+from flashmla_jax.kernels import _common
+
+ALL_NEG_INF_LSE = gl.constexpr(_common.ALL_NEG_INF_LSE.value)
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = gl.constexpr(64)        # query rows per program: one wgmma M extent per warpgroup
@@ -169,7 +172,7 @@ def _consumer_state(smem, bars, work, outputs):
 
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-               NUM_SPLITS: gl.constexpr):
+               NUM_SPLITS: gl.constexpr, ROW_RULES: gl.constexpr):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
@@ -208,7 +211,8 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
             m_i = m1
         else:
             m_i = m0
-    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0)
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL),
+                            ROW_RULES)
     stage, stage_part = _output_stages(q_nope, k_nope, 0)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, 0, True, H * S_Q, NUM_SPLITS)
@@ -216,7 +220,7 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_SPLITS: gl.constexpr):
+                NUM_SPLITS: gl.constexpr, ROW_RULES: gl.constexpr):
     """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
@@ -262,22 +266,45 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(0), count=1)
             m_i = m0
-    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1)
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1, _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL),
+                            ROW_RULES)
     stage, stage_part = _output_stages(q_nope, k_nope, 1)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, HALF_V, False, H * S_Q, NUM_SPLITS)
 
 
 @gluon.jit
-def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr):
-    """(out [64, 256], lse [64]): this half normalised by both groups' row sums (exchanged through l_x)."""
+def _rows_saw_keys(lo, n_blocks, seqlen, tile, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr):
+    """[64] bool: the tile's rows that have keys in this split (its keys start at lo; n_blocks of them)."""
+    rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=_row_vector_layout())
+    if CAUSAL:
+        limit = seqlen - S_Q + 1 + rows // H
+    else:
+        limit = rows * 0 + seqlen
+    return (n_blocks > 0) & (lo < limit)
+
+
+@gluon.jit
+def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys, ROW_RULES: gl.constexpr):
+    """(out [64, 256], lse [64]): this half normalised by both groups' row sums (exchanged through l_x).
+    ROW_RULES (saw_keys [64]: rows with keys in this split): kernels/decode.py's `_write_split` rules. A NaN in
+    either half's accumulator is sent as a NaN row sum, so both halves of the row come out NaN; a row that saw
+    keys and gave them no weight gets NaN output and ALL_NEG_INF_LSE."""
+    if ROW_RULES:
+        nan_in_row = gl.max(gl.where(acc != acc, 1, 0), axis=1)
+        l_i = gl.where(gl.convert_layout(nan_in_row, _row_vector_layout()) > 0, float("nan"), l_i)
     l_x.slice(side * BLOCK_M, BLOCK_M).store(l_i)
     mbarrier.arrive(done, count=1)
     mbarrier.wait(done, 0)
     l_all = l_i + l_x.slice((1 - side) * BLOCK_M, BLOCK_M).load(_row_vector_layout())
     has_keys = l_all != 0          # a NaN sum (a NaN score or value) is not an empty row: it reaches the result
     lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
-    out = acc / gl.expand_dims(gl.convert_layout(gl.where(has_keys, l_all, 1.0), gl.SliceLayout(1, _out_layout())), 1)
+    divisor = gl.where(has_keys, l_all, 1.0)
+    if ROW_RULES:
+        unweighted = saw_keys & (l_all == 0)
+        lse = gl.where(unweighted, ALL_NEG_INF_LSE, lse)
+        divisor = gl.where(unweighted, float("nan"), divisor)          # 0 / NaN: the row's output is NaN
+    out = acc / gl.expand_dims(gl.convert_layout(divisor, gl.SliceLayout(1, _out_layout())), 1)
     return out, lse
 
 
@@ -373,7 +400,7 @@ def mla_decode_gluon_kernel(
     D_V: gl.constexpr, D_R: gl.constexpr, CAUSAL: gl.constexpr,
     CAPACITY: gl.constexpr, NUM_SPLITS: gl.constexpr, UNIFORM_SPLITS: gl.constexpr, BALANCE: gl.constexpr,
     BATCH: gl.constexpr, BATCH_POW2: gl.constexpr, SLOTS: gl.constexpr, ROW_TILES: gl.constexpr,
-    UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr,
+    UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr, ROW_RULES: gl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(S_Q * H, 64), B, NUM_SPLITS), launched with num_warps=4 (the left consumer
     group; the right group and the producer are added: 12 warps in all).
@@ -384,7 +411,7 @@ def mla_decode_gluon_kernel(
     clamped to the pool); kv_scale_ptr unused (caches in q's dtype); scale the softmax scale (float32).
     Outputs as `mla_decode_split_kernel`'s: o_ptr [B, R, D_V], lse_ptr [B, R] float32; with NUM_SPLITS > 1
     o_part_ptr [B, NUM_SPLITS, R, D_V], lse_part_ptr [B, NUM_SPLITS, R] float32 and splits_ptr [B] int32 for
-    `mla_decode_combine_kernel`; count_ptr is unused.
+    `mla_decode_combine_kernel`; count_ptr is unused. ROW_RULES: the split kernel's row rules (`_finish_rows`).
     """
     gl.static_assert(D_V == 2 * HALF_V, "the two consumer groups own 256 output columns each")
     gl.static_assert(D_R == 64, "the rope part is one 64-wide TMA box, reused for the probabilities")
@@ -453,8 +480,8 @@ def mla_decode_gluon_kernel(
     gl.warp_specialize([
         (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free, table_ptr,
                      b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-        (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
-        (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+        (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
+        (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
     ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 

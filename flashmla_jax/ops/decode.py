@@ -244,14 +244,16 @@ class DecodePlan:
 
 def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
                 num_splits: int | None, sms: int, tiles: DecodeTiles | GluonDecodeTiles | None = None,
-                num_layers: int = 0, kv_format: str | None = None, fp8_native: bool = True) -> DecodePlan:
+                num_layers: int = 0, kv_format: str | None = None, fp8_native: bool = True,
+                row_rules: bool = True) -> DecodePlan:
     """q_shape [B, S_q, H, D]; kv_shape [B, N, W] (contiguous, table_shape None) or [num_pages,
     page_size, W] with table_shape [B, max_blocks]: one layer's cache, W = D, or the bytes per token of an
     FP8 kv_format. num_layers > 0: the cache is a
     stack [num_layers, *kv_shape] read at a layer index in place. num_splits None: a cap chosen here and the
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
     splits per sequence. `tiles` replaces `decode_tiles`' choice (benchmarks/profile_decode.py sweeps it).
-    fp8_native: decode e4m3 with the hardware conversion (FP8_NATIVE; the GPU) or bit arithmetic."""
+    fp8_native: decode e4m3 with the hardware conversion (FP8_NATIVE; the GPU) or bit arithmetic. row_rules:
+    the tl kernels apply the NaN row rules themselves (ROW_RULES; `_kernel_row_rules` finishes them)."""
     batch, s_q, heads, d = q_shape
     rows = s_q * heads
     paged = table_shape is not None
@@ -275,7 +277,8 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
         NUM_LAYERS=num_layers, LAYER_STRIDE=math.prod(kv_shape) if num_layers else 0,
         PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
         TABLE_POW2=_pow2_at_least(max_blocks), D_V=head_dim_v, D_R=d - head_dim_v,
-        CAUSAL=causal, KV_FORMAT=KV_FORMATS[kv_format], FP8_NATIVE=bool(fp8_native), **tiles.kernel_constexprs(),
+        CAUSAL=causal, KV_FORMAT=KV_FORMATS[kv_format], FP8_NATIVE=bool(fp8_native), ROW_RULES=bool(row_rules),
+        **tiles.kernel_constexprs(),
         **schedule)
     combine_grid, combine_constexprs = combine_plan(batch, rows, head_dim_v, num_splits, last_merges)
     split_outputs = split_buffers(batch, rows, head_dim_v, dtype, num_splits, row_tiles, combine_grid is not None,
@@ -370,7 +373,12 @@ class DecodeCall:
 class DecodeImplementation(Implementation[DecodeCall]):
     """decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal, num_splits,
     kv_format) -> (out [B, S_q, H, D_v], lse [B, S_q, H]): the per-shard body of `mla_decode` (layer None or a 0-d
-    int32 array into a stacked cache; kv_scale None or float32, [L] with layer)."""
+    int32 array into a stacked cache; kv_scale None or float32, [L] with layer).
+
+    kernel_row_rules: its results already follow the NaN row rules, with the kernels' ALL_NEG_INF_LSE for rows
+    whose keys all scored -inf (`_kernel_row_rules` finishes them); else `_row_rules` applies them whole."""
+
+    kernel_row_rules: bool = False
 
     def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
                num_splits, kv_format):
@@ -397,6 +405,8 @@ class TritonDecode(TritonRunner, DecodeImplementation):
     """The tl split and combine kernels (kernels/decode.py), through jax-triton on a CUDA GPU (runner "triton")
     or Triton's interpreter on the CPU ("interpret"); `decode_tiles` picks their tiles."""
 
+    kernel_row_rules = True
+
     def unsupported(self, call: DecodeCall) -> str | None:
         return self.runner_unsupported() or _kernel_dims_unsupported(call)
 
@@ -413,6 +423,11 @@ class TritonDecode(TritonRunner, DecodeImplementation):
                                     block_table, layer, kv_scale, scale)
 
 
+# The Gluon kernel's own row rules (ROW_RULES) compile for sm_90 but have not run on a GPU yet: until they have,
+# its results take the whole `_row_rules` pass after the kernel.
+GLUON_ROW_RULES = False
+
+
 class GluonDecode(DecodeImplementation):
     """The Hopper kernel in Gluon (kernels/gluon_decode.py: TMA, wgmma, warp specialization) and the tl combine,
     through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), DeepSeek's 512 + 64
@@ -426,6 +441,7 @@ class GluonDecode(DecodeImplementation):
     benchmarks/NOTES.md). True under "gluon": every call it can run."""
 
     name = "gluon"
+    kernel_row_rules = GLUON_ROW_RULES
 
     def __init__(self, every_call: bool):
         self.every_call = every_call
@@ -456,7 +472,8 @@ class GluonDecode(DecodeImplementation):
         stacked = layer is not None
         plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
                            None if block_table is None else block_table.shape, num_splits, num_sms("triton"),
-                           tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0)
+                           tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0,
+                           row_rules=GLUON_ROW_RULES)
         return _launch_split_kernel(gluon_decode.mla_decode_gluon_kernel, plan, "triton", q, kv_cache, cache_seqlens,
                                     block_table, layer, kv_scale, scale)
 
@@ -589,7 +606,8 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     shard = (partitioned_decode(decode, causal=causal) if impl.partitionable
              else functools.partial(_with_causal, decode, causal))
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
-    out, lse = _row_rules(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
+    finish = _kernel_row_rules if impl.kernel_row_rules else _row_rules
+    out, lse = finish(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
     return (out, lse) if return_lse else out
 
 
@@ -603,6 +621,22 @@ def _row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size:
     if block_table is not None:
         bad = (first_bad_block(block_table, num_blocks) * page_size)[:, None, None] < limits[:, :, None]
     return reference.nan_rows(out, lse, (limits > 0)[:, :, None], bad)
+
+
+def _kernel_row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None, capacity: int,
+                      causal: bool):
+    """`_row_rules` after kernels that apply the NaN rules themselves (`DecodeImplementation.kernel_row_rules`):
+    their LSE of a row whose keys all scored -inf becomes NaN (its output is NaN already), and rows that would
+    read a block-table entry outside the pool become NaN (the kernels clamp it). Contiguous caches: lse only,
+    no pass over out."""
+    from flashmla_jax.kernels._common import ALL_NEG_INF_LSE
+
+    lse = jnp.where(jnp.isfinite(lse) & (lse < ALL_NEG_INF_LSE.value / 2), jnp.float32(jnp.nan), lse)
+    if block_table is None:
+        return out, lse
+    limits = reference.visible_key_limits(cache_seqlens, capacity, out.shape[1], causal)      # [B, S_q]
+    bad = (first_bad_block(block_table, num_blocks) * page_size)[:, None, None] < limits[:, :, None]
+    return jnp.where(bad[..., None], jnp.asarray(jnp.nan, out.dtype), out), jnp.where(bad, jnp.float32(jnp.nan), lse)
 
 
 def first_bad_block(block_table, num_blocks: int, xp=jnp):

@@ -93,16 +93,20 @@ def plan_decode_partition(mesh, q_sharding, kv_sharding, lens_sharding, table_sh
 
 def _combine(out, lse, axes: Axes):
     """LSE-weighted merge of per-shard partials over `axes` (collectives; a shard with no key has lse -inf).
-    out [B, S_q, H, D_v], lse [B, S_q, H] -> merged (out in out's dtype, lse float32)."""
+    out [B, S_q, H, D_v], lse [B, S_q, H] -> merged (out in out's dtype, lse float32). A NaN LSE on any shard
+    makes the row NaN; a partial of weight 0 is never multiplied in (a kernel's row whose keys all scored -inf
+    has NaN output and a finite LSE below every real one: weight 0 beside a real partial, kept when all are)."""
     name = collective_axis(axes)
-    m = jax.lax.pmax(lse, name)
+    poisoned = jax.lax.psum(jnp.isnan(lse).astype(jnp.int32), name) > 0
+    m = jax.lax.pmax(jnp.where(jnp.isnan(lse), -jnp.inf, lse), name)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
     w = jnp.where(jnp.isfinite(lse), jnp.exp(lse - m), 0.0)
     denom = jax.lax.psum(w, name)
-    num = jax.lax.psum(w[..., None] * out.astype(jnp.float32), name)
+    num = jax.lax.psum(jnp.where(w[..., None] > 0, w[..., None] * out.astype(jnp.float32), 0.0), name)
     safe = jnp.where(denom > 0, denom, 1.0)
-    merged = jnp.where(denom[..., None] > 0, num / safe[..., None], 0.0).astype(out.dtype)
-    return merged, jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf)
+    merged = jnp.where(denom[..., None] > 0, num / safe[..., None], 0.0)
+    merged = jnp.where(poisoned[..., None], jnp.nan, merged).astype(out.dtype)
+    return merged, jnp.where(poisoned, jnp.nan, jnp.where(denom > 0, m + jnp.log(safe), -jnp.inf))
 
 
 def _context_parallel_body(body: DecodeBody, causal: bool, capacity: int, axes: Axes):
