@@ -473,7 +473,7 @@ class GluonDecode(DecodeImplementation):
         plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
                            None if block_table is None else block_table.shape, num_splits, num_sms("triton"),
                            tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0,
-                           row_rules=GLUON_ROW_RULES)
+                           row_rules=self.kernel_row_rules)
         return _launch_split_kernel(gluon_decode.mla_decode_gluon_kernel, plan, "triton", q, kv_cache, cache_seqlens,
                                     block_table, layer, kv_scale, scale)
 
