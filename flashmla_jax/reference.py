@@ -40,7 +40,8 @@ def visible_key_limits(cache_seqlens: jax.Array, capacity: int, s_q: int, causal
 
 def mla_decode_reference(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array,
                          block_table: jax.Array | None = None, *, head_dim_v: int = 512,
-                         softmax_scale: float, causal: bool = True) -> tuple[jax.Array, jax.Array]:
+                         softmax_scale: float, causal: bool = True,
+                         mergeable: bool = False) -> tuple[jax.Array, jax.Array]:
     """Absorbed MLA decode: multi-query attention with one latent KV head whose V is K[..., :head_dim_v].
 
     q: [B, S_q, H, D]; kv_cache: [B, N, D], or [num_blocks, page_size, D] with block_table [B, max_blocks];
@@ -48,7 +49,7 @@ def mla_decode_reference(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.A
     Returns out [B, S_q, H, head_dim_v] in q.dtype and lse [B, S_q, H] float32 (natural log). A row that
     sees no key gives out 0 and lse -inf; a NaN or inf in q, the scale or a visible key makes its row NaN
     (`nan_rows`). Scores and the softmax are float32; the probabilities meet V in the cache's dtype, as in the
-    kernels.
+    kernels. mergeable: the rules in `mergeable_rows`' form, for a partial result a merge may still combine.
     """
     kv = kv_cache if block_table is None else gather_pages(kv_cache, block_table)
     b, n, _ = kv.shape
@@ -64,7 +65,8 @@ def mla_decode_reference(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.A
     p, row_max, denom = _softmax_numerators(scores)
     out = jnp.einsum("bshn,bnd->bshd", p.astype(kv.dtype), kv[..., :head_dim_v],
                      preferred_element_type=jnp.float32)
-    return nan_rows(*_normalized(out, row_max, denom, q.dtype), (limits > 0)[:, :, None])
+    rules = mergeable_rows if mergeable else nan_rows
+    return rules(*_normalized(out, row_max, denom, q.dtype), (limits > 0)[:, :, None])
 
 
 def _softmax_numerators(scores: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -83,6 +85,27 @@ def _normalized(out: jax.Array, row_max: jax.Array, denom: jax.Array, dtype) -> 
     out = jnp.where(denom != 0, out / jnp.where(denom != 0, denom, 1.0), 0.0)
     lse = jnp.where(denom[..., 0] != 0, row_max[..., 0] + jnp.log(denom[..., 0]), -jnp.inf)
     return out.astype(dtype), lse
+
+
+# The LSE of a row that saw keys but gave them no weight (every visible score -inf) in a result that a merge may
+# still combine (a split's or a shard's partial): finite and below every real LSE, so a merge weighs it 0 beside
+# a real partial and keeps it when every partial has it. The kernels write it too (kernels/_common.py).
+ALL_NEG_INF_LSE = -3.0e38
+
+
+def mergeable_rows(out: jax.Array, lse: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`nan_rows` in the form a merge of partials keeps: NaN rows where a NaN or inf reached (lse NaN, or NaN in
+    out), and for a row that sees keys (`visible`) but gave them no weight, out NaN and lse ALL_NEG_INF_LSE
+    (`final_rows` turns it into NaN once nothing is left to merge)."""
+    poisoned = jnp.isnan(lse) | jnp.any(jnp.isnan(out), axis=-1)
+    unweighted = visible & (lse == -jnp.inf) & ~poisoned
+    out = jnp.where((poisoned | unweighted)[..., None], jnp.asarray(jnp.nan, out.dtype), out)
+    return out, jnp.where(poisoned, jnp.float32(jnp.nan), jnp.where(unweighted, jnp.float32(ALL_NEG_INF_LSE), lse))
+
+
+def final_rows(lse: jax.Array) -> jax.Array:
+    """lse [...] of a merged result in `mergeable_rows`' form -> `nan_rows`' (ALL_NEG_INF_LSE -> NaN)."""
+    return jnp.where(jnp.isfinite(lse) & (lse < ALL_NEG_INF_LSE / 2), jnp.float32(jnp.nan), lse)
 
 
 def nan_rows(out: jax.Array, lse: jax.Array, visible: jax.Array, bad: jax.Array | None = None

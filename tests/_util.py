@@ -93,5 +93,5 @@ def decode_implementation(name: str, monkeypatch, request) -> str:
 
     jax.clear_caches()
     request.addfinalizer(jax.clear_caches)        # and again at teardown
-    monkeypatch.setattr(decode_ops.GluonDecode, "kernel_row_rules", True)
+    monkeypatch.setattr(decode_ops.GluonDecode, "mergeable_rows", True)
     return "gluon"

@@ -235,6 +235,33 @@ def decode_paged_foreign_page_is_nan(impl):
 
 
 @check
+def decode_context_parallel_row_rules(impl):
+    """Context parallel (N over every device): keys scoring -inf that fill one device's slice of a sequence get
+    no weight (the rows stay finite, as unsharded), a row whose every visible score is -inf is NaN, and a NaN
+    key on one device makes its sequence's rows NaN."""
+    q, kv, lens, _ = decode_inputs(16, 8, 1, 4, 64, jnp.float32)
+    kv, lens = jnp.nan_to_num(kv), jnp.full((8,), 64, jnp.int32)
+    q = q.at[..., D_V + 1].set(jnp.abs(q[..., D_V + 1]) + 0.5).at[3, 0, 2, 0].set(-jnp.inf)
+    kv = kv.at[..., 0].set(jnp.abs(kv[..., 0]) + 0.5)
+    kv = kv.at[1, :8, D_V + 1].set(-jnp.inf).at[5, 40, 7].set(jnp.nan)    # sequence 1: device 0's keys
+    f = jax.jit(lambda q, kv, l: fm.mla_decode(q, kv, l, head_dim_v=D_V, softmax_scale=0.05, return_lse=True,
+                                               implementation=impl))
+    want_nan = np.zeros((8, 1, 4), bool)
+    want_nan[3, 0, 2] = want_nan[5] = True
+    detail, ok = {}, True
+    for name in ("cp", "dp_cp"):
+        out, lse = f(*sharding.shard_decode_inputs(layouts(False)[name], q, kv, lens)[:3])
+        ref, ref_lse = f(q, kv, lens)
+        nan_rows = np.isnan(np.asarray(lse)) & np.isnan(np.asarray(out)).all(axis=-1)
+        keep = ~want_nan
+        err = rel_err(np.asarray(out)[keep], np.asarray(ref)[keep])
+        detail[name] = dict(err=err, nan_rows=int(nan_rows.sum()))
+        ok &= bool((nan_rows == want_nan).all() and err < 1e-5
+                   and np.isfinite(np.asarray(ref)[1]).all() and (np.isnan(np.asarray(ref_lse)) == want_nan).all())
+    return ok, detail
+
+
+@check
 def decode_cache_sharded_on_576_moves_to_n(impl):
     """The documented rule for the cache's D axis: its mesh axis moves to N (all-to-all), never a gather."""
     q, kv, lens, _ = decode_inputs(6, 8, 1, 8, 64, jnp.float32)

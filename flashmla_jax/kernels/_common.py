@@ -2,13 +2,13 @@
 import triton
 import triton.language as tl
 
+from flashmla_jax import reference
+
 LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)    # softmax runs in base 2: scores scaled by log2(e)
 LN2: tl.constexpr = tl.constexpr(0.6931471805599453)      # and the LSE goes back to natural log
-# The LSE a decode kernel gives a row (or a split's partial) that saw keys whose scores were all -inf: finite and
-# below every real LSE, so a merge weighs such a partial 0 beside a real one and keeps the value when every
-# partial has it; ops/decode.py turns it into NaN (the row rule: keys seen, no weight given). Its row's output
-# is NaN.
-ALL_NEG_INF_LSE: tl.constexpr = tl.constexpr(-3.0e38)
+# The LSE a decode kernel gives a row (or a split's partial) that saw keys whose scores were all -inf, its output
+# NaN: reference.py's ALL_NEG_INF_LSE (`mergeable_rows`), which the merges keep and the op turns into NaN.
+ALL_NEG_INF_LSE: tl.constexpr = tl.constexpr(reference.ALL_NEG_INF_LSE)
 
 # The epilogue of an online softmax with running max m_i [M] (base 2) and row sums l_i [M]: the output is
 # acc / row_divisor(l_i)[:, None] and the LSE row_lse(m_i, l_i). A row that saw no key (l_i 0, acc 0) gets

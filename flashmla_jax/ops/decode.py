@@ -253,7 +253,7 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
     splits per sequence. `tiles` replaces `decode_tiles`' choice (benchmarks/profile_decode.py sweeps it).
     fp8_native: decode e4m3 with the hardware conversion (FP8_NATIVE; the GPU) or bit arithmetic. row_rules:
-    the tl kernels apply the NaN row rules themselves (ROW_RULES; `_kernel_row_rules` finishes them)."""
+    the tl kernels apply the row rules themselves (ROW_RULES; reference.mergeable_rows' form)."""
     batch, s_q, heads, d = q_shape
     rows = s_q * heads
     paged = table_shape is not None
@@ -375,10 +375,10 @@ class DecodeImplementation(Implementation[DecodeCall]):
     kv_format) -> (out [B, S_q, H, D_v], lse [B, S_q, H]): the per-shard body of `mla_decode` (layer None or a 0-d
     int32 array into a stacked cache; kv_scale None or float32, [L] with layer).
 
-    kernel_row_rules: its results already follow the NaN row rules, with the kernels' ALL_NEG_INF_LSE for rows
-    whose keys all scored -inf (`_kernel_row_rules` finishes them); else `_row_rules` applies them whole."""
+    mergeable_rows: its results already follow the row rules in reference.mergeable_rows' form (the op finishes
+    them: `_finish_mergeable_rows`); else `_row_rules` applies them whole after it."""
 
-    kernel_row_rules: bool = False
+    mergeable_rows: bool = False
 
     def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
                num_splits, kv_format):
@@ -388,6 +388,7 @@ class DecodeImplementation(Implementation[DecodeCall]):
 class XlaDecode(DecodeImplementation):
     """The jnp reference (any shapes, dtypes and devices); an FP8 cache is dequantized first."""
     name = "xla"
+    mergeable_rows = True
 
     def unsupported(self, call: DecodeCall) -> str | None:
         return None
@@ -398,14 +399,14 @@ class XlaDecode(DecodeImplementation):
             kv_cache = index_layer(kv_cache, layer)
         kv_cache = _dequantized(kv_cache, kv_format, kv_scale, layer, q.dtype, q.shape[-1] - head_dim_v)
         return reference.mla_decode_reference(q, kv_cache, cache_seqlens, block_table, head_dim_v=head_dim_v,
-                                              softmax_scale=scale, causal=causal)
+                                              softmax_scale=scale, causal=causal, mergeable=True)
 
 
 class TritonDecode(TritonRunner, DecodeImplementation):
     """The tl split and combine kernels (kernels/decode.py), through jax-triton on a CUDA GPU (runner "triton")
     or Triton's interpreter on the CPU ("interpret"); `decode_tiles` picks their tiles."""
 
-    kernel_row_rules = True
+    mergeable_rows = True
 
     def unsupported(self, call: DecodeCall) -> str | None:
         return self.runner_unsupported() or _kernel_dims_unsupported(call)
@@ -441,7 +442,7 @@ class GluonDecode(DecodeImplementation):
     benchmarks/NOTES.md). True under "gluon": every call it can run."""
 
     name = "gluon"
-    kernel_row_rules = GLUON_ROW_RULES
+    mergeable_rows = GLUON_ROW_RULES
 
     def __init__(self, every_call: bool):
         self.every_call = every_call
@@ -473,7 +474,7 @@ class GluonDecode(DecodeImplementation):
         plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
                            None if block_table is None else block_table.shape, num_splits, num_sms("triton"),
                            tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0,
-                           row_rules=self.kernel_row_rules)
+                           row_rules=self.mergeable_rows)
         return _launch_split_kernel(gluon_decode.mla_decode_gluon_kernel, plan, "triton", q, kv_cache, cache_seqlens,
                                     block_table, layer, kv_scale, scale)
 
@@ -606,7 +607,7 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     shard = (partitioned_decode(decode, causal=causal) if impl.partitionable
              else functools.partial(_with_causal, decode, causal))
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
-    finish = _kernel_row_rules if impl.kernel_row_rules else _row_rules
+    finish = _finish_mergeable_rows if impl.mergeable_rows else _row_rules
     out, lse = finish(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
     return (out, lse) if return_lse else out
 
@@ -623,15 +624,12 @@ def _row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size:
     return reference.nan_rows(out, lse, (limits > 0)[:, :, None], bad)
 
 
-def _kernel_row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None, capacity: int,
-                      causal: bool):
-    """`_row_rules` after kernels that apply the NaN rules themselves (`DecodeImplementation.kernel_row_rules`):
-    their LSE of a row whose keys all scored -inf becomes NaN (its output is NaN already), and rows that would
-    read a block-table entry outside the pool become NaN (the kernels clamp it). Contiguous caches: lse only,
-    no pass over out."""
-    from flashmla_jax.kernels._common import ALL_NEG_INF_LSE
-
-    lse = jnp.where(jnp.isfinite(lse) & (lse < ALL_NEG_INF_LSE.value / 2), jnp.float32(jnp.nan), lse)
+def _finish_mergeable_rows(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None,
+                           capacity: int, causal: bool):
+    """`_row_rules` for results already in reference.mergeable_rows' form (`DecodeImplementation.mergeable_rows`):
+    ALL_NEG_INF_LSE becomes NaN (its output is NaN already), and rows that would read a block-table entry outside
+    the pool become NaN (the kernels clamp it). Contiguous caches: lse only, no pass over out."""
+    lse = reference.final_rows(lse)
     if block_table is None:
         return out, lse
     limits = reference.visible_key_limits(cache_seqlens, capacity, out.shape[1], causal)      # [B, S_q]
