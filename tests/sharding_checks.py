@@ -261,6 +261,65 @@ def decode_context_parallel_row_rules(impl):
     return ok, detail
 
 
+def _masked_err(got, want) -> float:
+    """rel_err over want's finite entries; inf unless got is finite exactly there."""
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    finite = np.isfinite(want)
+    return rel_err(got[finite], want[finite]) if (np.isfinite(got) == finite).all() else float("inf")
+
+
+@check
+def sparse_ops_batch_and_heads(impl):
+    """mla_decode_sparse (with topk_length, and a stacked pool at a traced layer) and mla_prefill_sparse under
+    jit over q / indices sharded on B (T) and q on H: equal to the unsharded call, the outputs sharded alike, no
+    all-gather in the compiled program; a sharded pool raises ValueError naming the pool (from the partitioner:
+    XLA wraps it in JaxRuntimeError)."""
+    _, one, two = meshes()
+    rng = np.random.default_rng(17)
+    b, s_q, h, n, topk = 8, 2, 8, 256, 64
+    q = jnp.asarray(rng.standard_normal((b, s_q, h, D)), jnp.float32)
+    pool = jnp.asarray(rng.standard_normal((n, D)), jnp.float32)
+    idx = jnp.asarray(rng.integers(-8, n, (b, s_q, topk)), jnp.int32)
+    lens = jnp.asarray(rng.integers(0, topk + 1, b), jnp.int32)
+    stack = jnp.stack([pool, -pool])
+    decode = jax.jit(lambda q, p, i, l: fm.mla_decode_sparse(q, p, i, l, softmax_scale=0.05, head_dim_v=D_V,
+                                                             return_lse=True, implementation=impl))
+    stacked = jax.jit(lambda q, p, i, layer: fm.mla_decode_sparse(q, p, i, softmax_scale=0.05, head_dim_v=D_V,
+                                                                  layer=layer, implementation=impl))
+    prefill = jax.jit(lambda q, kv, i: fm.mla_prefill_sparse(q, kv, i, softmax_scale=0.05, head_dim_v=D_V,
+                                                             implementation=impl))
+    want = decode(q, pool, idx, lens)
+    want_stacked = stacked(q, stack, idx, jnp.int32(1))
+    qp, ip = q.reshape(b * s_q, h, D), idx.reshape(b * s_q, topk)
+    want_prefill = prefill(qp, pool, ip)
+    detail, ok = {}, True
+    for name, mesh, q_spec in (("dp", one("data"), P("data")), ("tp", one("model"), P(None, None, "model")),
+                               ("dp_tp", two("data", "model"), P("data", None, "model"))):
+        put = lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec))
+        rows = P((tuple(q_spec) + (None,))[0])
+        args = (put(q, q_spec), put(pool, P()), put(idx, rows), put(lens, rows))
+        out, lse = decode(*args)
+        got_stacked = stacked(args[0], put(stack, P()), args[2], jnp.int32(1))
+        spec = tuple(q_spec) + (None,) * 4
+        pf_spec = P(spec[0], spec[2])                                     # the prefill's q [T, H, D]
+        got_prefill = prefill(put(qp, pf_spec), put(pool, P()), put(ip, P(pf_spec[0])))
+        hlo = decode.lower(*args).compile().as_text() + prefill.lower(
+            put(qp, pf_spec), put(pool, P()), put(ip, P(pf_spec[0]))).compile().as_text()
+        pairs = [(out, want[0]), (lse, want[1]), *zip(got_stacked, want_stacked), *zip(got_prefill, want_prefill)]
+        errs = [_masked_err(g, w) for g, w in pairs]
+        sharded = out.sharding.is_equivalent_to(NamedSharding(mesh, P(*(tuple(q_spec) + (None,) * 4)[:4])), 4)
+        detail[name] = dict(max_err=max(errs), all_gathers=hlo.count("all-gather"), out_sharded_as_q=sharded)
+        ok &= max(errs) < 1e-5 and "all-gather" not in hlo and sharded
+    try:
+        decode(q, jax.device_put(pool, NamedSharding(one("data"), P("data"))), idx, lens)
+        ok, detail["sharded_pool"] = False, "no error"
+    except Exception as e:                      # noqa: BLE001 (JaxRuntimeError around the partitioner's ValueError)
+        line = next((l for l in str(e).splitlines() if "ValueError" in l), str(e))
+        detail["sharded_pool"] = line[:160]
+        ok &= "ValueError" in line and "pool" in line
+    return ok, detail
+
+
 @check
 def decode_cache_sharded_on_576_moves_to_n(impl):
     """The documented rule for the cache's D axis: its mesh axis moves to N (all-to-all), never a gather."""

@@ -27,6 +27,7 @@ from flashmla_jax.ops.decode import (FP8_NATIVE, KV_FORMATS, MAX_SPLITS_MERGED_I
                                      SplitOutputs, _kernel_dims_unsupported, _pow2_at_least, check_widths,
                                      choose_num_splits, combine_plan, decode_tiles, index_layer, merge_splits,
                                      split_buffers)
+from flashmla_jax.ops.sparse_partition import partitioned_sparse
 
 SPARSE_FORMATS = (None, "fp8_blockscale")    # kv_format values the sparse pool may have
 INT32_MAX = 2 ** 31 - 1
@@ -216,6 +217,8 @@ def _attend(registry: Registry, implementation, q, pool, indices, topk_length, l
     message = (f"{registry.op} is inference-only (forward only) and has no derivative: jax.lax.stop_gradient its "
                "inputs (mla_prefill_sparse's docstring says what a backward needs)")
     fn = functools.partial(impl.attend, head_dim_v=head_dim_v, kv_format=kv_format, **options)
+    if impl.partitionable:      # not the interpreter: a host callback cannot run inside custom_partitioning
+        fn = partitioned_sparse(fn, with_max=options["with_max"])
     return inference_only(fold_vmap_into_batch(fn, _fold_sparse_members), message)(q, pool, indices, topk_length,
                                                                                     layer)
 
