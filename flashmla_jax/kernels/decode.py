@@ -238,7 +238,7 @@ def mla_decode_split_kernel(
     else:
         l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, D_V], dtype=tl.float32)
-    pages, offs_t = _table_row(table_ptr, b, PAGED, MAX_BLOCKS, NUM_PAGES, TABLE_POW2)
+    pages, offs_t, first_bad = _table_row(table_ptr, b, PAGED, MAX_BLOCKS, NUM_PAGES, TABLE_POW2)
     mid = lo
     if SPLIT_MASKED:
         # Tiles below every row's causal limit and wholly inside [lo, hi) run without masks; the rest
@@ -256,9 +256,12 @@ def mla_decode_split_kernel(
 
     if LATE_ROW_SUM:
         l_i = tl.sum(l_i, 1)
+    reads_bad_entry = offs_m < 0                         # never, without a block table
+    if PAGED:
+        reads_bad_entry = first_bad * PAGE_SIZE < limit
     _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, acc, m_i, l_i, b, tile, split,
                  splits_here, lo < hi, offs_m, offs_v, row_ok, R, D_V, NUM_SPLITS, SPLITS_POW2, ROW_TILES, LAST_MERGES,
-                 ROW_RULES, (lo < hi) & (lo < limit))
+                 ROW_RULES, (lo < hi) & (lo < limit), reads_bad_entry)
 
 
 @triton.jit
@@ -296,34 +299,40 @@ def _load_queries(q_ptr, b, offs_m, row_ok, nonempty, offs_v, offs_r, R: tl.cons
 @triton.jit
 def _table_row(table_ptr, b, PAGED: tl.constexpr, MAX_BLOCKS: tl.constexpr, NUM_PAGES: tl.constexpr,
                TABLE_POW2: tl.constexpr):
-    """(pages, offs_t): sequence b's row of the block table [TABLE_POW2], indices clamped to the pool."""
+    """(pages, offs_t, first_bad): sequence b's row of the block table [TABLE_POW2], indices clamped to the pool,
+    and the first of its blocks whose entry lies outside the pool (TABLE_POW2 where none does; a row that sees
+    keys at or past first_bad * PAGE_SIZE would read it: the row rules make it NaN)."""
     if PAGED:
         # In registers: each tile's address is then a function of the loop index alone, which Triton's
         # pipeliner stages ahead like a contiguous load (a table load inside the loop it does not
         # pipeline). A tile lies in one page (BLOCK_N <= PAGE_SIZE).
         offs_t = tl.arange(0, TABLE_POW2)
         pages = tl.load(table_ptr + b * MAX_BLOCKS + offs_t, mask=offs_t < MAX_BLOCKS, other=0)
+        outside = (offs_t < MAX_BLOCKS) & ((pages < 0) | (pages >= NUM_PAGES))
+        first_bad = tl.min(tl.where(outside, offs_t, TABLE_POW2), 0)
         pages = tl.minimum(tl.maximum(pages, 0), NUM_PAGES - 1)
     else:
         offs_t = tl.arange(0, 2)                        # unused without a block table
         pages = offs_t
-    return pages, offs_t
+        first_bad = TABLE_POW2                          # unused without a block table
+    return pages, offs_t, first_bad
 
 
 @triton.jit
 def _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, acc, m_i, l_i, b, tile, split,
                  splits_here, nonempty, offs_m, offs_v, row_ok, R: tl.constexpr, D_V: tl.constexpr,
                  NUM_SPLITS: tl.constexpr, SPLITS_POW2: tl.constexpr, ROW_TILES: tl.constexpr,
-                 LAST_MERGES: tl.constexpr, ROW_RULES: tl.constexpr, saw_keys):
+                 LAST_MERGES: tl.constexpr, ROW_RULES: tl.constexpr, saw_keys, reads_bad_entry):
     """The split kernel's epilogue: a sequence's only split writes the result; a split one writes its
     partial (skipped when empty) and LSE, and with LAST_MERGES the last of them to arrive merges all.
 
-    ROW_RULES (saw_keys [BLOCK_M]: the row has keys in this split): a NaN anywhere in a row's accumulator (0 · inf
-    from an infinite value under a zero probability) makes its row sum NaN, so its output and LSE are NaN; a row
+    ROW_RULES (saw_keys [BLOCK_M]: the row has keys in this split; reads_bad_entry [BLOCK_M]: its visible keys
+    reach a block-table entry outside the pool): a NaN anywhere in a row's accumulator (0 · inf from an infinite
+    value under a zero probability), or a bad entry, makes its row sum NaN, so its output and LSE are NaN; a row
     that saw keys but gave them no weight (every score -inf) gets NaN output and LSE ALL_NEG_INF_LSE."""
     if ROW_RULES:
         nan_in_row = tl.max(tl.where(acc != acc, 1, 0), 1) > 0
-        l_i = tl.where(nan_in_row, float("nan"), l_i)
+        l_i = tl.where(nan_in_row | reads_bad_entry, float("nan"), l_i)
     out = acc / row_divisor(l_i)[:, None]
     lse = row_lse(m_i, l_i)
     if ROW_RULES:

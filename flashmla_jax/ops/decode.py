@@ -376,9 +376,11 @@ class DecodeImplementation(Implementation[DecodeCall]):
     int32 array into a stacked cache; kv_scale None or float32, [L] with layer).
 
     mergeable_rows: its results already follow the row rules in reference.mergeable_rows' form (the op finishes
-    them: `_finish_mergeable_rows`); else `_row_rules` applies them whole after it."""
+    them: `_finish_mergeable_rows`); else `_row_rules` applies them whole after it. table_rule: its results are
+    also NaN in the rows that would read a block-table entry outside the pool (else the op makes them so)."""
 
     mergeable_rows: bool = False
+    table_rule: bool = False
 
     def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
                num_splits, kv_format):
@@ -407,6 +409,7 @@ class TritonDecode(TritonRunner, DecodeImplementation):
     or Triton's interpreter on the CPU ("interpret"); `decode_tiles` picks their tiles."""
 
     mergeable_rows = True
+    table_rule = True
 
     def unsupported(self, call: DecodeCall) -> str | None:
         return self.runner_unsupported() or _kernel_dims_unsupported(call)
@@ -607,8 +610,11 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     shard = (partitioned_decode(decode, causal=causal) if impl.partitionable
              else functools.partial(_with_causal, decode, causal))
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
-    finish = _finish_mergeable_rows if impl.mergeable_rows else _row_rules
-    out, lse = finish(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
+    if impl.mergeable_rows:
+        table = None if impl.table_rule else block_table
+        out, lse = _finish_mergeable_rows(out, lse, cache_seqlens, table, num_blocks, page_size, capacity, causal)
+    else:
+        out, lse = _row_rules(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
     return (out, lse) if return_lse else out
 
 
@@ -627,8 +633,9 @@ def _row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size:
 def _finish_mergeable_rows(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None,
                            capacity: int, causal: bool):
     """`_row_rules` for results already in reference.mergeable_rows' form (`DecodeImplementation.mergeable_rows`):
-    ALL_NEG_INF_LSE becomes NaN (its output is NaN already), and rows that would read a block-table entry outside
-    the pool become NaN (the kernels clamp it). Contiguous caches: lse only, no pass over out."""
+    ALL_NEG_INF_LSE becomes NaN (its output is NaN already), and with block_table the rows that would read an
+    entry of it outside the pool become NaN (block_table None: a contiguous cache, or an implementation whose
+    results already hold that rule). Without a table: lse only, no pass over out."""
     lse = reference.final_rows(lse)
     if block_table is None:
         return out, lse
