@@ -93,11 +93,16 @@ def _normalized(out: jax.Array, row_max: jax.Array, denom: jax.Array, dtype) -> 
 ALL_NEG_INF_LSE = -3.0e38
 
 
+def _nan_reached(out: jax.Array, lse: jax.Array) -> jax.Array:
+    """[...] bool: the rows a NaN or inf reached (lse NaN, or NaN anywhere in out [..., D_v])."""
+    return jnp.isnan(lse) | jnp.any(jnp.isnan(out), axis=-1)
+
+
 def mergeable_rows(out: jax.Array, lse: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array]:
     """`nan_rows` in the form a merge of partials keeps: NaN rows where a NaN or inf reached (lse NaN, or NaN in
     out), and for a row that sees keys (`visible`) but gave them no weight, out NaN and lse ALL_NEG_INF_LSE
     (`final_rows` turns it into NaN once nothing is left to merge)."""
-    poisoned = jnp.isnan(lse) | jnp.any(jnp.isnan(out), axis=-1)
+    poisoned = _nan_reached(out, lse)
     unweighted = visible & (lse == -jnp.inf) & ~poisoned
     out = jnp.where((poisoned | unweighted)[..., None], jnp.asarray(jnp.nan, out.dtype), out)
     return out, jnp.where(poisoned, jnp.float32(jnp.nan), jnp.where(unweighted, jnp.float32(ALL_NEG_INF_LSE), lse))
@@ -114,7 +119,7 @@ def nan_rows(out: jax.Array, lse: jax.Array, visible: jax.Array, bad: jax.Array 
     inf reached (lse NaN, or NaN anywhere in out), or that sees a key (`visible`, broadcast to lse's shape) but
     gave it no weight (lse -inf: every visible score -inf, from an inf in q, a key or the scale), or where `bad`
     (a row that would read a block-table entry outside the pool). Other rows are as they are."""
-    poisoned = jnp.isnan(lse) | jnp.any(jnp.isnan(out), axis=-1) | (visible & (lse == -jnp.inf))
+    poisoned = _nan_reached(out, lse) | (visible & (lse == -jnp.inf))
     if bad is not None:
         poisoned = poisoned | bad
     return (jnp.where(poisoned[..., None], jnp.asarray(jnp.nan, out.dtype), out),

@@ -33,9 +33,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
-from flashmla_jax.kernels import _common
+from flashmla_jax import reference
 
-ALL_NEG_INF_LSE = gl.constexpr(_common.ALL_NEG_INF_LSE.value)
+ALL_NEG_INF_LSE = gl.constexpr(reference.ALL_NEG_INF_LSE)
 LOG2E = gl.constexpr(1.4426950408889634)
 LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = gl.constexpr(64)        # query rows per program: one wgmma M extent per warpgroup
@@ -106,13 +106,20 @@ def _masked_scores(s, start, first_limit, seqlen, tile, H: gl.constexpr, S_Q: gl
     tile that see the whole block (start + 64 <= first_limit) skip the mask."""
     if start + BLOCK_N > first_limit:
         keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, _score_layout()))
-        rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=_row_vector_layout())
-        if CAUSAL:
-            limit = seqlen - S_Q + 1 + rows // H
-        else:
-            limit = rows * 0 + seqlen
+        limit = _row_limits(seqlen, tile, H, S_Q, CAUSAL)
         s = gl.where(gl.expand_dims(keys, 0) < gl.expand_dims(limit, 1), s, float("-inf"))
     return s
+
+
+@gluon.jit
+def _row_limits(seqlen, tile, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr):
+    """[64] int32: the keys each row of the tile sees are those < its limit (query s = row // H)."""
+    rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=_row_vector_layout())
+    if CAUSAL:
+        limit = seqlen - S_Q + 1 + rows // H
+    else:
+        limit = rows * 0 + seqlen
+    return limit
 
 
 @gluon.jit
@@ -276,12 +283,7 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
 @gluon.jit
 def _rows_saw_keys(lo, n_blocks, seqlen, tile, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr):
     """[64] bool: the tile's rows that have keys in this split (its keys start at lo; n_blocks of them)."""
-    rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=_row_vector_layout())
-    if CAUSAL:
-        limit = seqlen - S_Q + 1 + rows // H
-    else:
-        limit = rows * 0 + seqlen
-    return (n_blocks > 0) & (lo < limit)
+    return (n_blocks > 0) & (lo < _row_limits(seqlen, tile, H, S_Q, CAUSAL))
 
 
 @gluon.jit

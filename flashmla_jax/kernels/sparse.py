@@ -104,8 +104,9 @@ def mla_sparse_kernel(
         s = tl.where(valid[None, :], s, float("-inf"))
         m_i, l_i, acc = softmax_update(s, k_v, m_i, l_i, acc, False, True)
     splits_here = tl.full([], NUM_SPLITS, tl.int32)
+    # ROW_RULES off (its two row masks are not read): the sparse ops give a row whose scores are all -inf 0, -inf.
     _write_split(o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, acc, m_i, l_i, pair, tile, split,
                  splits_here, lo < hi, offs_m, offs_v, row_ok, H, D_V, NUM_SPLITS, SPLITS_POW2, ROW_TILES, LAST_MERGES,
-                 False, lo < hi, lo < hi)     # the sparse ops' rules: a row whose scores are all -inf gives 0, -inf
+                 False, row_ok, row_ok)
     if WRITE_MAX:
         tl.store(max_ptr + pair.to(tl.int64) * H + offs_m, m_i * LN2, mask=row_ok)

@@ -624,10 +624,13 @@ def _row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size:
     rows where a NaN or inf reached a row, and where a row would read a block-table entry outside the pool
     (the kernels clamp it onto another page)."""
     limits = reference.visible_key_limits(cache_seqlens, capacity, out.shape[1], causal)      # [B, S_q]
-    bad = None
-    if block_table is not None:
-        bad = (first_bad_block(block_table, num_blocks) * page_size)[:, None, None] < limits[:, :, None]
+    bad = None if block_table is None else _bad_table_rows(block_table, limits, num_blocks, page_size)
     return reference.nan_rows(out, lse, (limits > 0)[:, :, None], bad)
+
+
+def _bad_table_rows(block_table, limits, num_blocks: int, page_size: int):
+    """[B, S_q, 1] bool: the rows whose visible keys (limits [B, S_q]) reach a block-table entry outside the pool."""
+    return (first_bad_block(block_table, num_blocks) * page_size)[:, None, None] < limits[:, :, None]
 
 
 def _finish_mergeable_rows(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None,
@@ -640,7 +643,7 @@ def _finish_mergeable_rows(out, lse, cache_seqlens, block_table, num_blocks: int
     if block_table is None:
         return out, lse
     limits = reference.visible_key_limits(cache_seqlens, capacity, out.shape[1], causal)      # [B, S_q]
-    bad = (first_bad_block(block_table, num_blocks) * page_size)[:, None, None] < limits[:, :, None]
+    bad = _bad_table_rows(block_table, limits, num_blocks, page_size)
     return jnp.where(bad[..., None], jnp.asarray(jnp.nan, out.dtype), out), jnp.where(bad, jnp.float32(jnp.nan), lse)
 
 

@@ -385,8 +385,8 @@ class IndexerImplementation(Implementation[IndexerCall]):
 
 
 class XlaIndexer(IndexerImplementation):
-    """The jnp reference: the layer's keys dequantized (FP8 queries rounded as the kernels round them), the
-    scores, and the ranked top-k."""
+    """The jnp reference (`_xla_scores`: FP8 queries rounded as the kernels round them, FP8 keys' values and
+    scales taken apart as the kernels take them), the scores, and the ranked top-k."""
     name = "xla"
 
     def unsupported(self, call: IndexerCall) -> str | None:
