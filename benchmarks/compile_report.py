@@ -52,16 +52,13 @@ def compile_split_kernel(shape, dtype, tiles, kv_format=None):
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
 
-def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None,
-                         row_rules=decode_ops.GLUON_ROW_RULES):
+def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None):
     """(compiled kernel, plan) of the Hopper Gluon decode kernel (kernels/gluon_decode.py) for shape
-    (B, S_q, H, N), planned as its implementation plans it (GluonDecodeTiles; pages of 64 when paged;
-    row_rules: the kernel's ROW_RULES)."""
+    (B, S_q, H, N), planned as its implementation plans it (GluonDecodeTiles; pages of 64 when paged)."""
     b, s_q, h, n = shape
     kv_shape = (b * n // 64, 64, 576) if paged else (b, n, 576)
     plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, causal, kv_shape, (b, n // 64) if paged else None,
-                                  num_splits, H100_SMS, tiles=decode_ops.GluonDecodeTiles(), num_layers=layers,
-                                  row_rules=row_rules)
+                                  num_splits, H100_SMS, tiles=decode_ops.GluonDecodeTiles(), num_layers=layers)
     t = _TRITON_TYPES[dtype]
     pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32",
                          kv_scale_ptr="i32", splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32",

@@ -77,21 +77,3 @@ def xla_prefill_bodies(causal: bool = True) -> tuple[Callable, Callable]:
         return vjp((dout, dlse))
 
     return forward, backward
-
-
-
-GLUON_WITH_ROW_RULES = "gluon+rules"
-
-
-def decode_implementation(name: str, monkeypatch, request) -> str:
-    """The decode implementation a GPU test names: GLUON_WITH_ROW_RULES runs "gluon" with the Gluon kernel's
-    own row rules on (ops/decode.py's GLUON_ROW_RULES, off by default until they have run on a GPU). Compiled
-    executables are cleared around the switch: mla_decode's jit cache does not see it."""
-    if name != GLUON_WITH_ROW_RULES:
-        return name
-    from flashmla_jax.ops import decode as decode_ops
-
-    jax.clear_caches()
-    request.addfinalizer(jax.clear_caches)        # and again at teardown
-    monkeypatch.setattr(decode_ops.GluonDecode, "mergeable_rows", True)
-    return "gluon"

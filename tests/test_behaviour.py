@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import flashmla_jax as fm
-from _util import GLUON_WITH_ROW_RULES, decode_implementation, rel_err
+from _util import rel_err
 from flashmla_jax.fp8 import latent_format
 
 # NaN and inf are the inputs here: the interpreter's NumPy warns about them.
@@ -460,13 +460,12 @@ def _gpu_decode_inputs(seed, b, s_q, h, n):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl, s_q, splits", [("triton", 1, 1), ("triton", 1, 4), ("triton", 1, 32),
                                                ("triton", 1, None), ("triton", 4, 1), ("triton", 4, 4),
-                                               ("gluon", 1, 1), ("gluon", 1, 4), (GLUON_WITH_ROW_RULES, 1, 1),
-                                               (GLUON_WITH_ROW_RULES, 1, 4), (GLUON_WITH_ROW_RULES, 4, 1)])
-def test_gpu_decode_nan_reaches_its_rows(impl, s_q, splits, monkeypatch, request):
+                                               ("gluon", 1, 1), ("gluon", 1, 4),
+                                               ("gluon", 4, 1)])
+def test_gpu_decode_nan_reaches_its_rows(impl, s_q, splits):
     """16 query rows (the tl kernels, or Gluon where the registry picks it) and 64 (Gluon on a Hopper GPU), one
     split and several (the Gluon epilogue, like the tl kernels', reads a NaN row sum as NaN, not as an empty
     split that the combine would weigh 0)."""
-    impl = decode_implementation(impl, monkeypatch, request)
     q, kv, lengths = _gpu_decode_inputs(20, 3, s_q, 16, 2048)
     kw = dict(softmax_scale=192 ** -0.5, num_splits=splits, implementation=impl, return_lse=True)
     clean = fm.mla_decode(q, kv, lengths, **kw)
@@ -480,12 +479,10 @@ def test_gpu_decode_nan_reaches_its_rows(impl, s_q, splits, monkeypatch, request
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl, h, splits", [("triton", 16, 1), ("triton", 16, 4), ("triton", 16, 32),
-                                             ("gluon", 64, 1), ("gluon", 64, 4), (GLUON_WITH_ROW_RULES, 64, 1),
-                                             (GLUON_WITH_ROW_RULES, 64, 4)])
-def test_gpu_minus_inf_scores(impl, h, splits, monkeypatch, request):
+                                             ("gluon", 64, 1), ("gluon", 64, 4)])
+def test_gpu_minus_inf_scores(impl, h, splits):
     """A row whose every visible score is -inf is NaN (it saw keys); keys scoring -inf that fill whole splits of
     a sequence whose other keys are finite get no weight, and its rows stay finite (the xla result)."""
-    impl = decode_implementation(impl, monkeypatch, request)
     q, kv, lengths = _gpu_decode_inputs(24, 3, 1, h, 2048)
     kw = dict(softmax_scale=192 ** -0.5, num_splits=splits, implementation=impl, return_lse=True)
     kv = kv.at[..., 0].set(jnp.abs(kv[..., 0]) + 0.5)
@@ -503,9 +500,8 @@ def test_gpu_minus_inf_scores(impl, h, splits, monkeypatch, request):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "gluon", GLUON_WITH_ROW_RULES])
-def test_gpu_bad_block_table_entry_under_jit(impl, monkeypatch, request):
-    impl = decode_implementation(impl, monkeypatch, request)
+@pytest.mark.parametrize("impl", ["triton", "gluon"])
+def test_gpu_bad_block_table_entry_under_jit(impl):
     q, kv, lengths = _gpu_decode_inputs(21, 2, 1, 16, 1024)
     pages = kv.reshape(32, 64, 576)
     table = jnp.arange(32, dtype=jnp.int32).reshape(2, 16)

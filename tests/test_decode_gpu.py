@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import flashmla_jax as fm
-from _util import GLUON_WITH_ROW_RULES, decode_implementation, rel_err
+from _util import rel_err
 
 pytestmark = pytest.mark.gpu
 
@@ -32,10 +32,9 @@ def _inputs(b, n, h, s_q, ragged, seed):
     return q, kv, seqlens
 
 
-@pytest.mark.parametrize("implementation", ["triton", "gluon", GLUON_WITH_ROW_RULES])
+@pytest.mark.parametrize("implementation", ["triton", "gluon"])
 @pytest.mark.parametrize("name", list(SHAPES))
-def test_decode_full_shapes(name, implementation, monkeypatch, request):
-    implementation = decode_implementation(implementation, monkeypatch, request)
+def test_decode_full_shapes(name, implementation):
     q, kv, sl = _inputs(*SHAPES[name], seed=hash(name) % 1000)
     kw = dict(softmax_scale=192 ** -0.5, return_lse=True)
     out, lse = fm.mla_decode(q, kv, sl, implementation=implementation, **kw)
@@ -49,10 +48,9 @@ def test_decode_full_shapes(name, implementation, monkeypatch, request):
     np.testing.assert_array_equal(np.asarray(lse), np.asarray(lse_again))
 
 
-@pytest.mark.parametrize("implementation", ["triton", "gluon", GLUON_WITH_ROW_RULES])
+@pytest.mark.parametrize("implementation", ["triton", "gluon"])
 @pytest.mark.parametrize("num_splits", [1, 7, 64])
-def test_decode_splits_and_edge_lengths(num_splits, implementation, monkeypatch, request):
-    implementation = decode_implementation(implementation, monkeypatch, request)
+def test_decode_splits_and_edge_lengths(num_splits, implementation):
     q, kv, _ = _inputs(6, 1024, 16, 2, False, seed=num_splits)
     sl = jnp.asarray([0, 1, 2, 63, 1024, 5000], jnp.int32)      # 5000 is clamped to the capacity
     out = fm.mla_decode(q, kv, sl, num_splits=num_splits, implementation=implementation)
@@ -76,9 +74,8 @@ def _nan_pages(kv, sl, page_size):
 
 
 @pytest.mark.parametrize("implementation, page_size", [("triton", 16), ("triton", 64), ("triton", 256),
-                                                       ("gluon", 64), ("gluon", 128), (GLUON_WITH_ROW_RULES, 64)])
-def test_decode_paged_nan_pages(page_size, implementation, monkeypatch, request):
-    implementation = decode_implementation(implementation, monkeypatch, request)
+                                                       ("gluon", 64), ("gluon", 128)])
+def test_decode_paged_nan_pages(page_size, implementation):
     b, n, h = 8, 2048, 16
     q, kv, _ = _inputs(b, n, h, 1, False, seed=page_size)
     sl = jax.random.randint(jax.random.PRNGKey(5), (b,), 0, n + 1, jnp.int32)

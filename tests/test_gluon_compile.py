@@ -20,8 +20,6 @@ CLASSES = {   # name: (B, S_q, H, N, options)
     "128 heads (D5), stacked": (128, 1, 128, 4096, dict(layers=4)),
     "MTP S_q 2 (D6), fp16": (64, 2, 128, 8192, dict(dtype=jnp.float16)),
     "chunked prefill (C1), not causal": (1, 1024, 16, 16384, dict(causal=False)),
-    "128 heads (D5), the kernel's row rules": (128, 1, 128, 4096, dict(row_rules=True)),
-    "16 rows paged, split, the kernel's row rules": (64, 1, 16, 4096, dict(paged=True, row_rules=True)),
 }
 
 

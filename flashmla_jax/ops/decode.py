@@ -244,16 +244,15 @@ class DecodePlan:
 
 def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: tuple, table_shape: tuple | None,
                 num_splits: int | None, sms: int, tiles: DecodeTiles | GluonDecodeTiles | None = None,
-                num_layers: int = 0, kv_format: str | None = None, fp8_native: bool = True,
-                row_rules: bool = True) -> DecodePlan:
+                num_layers: int = 0, kv_format: str | None = None, fp8_native: bool = True) -> DecodePlan:
     """q_shape [B, S_q, H, D]; kv_shape [B, N, W] (contiguous, table_shape None) or [num_pages,
     page_size, W] with table_shape [B, max_blocks]: one layer's cache, W = D, or the bytes per token of an
     FP8 kv_format. num_layers > 0: the cache is a
     stack [num_layers, *kv_shape] read at a layer index in place. num_splits None: a cap chosen here and the
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
     splits per sequence. `tiles` replaces `decode_tiles`' choice (benchmarks/profile_decode.py sweeps it).
-    fp8_native: decode e4m3 with the hardware conversion (FP8_NATIVE; the GPU) or bit arithmetic. row_rules:
-    the tl kernels apply the row rules themselves (ROW_RULES; reference.mergeable_rows' form)."""
+    fp8_native: decode e4m3 with the hardware conversion (FP8_NATIVE; the GPU) or bit arithmetic. The kernels
+    apply the row rules themselves (ROW_RULES; reference.mergeable_rows' form)."""
     batch, s_q, heads, d = q_shape
     rows = s_q * heads
     paged = table_shape is not None
@@ -277,7 +276,7 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
         NUM_LAYERS=num_layers, LAYER_STRIDE=math.prod(kv_shape) if num_layers else 0,
         PAGED=paged, PAGE_SIZE=page_size or 1, MAX_BLOCKS=max_blocks, NUM_PAGES=num_pages,
         TABLE_POW2=_pow2_at_least(max_blocks), D_V=head_dim_v, D_R=d - head_dim_v,
-        CAUSAL=causal, KV_FORMAT=KV_FORMATS[kv_format], FP8_NATIVE=bool(fp8_native), ROW_RULES=bool(row_rules),
+        CAUSAL=causal, KV_FORMAT=KV_FORMATS[kv_format], FP8_NATIVE=bool(fp8_native), ROW_RULES=True,
         **tiles.kernel_constexprs(),
         **schedule)
     combine_grid, combine_constexprs = combine_plan(batch, rows, head_dim_v, num_splits, last_merges)
@@ -375,11 +374,10 @@ class DecodeImplementation(Implementation[DecodeCall]):
     kv_format) -> (out [B, S_q, H, D_v], lse [B, S_q, H]): the per-shard body of `mla_decode` (layer None or a 0-d
     int32 array into a stacked cache; kv_scale None or float32, [L] with layer).
 
-    mergeable_rows: its results already follow the row rules in reference.mergeable_rows' form (the op finishes
-    them: `_finish_mergeable_rows`); else `_row_rules` applies them whole after it. table_rule: its results are
-    also NaN in the rows that would read a block-table entry outside the pool (else the op makes them so)."""
+    Its results follow the row rules in reference.mergeable_rows' form (the op finishes them: `_finish_rows`).
+    table_rule: they are also NaN in the rows that would read a block-table entry outside the pool (else the op
+    makes them so)."""
 
-    mergeable_rows: bool = False
     table_rule: bool = False
 
     def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
@@ -390,7 +388,6 @@ class DecodeImplementation(Implementation[DecodeCall]):
 class XlaDecode(DecodeImplementation):
     """The jnp reference (any shapes, dtypes and devices); an FP8 cache is dequantized first."""
     name = "xla"
-    mergeable_rows = True
 
     def unsupported(self, call: DecodeCall) -> str | None:
         return None
@@ -408,7 +405,6 @@ class TritonDecode(TritonRunner, DecodeImplementation):
     """The tl split and combine kernels (kernels/decode.py), through jax-triton on a CUDA GPU (runner "triton")
     or Triton's interpreter on the CPU ("interpret"); `decode_tiles` picks their tiles."""
 
-    mergeable_rows = True
     table_rule = True
 
     def unsupported(self, call: DecodeCall) -> str | None:
@@ -427,11 +423,6 @@ class TritonDecode(TritonRunner, DecodeImplementation):
                                     block_table, layer, kv_scale, scale)
 
 
-# The Gluon kernel's own row rules (ROW_RULES) compile for sm_90 but have not run on a GPU yet: until they have,
-# its results take the whole `_row_rules` pass after the kernel.
-GLUON_ROW_RULES = False
-
-
 class GluonDecode(DecodeImplementation):
     """The Hopper kernel in Gluon (kernels/gluon_decode.py: TMA, wgmma, warp specialization) and the tl combine,
     through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), DeepSeek's 512 + 64
@@ -445,7 +436,6 @@ class GluonDecode(DecodeImplementation):
     benchmarks/NOTES.md). True under "gluon": every call it can run."""
 
     name = "gluon"
-    mergeable_rows = GLUON_ROW_RULES
 
     def __init__(self, every_call: bool):
         self.every_call = every_call
@@ -476,8 +466,7 @@ class GluonDecode(DecodeImplementation):
         stacked = layer is not None
         plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
                            None if block_table is None else block_table.shape, num_splits, num_sms("triton"),
-                           tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0,
-                           row_rules=self.mergeable_rows)
+                           tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0)
         return _launch_split_kernel(gluon_decode.mla_decode_gluon_kernel, plan, "triton", q, kv_cache, cache_seqlens,
                                     block_table, layer, kv_scale, scale)
 
@@ -596,7 +585,7 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     if q.size == 0 or capacity == 0 or num_blocks == 0:
         # Nothing to attend, on every implementation: empty rows, or 0 and -inf (NaN where a used block has no page).
         out, lse = jnp.zeros((b, s_q, h, head_dim_v), q.dtype), jnp.full((b, s_q, h), -jnp.inf, jnp.float32)
-        out, lse = _row_rules(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
+        out, lse = _finish_rows(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
         return (out, lse) if return_lse else out
     impl = DECODE.select(implementation, DecodeCall(q.shape, q.dtype, head_dim_v, page_size, kv_format, capacity))
 
@@ -610,22 +599,9 @@ def _mla_decode(q, kv_cache, cache_seqlens, block_table, layer, kv_scale, head_d
     shard = (partitioned_decode(decode, causal=causal) if impl.partitionable
              else functools.partial(_with_causal, decode, causal))
     out, lse = _inference_only(_fold_vmap_into_batch(shard))(q, kv_cache, cache_seqlens, block_table, layer, kv_scale)
-    if impl.mergeable_rows:
-        table = None if impl.table_rule else block_table
-        out, lse = _finish_mergeable_rows(out, lse, cache_seqlens, table, num_blocks, page_size, capacity, causal)
-    else:
-        out, lse = _row_rules(out, lse, cache_seqlens, block_table, num_blocks, page_size, capacity, causal)
+    table = None if impl.table_rule else block_table
+    out, lse = _finish_rows(out, lse, cache_seqlens, table, num_blocks, page_size, capacity, causal)
     return (out, lse) if return_lse else out
-
-
-def _row_rules(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None, capacity: int,
-               causal: bool):
-    """The rules every implementation's result follows (reference.nan_rows), applied after whichever ran: NaN
-    rows where a NaN or inf reached a row, and where a row would read a block-table entry outside the pool
-    (the kernels clamp it onto another page)."""
-    limits = reference.visible_key_limits(cache_seqlens, capacity, out.shape[1], causal)      # [B, S_q]
-    bad = None if block_table is None else _bad_table_rows(block_table, limits, num_blocks, page_size)
-    return reference.nan_rows(out, lse, (limits > 0)[:, :, None], bad)
 
 
 def _bad_table_rows(block_table, limits, num_blocks: int, page_size: int):
@@ -633,10 +609,11 @@ def _bad_table_rows(block_table, limits, num_blocks: int, page_size: int):
     return (first_bad_block(block_table, num_blocks) * page_size)[:, None, None] < limits[:, :, None]
 
 
-def _finish_mergeable_rows(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None,
-                           capacity: int, causal: bool):
-    """`_row_rules` for results already in reference.mergeable_rows' form (`DecodeImplementation.mergeable_rows`):
-    ALL_NEG_INF_LSE becomes NaN (its output is NaN already), and with block_table the rows that would read an
+def _finish_rows(out, lse, cache_seqlens, block_table, num_blocks: int, page_size: int | None, capacity: int,
+                 causal: bool):
+    """The rules every implementation's result follows (reference.nan_rows), for results in
+    reference.mergeable_rows' form (every DecodeImplementation's, and the empty call's zeros): ALL_NEG_INF_LSE
+    becomes NaN (its output is NaN already), and with block_table the rows that would read an
     entry of it outside the pool become NaN (block_table None: a contiguous cache, or an implementation whose
     results already hold that rule). Without a table: lse only, no pass over out."""
     lse = reference.final_rows(lse)
