@@ -52,17 +52,20 @@ def compile_split_kernel(shape, dtype, tiles, kv_format=None):
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
 
-def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None):
+def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None, kv_format=None):
     """(compiled kernel, plan) of the Hopper Gluon decode kernel (kernels/gluon_decode.py) for shape
-    (B, S_q, H, N), planned as its implementation plans it (GluonDecodeTiles; pages of 64 when paged)."""
+    (B, S_q, H, N), planned as its implementation plans it (GluonDecodeTiles; pages of 64 when paged; kv_format
+    None or "fp8_blockscale")."""
     b, s_q, h, n = shape
-    kv_shape = (b * n // 64, 64, 576) if paged else (b, n, 576)
+    width = 576 if kv_format is None else latent_format(kv_format).bytes_per_token
+    kv_shape = (b * n // 64, 64, width) if paged else (b, n, width)
     plan = decode_ops.plan_decode((b, s_q, h, 576), dtype, 512, causal, kv_shape, (b, n // 64) if paged else None,
-                                  num_splits, H100_SMS, tiles=decode_ops.GluonDecodeTiles(), num_layers=layers)
+                                  num_splits, H100_SMS, tiles=decode_ops.GluonDecodeTiles(), num_layers=layers,
+                                  kv_format=kv_format)
     t = _TRITON_TYPES[dtype]
-    pointer_types = dict(q_ptr=t, kv_ptr=t, o_ptr=t, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32",
-                         kv_scale_ptr="i32", splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32",
-                         lse_part_ptr="fp32")
+    pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", o_ptr=t, seqlens_ptr="i32",
+                         table_ptr="i32", layer_ptr="i32", kv_scale_ptr="i32", splits_ptr="i32", count_ptr="i32",
+                         lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
     return _compile.compile_for_hopper(gluon_decode.mla_decode_gluon_kernel, pointer_types, plan.constexprs,
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 

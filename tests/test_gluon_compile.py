@@ -20,6 +20,9 @@ CLASSES = {   # name: (B, S_q, H, N, options)
     "128 heads (D5), stacked": (128, 1, 128, 4096, dict(layers=4)),
     "MTP S_q 2 (D6), fp16": (64, 2, 128, 8192, dict(dtype=jnp.float16)),
     "chunked prefill (C1), not causal": (1, 1024, 16, 16384, dict(causal=False)),
+    "128 heads (D5), fp8_blockscale": (128, 1, 128, 4096, dict(kv_format="fp8_blockscale")),
+    "16 rows paged, split, fp8_blockscale": (64, 1, 16, 4096, dict(paged=True, kv_format="fp8_blockscale")),
+    "MTP S_q 2 (D6), stacked, fp8_blockscale": (64, 2, 128, 8192, dict(layers=2, kv_format="fp8_blockscale")),
 }
 
 
@@ -33,6 +36,9 @@ def test_gluon_decode_compiles_for_hopper(name):
     assert facts.shared <= _compile.SHARED_MEMORY_LIMIT
     assert facts.num_warps == 12
     assert facts.count("HGMMA") > 0 and facts.count("UTMALDG") > 0 and facts.count("UTMASTG") > 0
+    if options.get("kv_format"):
+        # The producer dequantizes: the e4m3 pairs converted by the hardware, 256 codes a thread per block.
+        assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128
     # Descriptors built on the device, 128 B each: query and key pairs, the output, a partial's, a paged tail pair.
     descriptors = 5 + (plan.num_splits > 1) + 2 * bool(options.get("paged"))
     assert facts.global_scratch == 128 * descriptors

@@ -1,8 +1,8 @@
 """Hopper (sm_90) split-KV MLA decode in Gluon: TMA, wgmma and warp specialization.
 
 The same contract as kernels/decode.py's `mla_decode_split_kernel` (its arguments, outputs, grid and
-schedule constexprs), for caches in q's dtype (bf16 / fp16), contiguous or paged (PAGE_SIZE >= 64), stacked
-or not, any S_Q, causal or not. Partials of split sequences are merged by `mla_decode_combine_kernel`
+schedule constexprs), for caches in q's dtype (bf16 / fp16) or "fp8_blockscale" caches with bf16 queries,
+contiguous or paged (PAGE_SIZE >= 64), stacked or not, any S_Q, causal or not. Partials of split sequences are merged by `mla_decode_combine_kernel`
 (LAST_MERGES is not supported here).
 
 One program takes a 64-row tile (rows r = s * H + h of one sequence; fewer real rows are zero-padded) and a
@@ -27,6 +27,13 @@ Rescale factors are exp2(old - safe(new)) with safe(-inf) = 0: a row with no vis
 factor is never exp2(+large). Keys past the sequence's length are zero-filled by the TMA (the key
 descriptor of a contiguous cache ends at the length; a paged cache's last partial block is read through a
 descriptor that ends there), so garbage in unused slots and pages never meets a zero probability.
+
+An "fp8_blockscale" cache (656 bytes a token: 512 e4m3 codes, 4 float32 scales, 64 bf16 rope values) is
+dequantized in place by the producer partition (`_fp8_producer`): the TMA puts a block's codes into the upper
+half of its ring slot's bf16 [64, 512] tile, its rope values into the rope box as they are and its scales into
+a small buffer; the producer's warps turn each 128-column group of codes into bf16 (code * scale, in float32,
+rounded once) written over the slot from the bottom up, which overwrites only codes already read
+(`_dequantize`), and then release the block to the consumers, which read it as they read a bf16 block.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -42,6 +49,17 @@ BLOCK_M = gl.constexpr(64)        # query rows per program: one wgmma M extent p
 BLOCK_N = gl.constexpr(64)        # keys per block
 HALF_V = gl.constexpr(256)        # output columns per consumer warpgroup
 CONSUMER_REGS = gl.constexpr(240)  # registers per thread of each consumer warpgroup (the producer: the rest)
+# With an FP8 cache the producer dequantizes: the consumers give up 16 registers a thread, the producer's warps
+# get 56 instead of 24 (compiled: no spills either way).
+FP8_CONSUMER_REGS = gl.constexpr(224)
+KV_BLOCKSCALE = gl.constexpr(1)    # the KV_FORMAT of an "fp8_blockscale" cache (kernels/decode.py's)
+CODE_BOX = gl.constexpr(128)       # e4m3 codes per scale, and the TMA box width (bytes) of codes and rope
+
+
+@gluon.constexpr_function
+def _code_layout():
+    # [16, 128] codes: one 16-byte shared-memory vector per thread, a row over 8 threads.
+    return gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
 
 
 @gluon.constexpr_function
@@ -394,6 +412,123 @@ def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS:
 
 
 @gluon.jit
+def _fp8_producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready,
+                  k_ready, k_free, table_ptr, b, lo, n_blocks, tail_start, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr,
+                  MAX_BLOCKS: gl.constexpr, NUM_PAGES: gl.constexpr, D_V: gl.constexpr):
+    """The load partition for an "fp8_blockscale" cache (4 warps): the query tile, then per key block its raw
+    bytes into ring slot block % 2 (`_fp8_load`), dequantized there (`_dequantize`) and released to the
+    consumers through k_ready. Block i + 1 is loaded once block i - 1 has been released by both groups, after
+    block i is dequantized: the consumers need block i to release block i - 1 (a pair's odd block comes first
+    in the right group), so waiting for the release first would deadlock."""
+    mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
+    tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
+    tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
+    for j in gl.static_range(2):
+        if j < n_blocks:
+            _fp8_load(j, k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED,
+                      PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)
+    for i in range(n_blocks):
+        slot = i % 2
+        mbarrier.wait(raw_ready.index(slot), (i // 2) & 1)
+        _dequantize(k_nope.index(slot), k_scales.index(slot))
+        fence_async_shared()           # the bf16 tile (generic stores) before the consumers' wgmma reads it
+        mbarrier.arrive(k_ready.index(slot), count=1)
+        if (i >= 1) & (i + 1 < n_blocks):
+            mbarrier.wait(k_free.index(1 - slot), ((i - 1) // 2) & 1)
+            _fp8_load(i + 1, k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start,
+                      PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)
+
+
+@gluon.jit
+def _fp8_load(j, k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start,
+              PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, NUM_PAGES: gl.constexpr,
+              D_V: gl.constexpr):
+    """TMA loads of key block j's tokens into ring slot j % 2, completing raw_ready[j % 2]: the four 128-byte
+    code boxes into the upper half of the slot's bf16 tile (boxes 4-7 of its eight 8 KB boxes), the rope values
+    (bf16, 128 bytes a token) into its rope box, the scales into k_scales. k_descs / tail_descs: (boxes of
+    [64, 128] bytes, boxes of [64, 16] bytes) over the tokens (`_fp8_descriptors`)."""
+    slot = j % 2
+    start = lo + j * BLOCK_N
+    row = start
+    if PAGED:
+        page = gl.load(table_ptr + b * MAX_BLOCKS + start // PAGE_SIZE)
+        row = gl.minimum(gl.maximum(page, 0), NUM_PAGES - 1) * PAGE_SIZE + start % PAGE_SIZE
+    bar = raw_ready.index(slot)
+    mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[2]))
+    if PAGED and start == tail_start:
+        _fp8_copies(tail_descs, 0, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V)
+    else:
+        _fp8_copies(k_descs, row, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V)
+
+
+@gluon.jit
+def _fp8_copies(descs, row, bar, k_nope, k_rope, k_scales, D_V: gl.constexpr):
+    """The TMA copies of `_fp8_load` for the 64 tokens from `row` of descs (one ring slot's buffers)."""
+    boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes)
+    for c in gl.static_range(D_V // CODE_BOX):
+        tma.async_copy_global_to_shared(descs[0], [row, c * CODE_BOX], bar, codes.index(4 + c))
+    rope = k_rope._reinterpret(gl.uint8, [BLOCK_N, CODE_BOX], boxes)
+    tma.async_copy_global_to_shared(descs[0], [row, D_V + D_V // 32], bar, rope)
+    tma.async_copy_global_to_shared(descs[1], [row, D_V], bar, k_scales)
+
+
+@gluon.jit
+def _dequantize(k_nope, k_scales):
+    """One ring slot's codes (boxes 4-7 of its bf16 [64, 512] tile, as `_fp8_load` put them) -> the bf16 tile,
+    column group c = e4m3 code * scale[token, c] in float32, rounded to bf16 once (kernels/fp8.py's rule).
+
+    Group c's bf16 values take bytes [16 KB c, 16 KB (c + 1)) of the tile: groups 0 and 1 land below the codes,
+    group 2 over the codes of groups 0 and 1, group 3 over those of groups 2 and 3. So groups 2 and 3 are read
+    whole into registers and the producer's warps meet at a barrier before writing them: no thread overwrites
+    codes another has not read yet."""
+    boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
+    codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes)
+    scales = k_scales._reinterpret(gl.float32, [BLOCK_N, 4], plain)
+    for c in gl.static_range(4):
+        box = codes.index(4 + c)
+        a0 = box.slice(0, 16, dim=0).load(_code_layout())
+        a1 = box.slice(16, 16, dim=0).load(_code_layout())
+        a2 = box.slice(32, 16, dim=0).load(_code_layout())
+        a3 = box.slice(48, 16, dim=0).load(_code_layout())
+        if c >= 2:
+            gl.thread_barrier()
+        out = k_nope.slice(c * CODE_BOX, CODE_BOX, dim=1)
+        _dequantized_rows(a0, scales, out, 0, c)
+        _dequantized_rows(a1, scales, out, 16, c)
+        _dequantized_rows(a2, scales, out, 32, c)
+        _dequantized_rows(a3, scales, out, 48, c)
+
+
+@gluon.jit
+def _dequantized_rows(codes, scales, out, r0: gl.constexpr, c: gl.constexpr):
+    """Stores codes [16, 128] (uint8 e4m3, tokens r0..r0 + 15 of column group c) times their scales into rows
+    r0..r0 + 15 of out (the group's bf16 [64, 128] view)."""
+    # The [16, 4] scales in the codes' layout (each thread holds its rows' four), so that the group's column
+    # comes out in the codes' row layout with no exchange between threads.
+    s = scales.slice(r0, 16, dim=0).load(_code_layout())
+    group = gl.arange(0, 4, layout=gl.SliceLayout(0, _code_layout()))
+    s = gl.sum(gl.where(gl.expand_dims(group, 0) == c, s, 0.0), axis=1)
+    values = codes.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(s, 1)
+    out.slice(r0, 16, dim=0).store(values.to(gl.bfloat16))
+
+
+@gluon.jit
+def _fp8_descriptors(base, rows, TOKEN: gl.constexpr, D_V: gl.constexpr):
+    """TMA descriptors over rows [rows, TOKEN] bytes of an "fp8_blockscale" cache at base (uint8): boxes of
+    [64, 128] (codes, rope; 128-byte swizzle, as the bf16 tiles) and of [64, 16] (scales, plain); boxes reaching
+    past `rows` are zero-filled (codes 0, scales 0: a zero key)."""
+    boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    main = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1], block_shape=[BLOCK_N, CODE_BOX],
+                                      layout=boxes)
+    scales = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1],
+                                        block_shape=[BLOCK_N, D_V // 32], layout=plain)
+    return main, scales
+
+
+@gluon.jit
 def mla_decode_gluon_kernel(
     q_ptr, kv_ptr, seqlens_ptr, table_ptr, layer_ptr, kv_scale_ptr, scale,
     o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr,
@@ -402,13 +537,14 @@ def mla_decode_gluon_kernel(
     D_V: gl.constexpr, D_R: gl.constexpr, CAUSAL: gl.constexpr,
     CAPACITY: gl.constexpr, NUM_SPLITS: gl.constexpr, UNIFORM_SPLITS: gl.constexpr, BALANCE: gl.constexpr,
     BATCH: gl.constexpr, BATCH_POW2: gl.constexpr, SLOTS: gl.constexpr, ROW_TILES: gl.constexpr,
-    UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr, ROW_RULES: gl.constexpr,
+    UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr, ROW_RULES: gl.constexpr, KV_FORMAT: gl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(S_Q * H, 64), B, NUM_SPLITS), launched with num_warps=4 (the left consumer
     group; the right group and the producer are added: 12 warps in all).
 
     q_ptr [B, S_Q * H, D_V + D_R] bf16 / fp16; kv_ptr [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D] of
-    q's dtype (D = D_V + D_R = 512 + 64), with NUM_LAYERS > 0 a stack read at layer_ptr (0-d int32, clamped);
+    q's dtype (D = D_V + D_R = 512 + 64), or with KV_FORMAT 1 ("fp8_blockscale", bf16 q) uint8 of 656 bytes a
+    token in place of D, with NUM_LAYERS > 0 a stack read at layer_ptr (0-d int32, clamped);
     seqlens_ptr [B] int32 (clamped to [0, CAPACITY]); table_ptr [B, MAX_BLOCKS] int32 when PAGED (entries
     clamped to the pool); kv_scale_ptr unused (caches in q's dtype); scale the softmax scale (float32).
     Outputs as `mla_decode_split_kernel`'s: o_ptr [B, R, D_V], lse_ptr [B, R] float32; with NUM_SPLITS > 1
@@ -418,9 +554,14 @@ def mla_decode_gluon_kernel(
     gl.static_assert(D_V == 2 * HALF_V, "the two consumer groups own 256 output columns each")
     gl.static_assert(D_R == 64, "the rope part is one 64-wide TMA box, reused for the probabilities")
     gl.static_assert(not PAGED or PAGE_SIZE % BLOCK_N == 0, "a 64-key block lies in one page")
+    gl.static_assert(KV_FORMAT == 0 or KV_FORMAT == KV_BLOCKSCALE, "caches in q's dtype or fp8_blockscale")
+    FP8: gl.constexpr = KV_FORMAT == KV_BLOCKSCALE
     R: gl.constexpr = S_Q * H
     D: gl.constexpr = D_V + D_R
+    TOKEN: gl.constexpr = D_V + D_V // 32 + 2 * D_R if FP8 else D      # a token's stride in kv_ptr's elements
     dtype: gl.constexpr = q_ptr.dtype.element_ty
+    gl.static_assert(not FP8 or (D_V == 4 * CODE_BOX and dtype == gl.bfloat16),
+                     "fp8_blockscale: 512 codes in 4 groups, bf16 queries (the rope values are bf16)")
     tile = gl.program_id(0)
     b = gl.program_id(1)
     split = gl.program_id(2)
@@ -440,13 +581,20 @@ def mla_decode_gluon_kernel(
     # Key rows end at the sequence's length: a box reaching past it is zero-filled.
     tail_start = (gl.maximum(seqlen, 1) - 1) // BLOCK_N * BLOCK_N
     if PAGED:
-        k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
         tail_page = gl.load(table_ptr + b * MAX_BLOCKS + tail_start // PAGE_SIZE)
         tail_page = gl.minimum(gl.maximum(tail_page, 0), NUM_PAGES - 1)
-        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * D
-        tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
+        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * TOKEN
+        if FP8:
+            k_descs = _fp8_descriptors(kv_ptr, NUM_PAGES * PAGE_SIZE, TOKEN, D_V)
+            tail_descs = _fp8_descriptors(tail_base, gl.maximum(seqlen - tail_start, 1), TOKEN, D_V)
+        else:
+            k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
+            tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
     else:
-        k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
+        if FP8:
+            k_descs = _fp8_descriptors(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), TOKEN, D_V)
+        else:
+            k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
         tail_descs = k_descs
 
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -479,12 +627,26 @@ def mla_decode_gluon_kernel(
     bars = (q_ready, k_ready, k_free, p_ready, done)
     work = (scale * LOG2E, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
-    gl.warp_specialize([
-        (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free, table_ptr,
-                     b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-        (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
-        (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
-    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    if FP8:
+        plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+        k_scales = gl.allocate_shared_memory(gl.uint8, [2, BLOCK_N, D_V // 32], plain)   # 4 float32 a token
+        raw_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(raw_ready.index(i), count=1)
+        gl.warp_specialize([
+            (_fp8_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready,
+                             raw_ready, k_ready, k_free, table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE,
+                             MAX_BLOCKS, NUM_PAGES, D_V)),
+            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
+        ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
+                         table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
+            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
 @gluon.jit

@@ -425,7 +425,8 @@ class TritonDecode(TritonRunner, DecodeImplementation):
 
 class GluonDecode(DecodeImplementation):
     """The Hopper kernel in Gluon (kernels/gluon_decode.py: TMA, wgmma, warp specialization) and the tl combine,
-    through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), DeepSeek's 512 + 64
+    through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16) or "fp8_blockscale"
+    caches with bf16 queries (dequantized in shared memory by the kernel's producer warps), DeepSeek's 512 + 64
     latent, pages of 64 tokens or more.
 
     every_call: False under "triton": there it takes the 64-row tile class (more than 32 query rows, S_q * H),
@@ -433,7 +434,8 @@ class GluonDecode(DecodeImplementation):
     sequence NARROW_SPLITS ways (D2-like rows: 0.301 against 0.329 ms; both kernels then merge partials and its
     loop is faster). With one split the tl kernel merges nothing where this one still launches the combine
     (D1: 0.174 against 0.164 ms), and with many its fixed start per program shows (D3: 0.043 against 0.032 ms;
-    benchmarks/NOTES.md). True under "gluon": every call it can run."""
+    benchmarks/NOTES.md). An "fp8_blockscale" cache it takes for every row count: there it ran 1.23-1.43x the tl
+    kernels on every FP8 row measured (D1-fp8 to D6-fp8, paged too). True under "gluon": every call it can run."""
 
     name = "gluon"
 
@@ -446,13 +448,15 @@ class GluonDecode(DecodeImplementation):
             return "the Gluon kernels need a Hopper GPU (compute capability 9.x) as JAX's default backend"
         if call.dtype not in (jnp.bfloat16, jnp.float16):
             return f"the Gluon kernels take bfloat16 or float16 queries and caches, not {jnp.dtype(call.dtype)}"
-        if call.kv_format is not None:
-            return f"the Gluon kernels read caches in q's dtype, not kv_format={call.kv_format!r}"
+        if call.kv_format not in (None, "fp8_blockscale"):
+            return f"the Gluon kernels read caches in q's dtype or fp8_blockscale, not kv_format={call.kv_format!r}"
+        if call.kv_format is not None and call.dtype != jnp.bfloat16:
+            return f"the Gluon kernels read fp8_blockscale caches with bfloat16 queries, not {jnp.dtype(call.dtype)}"
         if (call.head_dim_v, call.d_r) != (512, 64):
             return f"the Gluon kernels take 512 + 64 latents, not {call.head_dim_v} + {call.d_r}"
         if call.page_size is not None and call.page_size < GluonDecodeTiles.block_n:
             return f"the Gluon kernels read 64-token blocks of one page: page_size {call.page_size} < 64"
-        if not self.every_call and call.rows < WIDE_ROWS:
+        if not self.every_call and call.kv_format is None and call.rows < WIDE_ROWS:
             splits = choose_num_splits(call.q_shape[0], 1, call.capacity, GluonDecodeTiles.block_n, num_sms("triton"))
             if splits not in NARROW_SPLITS:
                 return (f"{call.rows} query rows (S_q * H) split {splits} ways: the tl kernel is as fast or faster "
@@ -466,7 +470,8 @@ class GluonDecode(DecodeImplementation):
         stacked = layer is not None
         plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
                            None if block_table is None else block_table.shape, num_splits, num_sms("triton"),
-                           tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0)
+                           tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0,
+                           kv_format=kv_format)
         return _launch_split_kernel(gluon_decode.mla_decode_gluon_kernel, plan, "triton", q, kv_cache, cache_seqlens,
                                     block_table, layer, kv_scale, scale)
 
@@ -479,8 +484,8 @@ def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
     return None
 
 
-# "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, and for fewer rows when the static schedule
-# splits each sequence a few ways; the tl kernels for the rest.
+# "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, for fewer rows when the static schedule
+# splits each sequence a few ways, and for fp8_blockscale caches; the tl kernels for the rest.
 WIDE_ROWS = 33
 NARROW_SPLITS = range(2, 9)
 DECODE = Registry("mla_decode", {
