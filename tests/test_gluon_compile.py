@@ -32,7 +32,11 @@ def test_gluon_decode_compiles_for_hopper(name):
     options = dict(options)
     compiled, plan = compile_report.compile_gluon_kernel((b, s_q, h, n), options.pop("dtype", jnp.bfloat16), **options)
     facts = _compile.facts(compiled)
-    assert facts.stack == 0, f"{facts.stack} bytes of spills"
+    # FP8: the right consumer group also issues the key loads (kernels/gluon_decode.py's `_fp8_reload`), and the
+    # values those need (descriptors, the table, the tail) partly wait on the stack: read once a key block, not
+    # in the products or the softmax. The bf16 classes spill nothing.
+    fp8 = bool(options.get("kv_format"))
+    assert facts.stack <= (64 if fp8 else 0), f"{facts.stack} bytes of spills"
     assert facts.shared <= _compile.SHARED_MEMORY_LIMIT
     assert facts.num_warps == 12
     assert facts.count("HGMMA") > 0 and facts.count("UTMALDG") > 0 and facts.count("UTMASTG") > 0

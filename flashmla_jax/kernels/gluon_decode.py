@@ -33,7 +33,9 @@ dequantized in place by the producer partition (`_fp8_producer`): the TMA puts a
 half of its ring slot's bf16 [64, 512] tile, its rope values into the rope box as they are and its scales into
 a small buffer; the producer's warps turn each 128-column group of codes into bf16 (code * scale, in float32,
 rounded once) written over the slot from the bottom up, which overwrites only codes already read
-(`_dequantize`), and then release the block to the consumers, which read it as they read a bf16 block.
+(`_dequantize`), and then release the block to the consumers, which read it as they read a bf16 block. The
+producer loads the first two blocks; the right consumer group, which frees a slot last, loads each later block
+as soon as both groups have freed its slot (`_fp8_reload`), so no load waits for a dequantization.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -50,7 +52,8 @@ BLOCK_N = gl.constexpr(64)        # keys per block
 HALF_V = gl.constexpr(256)        # output columns per consumer warpgroup
 CONSUMER_REGS = gl.constexpr(240)  # registers per thread of each consumer warpgroup (the producer: the rest)
 # With an FP8 cache the producer dequantizes: the consumers give up 16 registers a thread, the producer's warps
-# get 56 instead of 24 (compiled: no spills either way).
+# get 56 instead of 24. Compiled: 16 bytes of stack (56 paged) for what the right group's key loads need, read
+# once a block; nothing of the products or the softmax spills.
 FP8_CONSUMER_REGS = gl.constexpr(224)
 KV_BLOCKSCALE = gl.constexpr(1)    # the KV_FORMAT of an "fp8_blockscale" cache (kernels/decode.py's)
 CODE_BOX = gl.constexpr(128)       # e4m3 codes per scale, and the TMA box width (bytes) of codes and rope
@@ -245,8 +248,9 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_SPLITS: gl.constexpr, ROW_RULES: gl.constexpr):
-    """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]."""
+                NUM_SPLITS: gl.constexpr, ROW_RULES: gl.constexpr, loads, FP8: gl.constexpr):
+    """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
+    from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
      acc) = _consumer_state(smem, bars, work, outputs)
@@ -274,12 +278,16 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             mbarrier.arrive(p_ready.index(1), count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(0), count=1)
+            if FP8:
+                _fp8_reload(2 * pair + 2, k_free, loads, n_blocks, q_nope.shape[1])
             beta = gl.exp2(m0 - m1_safe)
             acc = _rescaled(acc, beta)
             l_i = l_i * beta + gl.sum(p1, axis=1)
             acc = warpgroup_mma(p1_op, k_nope.index(1).slice(HALF_V, HALF_V, dim=1), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(1), count=1)
+            if FP8:
+                _fp8_reload(2 * pair + 3, k_free, loads, n_blocks, q_nope.shape[1])
             m_i = m1
         else:
             mbarrier.wait(p_ready.index(0), phase)
@@ -412,41 +420,36 @@ def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS:
 
 
 @gluon.jit
-def _fp8_producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready,
-                  k_ready, k_free, table_ptr, b, lo, n_blocks, tail_start, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr,
-                  MAX_BLOCKS: gl.constexpr, NUM_PAGES: gl.constexpr, D_V: gl.constexpr):
-    """The load partition for an "fp8_blockscale" cache (4 warps): the query tile, then per key block its raw
-    bytes into ring slot block % 2 (`_fp8_load`), dequantized there (`_dequantize`) and released to the
-    consumers through k_ready. Block i + 1 is loaded once block i - 1 has been released by both groups, after
-    block i is dequantized: the consumers need block i to release block i - 1 (a pair's odd block comes first
-    in the right group), so waiting for the release first would deadlock."""
+def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw_ready, k_ready, n_blocks,
+                  D_V: gl.constexpr):
+    """The default partition for an "fp8_blockscale" cache (4 warps): the query tile and the first two key
+    blocks' raw bytes (`_fp8_load`; later blocks are loaded by the right consumer group as it frees their slot),
+    then each block, once its bytes have landed, dequantized in its ring slot (`_dequantize`) and released to the
+    consumers through k_ready. It never waits for a slot, so a block's load does not wait for the conversion of
+    the one before, and the conversion never waits for a release that needs it."""
     mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
     tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
     tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
     for j in gl.static_range(2):
         if j < n_blocks:
-            _fp8_load(j, k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED,
-                      PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)
+            _fp8_load(j, loads, D_V)
     for i in range(n_blocks):
         slot = i % 2
         mbarrier.wait(raw_ready.index(slot), (i // 2) & 1)
         _dequantize(k_nope.index(slot), k_scales.index(slot))
         fence_async_shared()           # the bf16 tile (generic stores) before the consumers' wgmma reads it
         mbarrier.arrive(k_ready.index(slot), count=1)
-        if (i >= 1) & (i + 1 < n_blocks):
-            mbarrier.wait(k_free.index(1 - slot), ((i - 1) // 2) & 1)
-            _fp8_load(i + 1, k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start,
-                      PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)
 
 
 @gluon.jit
-def _fp8_load(j, k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start,
-              PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, NUM_PAGES: gl.constexpr,
-              D_V: gl.constexpr):
+def _fp8_load(j, loads, D_V: gl.constexpr):
     """TMA loads of key block j's tokens into ring slot j % 2, completing raw_ready[j % 2]: the four 128-byte
     code boxes into the upper half of the slot's bf16 tile (boxes 4-7 of its eight 8 KB boxes), the rope values
-    (bf16, 128 bytes a token) into its rope box, the scales into k_scales. k_descs / tail_descs: (boxes of
-    [64, 128] bytes, boxes of [64, 16] bytes) over the tokens (`_fp8_descriptors`)."""
+    (bf16, 128 bytes a token) into its rope box, the scales into k_scales. loads: the kernel's tuple (k_descs,
+    tail_descs: boxes of [64, 128] bytes and of [64, 16] bytes over the tokens, `_fp8_descriptors`; the ring's
+    buffers and raw_ready; where the keys are)."""
+    (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
+     MAX_BLOCKS, NUM_PAGES) = loads
     slot = j % 2
     start = lo + j * BLOCK_N
     row = start
@@ -459,6 +462,15 @@ def _fp8_load(j, k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table
         _fp8_copies(tail_descs, 0, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V)
     else:
         _fp8_copies(k_descs, row, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V)
+
+
+@gluon.jit
+def _fp8_reload(block, k_free, loads, n_blocks, D_V: gl.constexpr):
+    """In the right consumer group, which releases a ring slot last (its products on a pair's blocks end
+    after the left group's): once both groups have released block - 2's slot, loads `block` into it."""
+    if block < n_blocks:
+        mbarrier.wait(k_free.index(block % 2), ((block - 2) // 2) & 1)
+        _fp8_load(block, loads, D_V)
 
 
 @gluon.jit
@@ -633,19 +645,20 @@ def mla_decode_gluon_kernel(
         raw_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         for i in gl.static_range(2):
             mbarrier.init(raw_ready.index(i), count=1)
+        loads = (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED,
+                 PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
         gl.warp_specialize([
-            (_fp8_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready,
-                             raw_ready, k_ready, k_free, table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE,
-                             MAX_BLOCKS, NUM_PAGES, D_V)),
+            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw_ready, k_ready, n_blocks,
+                             D_V)),
             (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES, loads, True)),
         ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
                          table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
             (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES, b, False)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 
