@@ -379,8 +379,8 @@ def _output_stages(q_nope, k_nope, side: gl.constexpr):
 def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free, table_ptr, b,
               lo, n_blocks, tail_start, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr,
               NUM_PAGES: gl.constexpr, D_V: gl.constexpr):
-    """The load partition (1 warp): the query tile, then each key block into ring slot block % 2 once both
-    consumer groups have released it. Descriptors come in (nope [64, 512] box, rope [64, 64] box) pairs; a
+    """The load partition (the default one, 4 warps): the query tile, then each key block into ring slot
+    block % 2 once both consumer groups have released it. Descriptors come in (nope [64, 512] box, rope [64, 64] box) pairs; a
     paged cache's partial last block (tail_start) comes through tail_descs, whose rows end at the sequence's
     length."""
     mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
@@ -389,12 +389,8 @@ def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_re
     BYTES: gl.constexpr = 2 * BLOCK_N * (D_V + 64)
     for j in range(n_blocks):
         slot = j % 2
-        start = lo + j * BLOCK_N
-        row = start
-        if PAGED:
-            # The page is looked up before waiting for the slot: its load latency hides behind the wait.
-            page = gl.load(table_ptr + b * MAX_BLOCKS + start // PAGE_SIZE)
-            row = gl.minimum(gl.maximum(page, 0), NUM_PAGES - 1) * PAGE_SIZE + start % PAGE_SIZE
+        # The page is looked up before waiting for the slot: its load latency hides behind the wait.
+        start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
         mbarrier.wait(k_free.index(slot), ((j // 2) & 1) ^ 1)     # a fresh barrier passes phase 1
         bar = k_ready.index(slot)
         mbarrier.expect(bar, BYTES)
@@ -404,6 +400,19 @@ def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_re
         else:
             tma.async_copy_global_to_shared(k_descs[0], [row, 0], bar, k_nope.index(slot))
             tma.async_copy_global_to_shared(k_descs[1], [row, D_V], bar, k_rope.index(slot))
+
+
+@gluon.jit
+def _block_row(j, lo, table_ptr, b, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr,
+               NUM_PAGES: gl.constexpr):
+    """(start, row): the first key of this split's block j, and the row of the key descriptors it starts at (its
+    token in the sequence, or in the pool through the block table, the entry clamped to the pool)."""
+    start = lo + j * BLOCK_N
+    row = start
+    if PAGED:
+        page = gl.load(table_ptr + b * MAX_BLOCKS + start // PAGE_SIZE)
+        row = gl.minimum(gl.maximum(page, 0), NUM_PAGES - 1) * PAGE_SIZE + start % PAGE_SIZE
+    return start, row
 
 
 @gluon.jit
@@ -451,11 +460,7 @@ def _fp8_load(j, loads, D_V: gl.constexpr):
     (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
      MAX_BLOCKS, NUM_PAGES) = loads
     slot = j % 2
-    start = lo + j * BLOCK_N
-    row = start
-    if PAGED:
-        page = gl.load(table_ptr + b * MAX_BLOCKS + start // PAGE_SIZE)
-        row = gl.minimum(gl.maximum(page, 0), NUM_PAGES - 1) * PAGE_SIZE + start % PAGE_SIZE
+    start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
     bar = raw_ready.index(slot)
     mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[2]))
     if PAGED and start == tail_start:
