@@ -526,8 +526,10 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         equal splits for every sequence.
       return_lse: also return the log-sum-exp of the scaled scores.
       implementation: "triton" (CUDA GPU: on a Hopper GPU the Gluon kernel for calls of more than 32 query
-        rows S_q * H, the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for every call it can run:
-        bf16 / fp16 caches in q's dtype, 512 + 64 latents, pages of 64 tokens or more), "xla" (the jnp
+        rows S_q * H, for fewer when each sequence splits 2-8 ways, and for "fp8_blockscale" caches with bf16
+        queries; the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for every call it can run: bf16 /
+        fp16 caches in q's dtype or "fp8_blockscale" ones with bf16 queries, 512 + 64 latents, pages of 64
+        tokens or more), "xla" (the jnp
         reference) or "interpret" (the tl kernels on the CPU through Triton's interpreter); None means
         "triton" on a CUDA device, else "xla". A call the chosen implementation cannot run raises ValueError
         saying why and which implementation can.
