@@ -1,7 +1,7 @@
 """The Hopper Gluon decode kernel compiled for sm_90 on this machine (Triton's interpreter cannot run Gluon):
 every class it serves compiles, and the compiler's facts are what the design needs — tensor-core products
 (HGMMA) and TMA copies in the SASS, no spills, shared memory within the 227 KB an sm_90 program may take, and
-the 12 warps of its three partitions (4 launched, 4 + 1 added; the 1-warp producer is padded to a warpgroup)."""
+the 12 warps of its three partitions (the producer's 4 launched, the two consumer warpgroups added)."""
 import os
 import sys
 

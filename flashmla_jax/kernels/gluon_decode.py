@@ -7,7 +7,8 @@ contiguous or paged (PAGE_SIZE >= 64), stacked or not, any S_Q, causal or not. P
 
 One program takes a 64-row tile (rows r = s * H + h of one sequence; fewer real rows are zero-padded) and a
 split of that sequence's keys, in key blocks of 64 tokens, and runs in three partitions:
-- producer (1 warp): TMA loads of the 64 x 576 query tile once and of each key block into a 2-slot ring;
+- producer (the default partition, 4 warps): TMA loads of the 64 x 576 query tile once and of each key block
+  into a 2-slot ring;
 - two consumer warpgroups, each owning half of the 64 x 512 float32 output (`_left_half`: columns [0, 256),
   `_right_half`: [256, 512)). Key blocks come in pairs: the left warpgroup computes the scores of the even
   block of a pair (S0 = Q K0^T), the right one those of the odd block (S1), so that one group's softmax runs
@@ -556,8 +557,8 @@ def mla_decode_gluon_kernel(
     BATCH: gl.constexpr, BATCH_POW2: gl.constexpr, SLOTS: gl.constexpr, ROW_TILES: gl.constexpr,
     UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr, ROW_RULES: gl.constexpr, KV_FORMAT: gl.constexpr,
 ):
-    """Grid (ROW_TILES = cdiv(S_Q * H, 64), B, NUM_SPLITS), launched with num_warps=4 (the left consumer
-    group; the right group and the producer are added: 12 warps in all).
+    """Grid (ROW_TILES = cdiv(S_Q * H, 64), B, NUM_SPLITS), launched with num_warps=4 (the producer, the
+    default partition; the two consumer warpgroups are added: 12 warps in all).
 
     q_ptr [B, S_Q * H, D_V + D_R] bf16 / fp16; kv_ptr [B, N_MAX, D] or pages [NUM_PAGES, PAGE_SIZE, D] of
     q's dtype (D = D_V + D_R = 512 + 64), or with KV_FORMAT 1 ("fp8_blockscale", bf16 q) uint8 of 656 bytes a

@@ -126,8 +126,8 @@ class DecodeTiles:
 class GluonDecodeTiles:
     """The Hopper kernel's tiling (kernels/gluon_decode.py): 64 query rows and 64-key blocks are fixed by its
     design (one wgmma M extent per consumer group; a block's rope box holds its probabilities); the launch
-    names 4 warps (the left consumer group: the kernel adds the right one and its producer). Every split
-    sequence is merged by the combine kernel."""
+    names 4 warps (the producer, the default partition: the kernel adds the two consumer warpgroups). Every
+    split sequence is merged by the combine kernel."""
     block_m: int = 64
     block_n: int = 64
     num_warps: int = 4
