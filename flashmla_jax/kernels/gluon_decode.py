@@ -2,8 +2,8 @@
 
 The same contract as kernels/decode.py's `mla_decode_split_kernel` (its arguments, outputs, grid and
 schedule constexprs), for caches in q's dtype (bf16 / fp16) or "fp8_blockscale" caches with bf16 queries,
-contiguous or paged (PAGE_SIZE >= 64), stacked or not, any S_Q, causal or not. Partials of split sequences are merged by `mla_decode_combine_kernel`
-(LAST_MERGES is not supported here).
+contiguous or paged (PAGE_SIZE >= 64), stacked or not, any S_Q, causal or not. Partials of split sequences are
+merged by `mla_decode_combine_kernel` (LAST_MERGES is not supported here).
 
 One program takes a 64-row tile (rows r = s * H + h of one sequence; fewer real rows are zero-padded) and a
 split of that sequence's keys, in key blocks of 64 tokens, and runs in three partitions:
@@ -381,9 +381,9 @@ def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_re
               lo, n_blocks, tail_start, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr,
               NUM_PAGES: gl.constexpr, D_V: gl.constexpr):
     """The load partition (the default one, 4 warps): the query tile, then each key block into ring slot
-    block % 2 once both consumer groups have released it. Descriptors come in (nope [64, 512] box, rope [64, 64] box) pairs; a
-    paged cache's partial last block (tail_start) comes through tail_descs, whose rows end at the sequence's
-    length."""
+    block % 2 once both consumer groups have released it. Descriptors come in (nope [64, 512] box, rope [64, 64]
+    box) pairs; a paged cache's partial last block (tail_start) comes through tail_descs, whose rows end at the
+    sequence's length."""
     mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
     tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
     tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
