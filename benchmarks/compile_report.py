@@ -108,7 +108,7 @@ def main():
                         "fp8_paged keys) instead of the decode kernel")
     parser.add_argument("--sparse", action="store_true", help="the sparse (top-k) kernel instead of the split kernel")
     parser.add_argument("--gluon", action="store_true", help="the Hopper Gluon decode kernel instead of the split "
-                        "kernel (--paged: pages of 64 tokens)")
+                        "kernel (--paged: pages of 64 tokens; --kv-format fp8_blockscale: its FP8 path)")
     parser.add_argument("--paged", action="store_true", help="with --gluon: a paged cache")
     parser.add_argument("--prefill", action="store_true", help="with --sparse: mla_prefill_sparse's variant")
     args = parser.parse_args()
@@ -125,7 +125,7 @@ def main():
     dtype = getattr(jnp, args.dtype)
     for tiles in common.parse_decode_configs(args.configs) if args.configs else [None]:
         if args.gluon:
-            compiled, plan = compile_gluon_kernel(shape, dtype, args.paged)
+            compiled, plan = compile_gluon_kernel(shape, dtype, args.paged, kv_format=args.kv_format)
         elif args.sparse:
             compiled, plan = compile_sparse_kernel(shape, dtype, args.kv_format, args.prefill, tiles)
         else:
