@@ -43,11 +43,8 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
-from flashmla_jax import reference
+from flashmla_jax.kernels._common import ALL_NEG_INF_LSE, LN2, LOG2E
 
-ALL_NEG_INF_LSE = gl.constexpr(reference.ALL_NEG_INF_LSE)
-LOG2E = gl.constexpr(1.4426950408889634)
-LN2 = gl.constexpr(0.6931471805599453)
 BLOCK_M = gl.constexpr(64)        # query rows per program: one wgmma M extent per warpgroup
 BLOCK_N = gl.constexpr(64)        # keys per block
 HALF_V = gl.constexpr(256)        # output columns per consumer warpgroup
@@ -201,7 +198,7 @@ def _consumer_state(smem, bars, work, outputs):
 
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-               NUM_SPLITS: gl.constexpr, ROW_RULES: gl.constexpr):
+               NUM_SPLITS: gl.constexpr):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
@@ -240,8 +237,8 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
             m_i = m1
         else:
             m_i = m0
-    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL),
-                            ROW_RULES)
+    saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL)
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, saw_keys)
     stage, stage_part = _output_stages(q_nope, k_nope, 0)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, 0, True, H * S_Q, NUM_SPLITS)
@@ -249,7 +246,7 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_SPLITS: gl.constexpr, ROW_RULES: gl.constexpr, loads, FP8: gl.constexpr):
+                NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr):
     """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
     from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
@@ -300,8 +297,8 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(0), count=1)
             m_i = m0
-    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1, _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL),
-                            ROW_RULES)
+    saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL)
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1, saw_keys)
     stage, stage_part = _output_stages(q_nope, k_nope, 1)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, HALF_V, False, H * S_Q, NUM_SPLITS)
@@ -314,14 +311,13 @@ def _rows_saw_keys(lo, n_blocks, seqlen, tile, H: gl.constexpr, S_Q: gl.constexp
 
 
 @gluon.jit
-def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys, ROW_RULES: gl.constexpr):
+def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys):
     """(out [64, 256], lse [64]): this half normalised by both groups' row sums (exchanged through l_x).
-    ROW_RULES (saw_keys [64]: rows with keys in this split): kernels/decode.py's `_write_split` rules. A NaN in
+    With kernels/decode.py's `_write_split` row rules (saw_keys [64]: rows with keys in this split): a NaN in
     either half's accumulator is sent as a NaN row sum, so both halves of the row come out NaN; a row that saw
     keys and gave them no weight gets NaN output and ALL_NEG_INF_LSE."""
-    if ROW_RULES:
-        nan_in_row = gl.max(gl.where(acc != acc, 1, 0), axis=1)
-        l_i = gl.where(gl.convert_layout(nan_in_row, _row_vector_layout()) > 0, float("nan"), l_i)
+    nan_in_row = gl.max(gl.where(acc != acc, 1, 0), axis=1)
+    l_i = gl.where(gl.convert_layout(nan_in_row, _row_vector_layout()) > 0, float("nan"), l_i)
     l_x.slice(side * BLOCK_M, BLOCK_M).store(l_i)
     mbarrier.arrive(done, count=1)
     mbarrier.wait(done, 0)
@@ -329,10 +325,9 @@ def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys, ROW_RUL
     has_keys = l_all != 0          # a NaN sum (a NaN score or value) is not an empty row: it reaches the result
     lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
     divisor = gl.where(has_keys, l_all, 1.0)
-    if ROW_RULES:
-        unweighted = saw_keys & (l_all == 0)
-        lse = gl.where(unweighted, ALL_NEG_INF_LSE, lse)
-        divisor = gl.where(unweighted, float("nan"), divisor)          # 0 / NaN: the row's output is NaN
+    unweighted = saw_keys & (l_all == 0)
+    lse = gl.where(unweighted, ALL_NEG_INF_LSE, lse)
+    divisor = gl.where(unweighted, float("nan"), divisor)          # 0 / NaN: the row's output is NaN
     out = acc / gl.expand_dims(gl.convert_layout(divisor, gl.SliceLayout(1, _out_layout())), 1)
     return out, lse
 
@@ -384,9 +379,7 @@ def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_re
     block % 2 once both consumer groups have released it. Descriptors come in (nope [64, 512] box, rope [64, 64]
     box) pairs; a paged cache's partial last block (tail_start) comes through tail_descs, whose rows end at the
     sequence's length."""
-    mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
-    tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
-    tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
+    _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
     BYTES: gl.constexpr = 2 * BLOCK_N * (D_V + 64)
     for j in range(n_blocks):
         slot = j % 2
@@ -401,6 +394,14 @@ def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_re
         else:
             tma.async_copy_global_to_shared(k_descs[0], [row, 0], bar, k_nope.index(slot))
             tma.async_copy_global_to_shared(k_descs[1], [row, D_V], bar, k_rope.index(slot))
+
+
+@gluon.jit
+def _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V: gl.constexpr):
+    """The TMA loads of the 64 x 576 query tile (its nope and rope boxes), completing q_ready."""
+    mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
+    tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
+    tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
 
 
 @gluon.jit
@@ -437,9 +438,7 @@ def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw
     then each block, once its bytes have landed, dequantized in its ring slot (`_dequantize`) and released to the
     consumers through k_ready. It never waits for a slot, so a block's load does not wait for the conversion of
     the one before, and the conversion never waits for a release that needs it."""
-    mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
-    tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
-    tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
+    _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
     for j in gl.static_range(2):
         if j < n_blocks:
             _fp8_load(j, loads, D_V)
@@ -555,7 +554,7 @@ def mla_decode_gluon_kernel(
     D_V: gl.constexpr, D_R: gl.constexpr, CAUSAL: gl.constexpr,
     CAPACITY: gl.constexpr, NUM_SPLITS: gl.constexpr, UNIFORM_SPLITS: gl.constexpr, BALANCE: gl.constexpr,
     BATCH: gl.constexpr, BATCH_POW2: gl.constexpr, SLOTS: gl.constexpr, ROW_TILES: gl.constexpr,
-    UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr, ROW_RULES: gl.constexpr, KV_FORMAT: gl.constexpr,
+    UNIFORM_NUM: gl.constexpr, UNIFORM_DEN: gl.constexpr, KV_FORMAT: gl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(S_Q * H, 64), B, NUM_SPLITS), launched with num_warps=4 (the producer, the
     default partition; the two consumer warpgroups are added: 12 warps in all).
@@ -564,10 +563,10 @@ def mla_decode_gluon_kernel(
     q's dtype (D = D_V + D_R = 512 + 64), or with KV_FORMAT 1 ("fp8_blockscale", bf16 q) uint8 of 656 bytes a
     token in place of D, with NUM_LAYERS > 0 a stack read at layer_ptr (0-d int32, clamped);
     seqlens_ptr [B] int32 (clamped to [0, CAPACITY]); table_ptr [B, MAX_BLOCKS] int32 when PAGED (entries
-    clamped to the pool); kv_scale_ptr unused (caches in q's dtype); scale the softmax scale (float32).
+    clamped to the pool); kv_scale_ptr unused (no per-tensor scale); scale the softmax scale (float32).
     Outputs as `mla_decode_split_kernel`'s: o_ptr [B, R, D_V], lse_ptr [B, R] float32; with NUM_SPLITS > 1
     o_part_ptr [B, NUM_SPLITS, R, D_V], lse_part_ptr [B, NUM_SPLITS, R] float32 and splits_ptr [B] int32 for
-    `mla_decode_combine_kernel`; count_ptr is unused. ROW_RULES: the split kernel's row rules (`_finish_rows`).
+    `mla_decode_combine_kernel`; count_ptr is unused. The split kernel's row rules always apply (`_finish_rows`).
     """
     gl.static_assert(D_V == 2 * HALF_V, "the two consumer groups own 256 output columns each")
     gl.static_assert(D_R == 64, "the rope part is one 64-wide TMA box, reused for the probabilities")
@@ -656,15 +655,16 @@ def mla_decode_gluon_kernel(
         gl.warp_specialize([
             (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw_ready, k_ready, n_blocks,
                              D_V)),
-            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES, loads, True)),
+            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True)),
         ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
                          table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES)),
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, ROW_RULES, b, False)),
+            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+            # The right group's `loads` is unused without FP8.
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 

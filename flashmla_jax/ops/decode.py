@@ -252,7 +252,8 @@ def plan_decode(q_shape: tuple, dtype, head_dim_v: int, causal: bool, kv_shape: 
     schedule computed on the device from the real lengths (`BALANCE`); an int: exactly that many equal
     splits per sequence. `tiles` replaces `decode_tiles`' choice (benchmarks/profile_decode.py sweeps it).
     fp8_native: decode e4m3 with the hardware conversion (FP8_NATIVE; the GPU) or bit arithmetic. The kernels
-    apply the row rules themselves (ROW_RULES; reference.mergeable_rows' form)."""
+    apply the row rules themselves (the tl kernels' ROW_RULES; the Gluon kernel always; reference.mergeable_rows'
+    form)."""
     batch, s_q, heads, d = q_shape
     rows = s_q * heads
     paged = table_shape is not None
