@@ -113,15 +113,12 @@ def final_rows(lse: jax.Array) -> jax.Array:
     return jnp.where(jnp.isfinite(lse) & (lse < ALL_NEG_INF_LSE / 2), jnp.float32(jnp.nan), lse)
 
 
-def nan_rows(out: jax.Array, lse: jax.Array, visible: jax.Array, bad: jax.Array | None = None
-             ) -> tuple[jax.Array, jax.Array]:
+def nan_rows(out: jax.Array, lse: jax.Array, visible: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The rule every implementation follows: out [..., D_v] and lse [...] NaN in each row whose result a NaN or
     inf reached (lse NaN, or NaN anywhere in out), or that sees a key (`visible`, broadcast to lse's shape) but
-    gave it no weight (lse -inf: every visible score -inf, from an inf in q, a key or the scale), or where `bad`
-    (a row that would read a block-table entry outside the pool). Other rows are as they are."""
+    gave it no weight (lse -inf: every visible score -inf, from an inf in q, a key or the scale). Other rows are
+    as they are. (A row that would read a block-table entry outside the pool is NaN too: the decode op's rule.)"""
     poisoned = _nan_reached(out, lse) | (visible & (lse == -jnp.inf))
-    if bad is not None:
-        poisoned = poisoned | bad
     return (jnp.where(poisoned[..., None], jnp.asarray(jnp.nan, out.dtype), out),
             jnp.where(poisoned, jnp.float32(jnp.nan), lse))
 

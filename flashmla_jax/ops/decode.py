@@ -530,10 +530,9 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         rows S_q * H, for fewer when each sequence splits 2-8 ways, and for "fp8_blockscale" caches with bf16
         queries; the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for every call it can run: bf16 /
         fp16 caches in q's dtype or "fp8_blockscale" ones with bf16 queries, 512 + 64 latents, pages of 64
-        tokens or more), "xla" (the jnp
-        reference) or "interpret" (the tl kernels on the CPU through Triton's interpreter); None means
-        "triton" on a CUDA device, else "xla". A call the chosen implementation cannot run raises ValueError
-        saying why and which implementation can.
+        tokens or more), "xla" (the jnp reference) or "interpret" (the tl kernels on the CPU through Triton's
+        interpreter); None means "triton" on a CUDA device, else "xla". A call the chosen implementation
+        cannot run raises ValueError saying why and which implementation can.
       layer: None (kv_cache is one layer's), or the layer of a stacked kv_cache to attend: a Python int
         in [0, L) (ValueError otherwise), or a traced integer scalar, clamped to [0, L - 1]
         (a negative one counts as 0). The kernels offset their cache pointer by the layer: no slice of the
@@ -621,9 +620,9 @@ def _finish_rows(out, lse, cache_seqlens, block_table, num_blocks: int, page_siz
                  causal: bool):
     """The rules every implementation's result follows (reference.nan_rows), for results in
     reference.mergeable_rows' form (every DecodeImplementation's, and the empty call's zeros): ALL_NEG_INF_LSE
-    becomes NaN (its output is NaN already), and with block_table the rows that would read an
-    entry of it outside the pool become NaN (block_table None: a contiguous cache, or an implementation whose
-    results already hold that rule). Without a table: lse only, no pass over out."""
+    becomes NaN (its output is NaN already), and with block_table the rows that would read an entry of it outside
+    the pool become NaN (block_table None: a contiguous cache, or an implementation whose results already hold
+    that rule). Without a table: lse only, no pass over out."""
     lse = reference.final_rows(lse)
     if block_table is None:
         return out, lse
