@@ -40,7 +40,7 @@ def test_gluon_decode_compiles_for_hopper(name):
     assert facts.shared <= _compile.SHARED_MEMORY_LIMIT
     assert facts.num_warps == 12
     assert facts.count("HGMMA") > 0 and facts.count("UTMALDG") > 0 and facts.count("UTMASTG") > 0
-    if options.get("kv_format"):
+    if fp8:
         # The producer dequantizes: the e4m3 pairs converted by the hardware, 256 codes a thread per block.
         assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128
     # Descriptors built on the device, 128 B each: query and key pairs, the output, a partial's, a paged tail pair.
