@@ -504,31 +504,23 @@ def _dequantize(k_nope, k_scales):
     codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes)
     scales = k_scales._reinterpret(gl.float32, [BLOCK_N, 4], plain)
     for c in gl.static_range(4):
-        box = codes.index(4 + c)
-        a0 = box.slice(0, 16, dim=0).load(_code_layout())
-        a1 = box.slice(16, 16, dim=0).load(_code_layout())
-        a2 = box.slice(32, 16, dim=0).load(_code_layout())
-        a3 = box.slice(48, 16, dim=0).load(_code_layout())
+        group = codes.index(4 + c).load(_code_layout())      # [64, 128]: four 16-byte vectors a thread
         if c >= 2:
             gl.thread_barrier()
-        out = k_nope.slice(c * CODE_BOX, CODE_BOX, dim=1)
-        _dequantized_rows(a0, scales, out, 0, c)
-        _dequantized_rows(a1, scales, out, 16, c)
-        _dequantized_rows(a2, scales, out, 32, c)
-        _dequantized_rows(a3, scales, out, 48, c)
+        _dequantized_group(group, scales, k_nope.slice(c * CODE_BOX, CODE_BOX, dim=1), c)
 
 
 @gluon.jit
-def _dequantized_rows(codes, scales, out, r0: gl.constexpr, c: gl.constexpr):
-    """Stores codes [16, 128] (uint8 e4m3, tokens r0..r0 + 15 of column group c) times their scales into rows
-    r0..r0 + 15 of out (the group's bf16 [64, 128] view)."""
-    # The [16, 4] scales in the codes' layout (each thread holds its rows' four), so that the group's column
+def _dequantized_group(codes, scales, out, c: gl.constexpr):
+    """Stores codes [64, 128] (uint8 e4m3 of column group c) times their tokens' scales into out (the group's
+    bf16 [64, 128] view): one store a group, so the partition meets at one barrier a group, not one a chunk."""
+    # The [64, 4] scales in the codes' layout (each thread holds its rows' four), so that the group's column
     # comes out in the codes' row layout with no exchange between threads.
-    s = scales.slice(r0, 16, dim=0).load(_code_layout())
+    s = scales.load(_code_layout())
     group = gl.arange(0, 4, layout=gl.SliceLayout(0, _code_layout()))
     s = gl.sum(gl.where(gl.expand_dims(group, 0) == c, s, 0.0), axis=1)
     values = codes.to(gl.float8e4nv, bitcast=True).to(gl.float32) * gl.expand_dims(s, 1)
-    out.slice(r0, 16, dim=0).store(values.to(gl.bfloat16))
+    out.store(values.to(gl.bfloat16))
 
 
 @gluon.jit
