@@ -482,9 +482,9 @@ def _fp8_reload(block, k_free, loads, n_blocks, D_V: gl.constexpr):
 def _fp8_copies(descs, row, bar, k_nope, k_rope, k_scales, D_V: gl.constexpr):
     """The TMA copies of `_fp8_load` for the 64 tokens from `row` of descs (one ring slot's buffers)."""
     boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes)
-    for c in gl.static_range(D_V // CODE_BOX):
-        tma.async_copy_global_to_shared(descs[0], [row, c * CODE_BOX], bar, codes.index(4 + c))
+    boxes3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=3)
+    codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes3)
+    tma.async_copy_global_to_shared(descs[2], [0, row, 0], bar, codes.slice(4, 4, dim=0))
     rope = k_rope._reinterpret(gl.uint8, [BLOCK_N, CODE_BOX], boxes)
     tma.async_copy_global_to_shared(descs[0], [row, D_V + D_V // 32], bar, rope)
     tma.async_copy_global_to_shared(descs[1], [row, D_V], bar, k_scales)
@@ -534,7 +534,12 @@ def _fp8_descriptors(base, rows, TOKEN: gl.constexpr, D_V: gl.constexpr):
                                       layout=boxes)
     scales = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1],
                                         block_shape=[BLOCK_N, D_V // 32], layout=plain)
-    return main, scales
+    # The codes as [group, token, byte]: one box brings a block's four 128-byte groups, group-major, as the
+    # slot's upper half holds them.
+    boxes3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=3)
+    groups = tma.make_tensor_descriptor(base, shape=[D_V // CODE_BOX, rows, CODE_BOX], strides=[CODE_BOX, TOKEN, 1],
+                                        block_shape=[D_V // CODE_BOX, BLOCK_N, CODE_BOX], layout=boxes3)
+    return main, scales, groups
 
 
 @gluon.jit
