@@ -431,13 +431,8 @@ def _run_write_kernel_on_sentinels(args, topk, tiles):
     b, s_q = q.shape[:2]
     scores, hist1 = ix._score_launch(q_k, w_k, cache, sl, table, None, 0, s_q, layout, tiles, "interpret", topk)
     steps = ix.plan_topk(b * s_q, s_q, s_q, layout, topk, tiles, True)
-    ints = lambda *shape: [jax.ShapeDtypeStruct((b * s_q,) + shape, jnp.int32)]     # noqa: E731
-    run = dict(implementation="interpret")
-    (hist2,) = steps["refine2"](scores, sl, hist1, hist1, 0, out_shape=ints(2048), **run)
-    (hist3,) = steps["refine3"](scores, sl, hist1, hist2, 0, out_shape=ints(1024), **run)
-    (counts,) = steps["count"](scores, sl, hist1, hist2, hist3, 0, out_shape=ints(steps["count"].grid[1], 2), **run)
-    inputs = [_launch._to_torch(np.asarray(a)) for a in (scores, sl, sl if table is None else table, hist1, hist2,
-                                                          hist3, counts)]
+    thr, counts = ix.threshold_and_counts(steps, scores, hist1, sl, 0, "interpret")
+    inputs = [_launch._to_torch(np.asarray(a)) for a in (scores, sl, sl if table is None else table, thr, counts)]
     idx = torch.full((b * s_q, topk), 12345, dtype=torch.int32)
     vals = torch.full((b * s_q, topk), float("nan"), dtype=torch.float32)
     step = steps["write"]
@@ -667,7 +662,8 @@ def test_kernels_compile_for_sm90_without_spills():
     import json
 
     report = json.loads(run_python(_COMPILE_SCRIPT).strip().splitlines()[-1])
-    assert [r["name"] for r in report] == ["scores", "refine2", "refine3", "count", "write"] * 2
+    assert [r["name"] for r in report] == ["scores", "threshold1", "refine2", "threshold2", "refine3", "threshold3",
+                                           "count", "write"] * 2
     for use in report:
         assert use["stack"] == 0, use
         assert use["shared"] <= _compile.SHARED_MEMORY_LIMIT, use

@@ -36,9 +36,10 @@ Scores are ranked as uint32 order keys (`order_keys`: the unsigned order of the 
    taken, and of those == T the k_eq of lowest position (ties: lower position first). Indices come out in
    ascending position order, -1 in the slots no key fills (fewer than TOPK visible).
 
-A row with at most TOPK visible keys takes all of them and skips the histograms. Every histogram program reads
-its row's histograms itself (2048 + 2048 + 1024 counts, from L2), so no step needs a device-wide barrier beyond
-the launch boundary.
+After each histogram, `indexer_topk_threshold_kernel` (one program a row) turns the row's histograms into the
+threshold so far (the first LEVEL digits of T and the rank within that bucket) and the passes after it read two
+integers a row: a per-(row, chunk) program deriving it again cost three 2048-bin scans each, which dominated the
+passes' time on the H200. A row with at most TOPK visible keys takes all of them and skips the histograms.
 """
 import triton
 import triton.language as tl
@@ -255,16 +256,38 @@ def _digits_threshold(hist1_ptr, hist2_ptr, hist3_ptr, r, k, LEVEL: tl.constexpr
 
 
 @triton.jit
-def indexer_topk_refine_kernel(scores_ptr, seqlens_ptr, hist1_ptr, hist2_ptr, q_offset, out_hist_ptr,
+def indexer_topk_threshold_kernel(seqlens_ptr, hist1_ptr, hist2_ptr, hist3_ptr, q_offset, thr_ptr,
+                                  S_Q: tl.constexpr, S_TOTAL: tl.constexpr, CAPACITY: tl.constexpr,
+                                  TOPK: tl.constexpr, LEVEL: tl.constexpr):
+    """Grid (rows,): thr_ptr [rows, 2] int32 = `_digits_threshold`(LEVEL) of each row that sees more than TOPK
+    keys (the prefix's bits as int32, the rank); other rows' entries are not written (nor read)."""
+    r = tl.program_id(0)
+    limit = _row_limit(seqlens_ptr, r, q_offset, S_Q, S_TOTAL, CAPACITY)
+    if limit > TOPK:
+        prefix, rank = _digits_threshold(hist1_ptr, hist2_ptr, hist3_ptr, r, TOPK, LEVEL)
+        tl.store(thr_ptr + r.to(tl.int64) * 2, prefix.to(tl.int32, bitcast=True))
+        tl.store(thr_ptr + r.to(tl.int64) * 2 + 1, rank)
+
+
+@triton.jit
+def _row_threshold(thr_ptr, r):
+    """(prefix uint32, rank int32): row r's entry of `indexer_topk_threshold_kernel`'s output."""
+    prefix = tl.load(thr_ptr + r.to(tl.int64) * 2).to(tl.uint32, bitcast=True)
+    return prefix, tl.load(thr_ptr + r.to(tl.int64) * 2 + 1)
+
+
+@triton.jit
+def indexer_topk_refine_kernel(scores_ptr, seqlens_ptr, thr_ptr, q_offset, out_hist_ptr,
                                S_Q: tl.constexpr, S_TOTAL: tl.constexpr, CAPACITY: tl.constexpr,
                                TOPK: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr, LEVEL: tl.constexpr):
-    """Digit LEVEL (2 or 3) of the scores that match the threshold's first LEVEL - 1 digits; grid (rows,
-    chunks). out_hist_ptr [rows, BINS2 | BINS3] int32, zeroed."""
+    """Digit LEVEL (2 or 3) of the scores that match the threshold's first LEVEL - 1 digits (thr_ptr: the
+    threshold kernel's output at LEVEL - 1); grid (rows, chunks). out_hist_ptr [rows, BINS2 | BINS3] int32,
+    zeroed."""
     r = tl.program_id(0)
     lo = tl.program_id(1) * CHUNK
     limit = _row_limit(seqlens_ptr, r, q_offset, S_Q, S_TOTAL, CAPACITY)
     if (limit > TOPK) & (lo < limit):
-        prefix, _ = _digits_threshold(hist1_ptr, hist2_ptr, hist2_ptr, r, TOPK, LEVEL - 1)
+        prefix, _ = _row_threshold(thr_ptr, r)
         hi = tl.minimum(lo + CHUNK, limit)
         row = scores_ptr + r.to(tl.int64) * CAPACITY
         for t0 in range(lo, hi, TILE):
@@ -281,18 +304,19 @@ def indexer_topk_refine_kernel(scores_ptr, seqlens_ptr, hist1_ptr, hist2_ptr, q_
 
 
 @triton.jit
-def indexer_topk_count_kernel(scores_ptr, seqlens_ptr, hist1_ptr, hist2_ptr, hist3_ptr, q_offset, counts_ptr,
+def indexer_topk_count_kernel(scores_ptr, seqlens_ptr, thr_ptr, q_offset, counts_ptr,
                               S_Q: tl.constexpr, S_TOTAL: tl.constexpr, CAPACITY: tl.constexpr,
                               TOPK: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr,
                               NUM_CHUNKS: tl.constexpr):
-    """Per (row, chunk) of a row with more than TOPK visible keys: how many keys are > T and how many == T.
-    counts_ptr [rows, NUM_CHUNKS, 2] int32 (chunks past the row's limit are not written, nor read)."""
+    """Per (row, chunk) of a row with more than TOPK visible keys: how many keys are > T and how many == T
+    (thr_ptr: the threshold kernel's output at LEVEL 3). counts_ptr [rows, NUM_CHUNKS, 2] int32 (chunks past the
+    row's limit are not written, nor read)."""
     r = tl.program_id(0)
     c = tl.program_id(1)
     lo = c * CHUNK
     limit = _row_limit(seqlens_ptr, r, q_offset, S_Q, S_TOTAL, CAPACITY)
     if (limit > TOPK) & (lo < limit):
-        thr, _ = _digits_threshold(hist1_ptr, hist2_ptr, hist3_ptr, r, TOPK, 3)
+        thr, _ = _row_threshold(thr_ptr, r)
         hi = tl.minimum(lo + CHUNK, limit)
         row = scores_ptr + r.to(tl.int64) * CAPACITY
         n_gt = tl.zeros((TILE,), tl.int32)
@@ -309,13 +333,14 @@ def indexer_topk_count_kernel(scores_ptr, seqlens_ptr, hist1_ptr, hist2_ptr, his
 
 
 @triton.jit
-def indexer_topk_write_kernel(scores_ptr, seqlens_ptr, table_ptr, hist1_ptr, hist2_ptr, hist3_ptr, counts_ptr,
-                              q_offset, idx_ptr, val_ptr, S_Q: tl.constexpr, S_TOTAL: tl.constexpr,
-                              CAPACITY: tl.constexpr, TOPK: tl.constexpr, TOPK_TILE: tl.constexpr,
+def indexer_topk_write_kernel(scores_ptr, seqlens_ptr, table_ptr, thr_ptr, counts_ptr, q_offset, idx_ptr, val_ptr,
+                              S_Q: tl.constexpr, S_TOTAL: tl.constexpr, CAPACITY: tl.constexpr, TOPK: tl.constexpr,
+                              TOPK_TILE: tl.constexpr,
                               CHUNK: tl.constexpr, TILE: tl.constexpr, NUM_CHUNKS: tl.constexpr,
                               CHUNKS_POW2: tl.constexpr, PAGED: tl.constexpr, PAGE_SIZE: tl.constexpr,
                               MAX_BLOCKS: tl.constexpr, NUM_BLOCKS: tl.constexpr, WRITE_SCORES: tl.constexpr):
-    """The selected keys of one (row, chunk) as pool indices, in position order; grid (rows, chunks).
+    """The selected keys of one (row, chunk) as pool indices, in position order; grid (rows, chunks). thr_ptr: the
+    threshold kernel's output at LEVEL 3 (T and how many keys == T to take).
 
     idx_ptr [rows, TOPK] int32: block * PAGE_SIZE + offset (PAGED; the block clamped into [0, NUM_BLOCKS)),
     else b * CAPACITY + t; -1 in the unfilled slots (written by chunk 0). val_ptr [rows, TOPK] float32: their
@@ -341,7 +366,7 @@ def indexer_topk_write_kernel(scores_ptr, seqlens_ptr, table_ptr, hist1_ptr, his
         base = lo
         eq_run = tl.full((), 0, tl.int32)
         if limit > TOPK:
-            thr, k_eq = _digits_threshold(hist1_ptr, hist2_ptr, hist3_ptr, r, TOPK, 3)
+            thr, k_eq = _row_threshold(thr_ptr, r)
             offs_c = tl.arange(0, CHUNKS_POW2)
             before = offs_c < c
             counts = counts_ptr + (r.to(tl.int64) * NUM_CHUNKS + offs_c) * 2

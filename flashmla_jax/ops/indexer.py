@@ -219,14 +219,22 @@ def plan_scores(batch: int, s_q: int, s_total: int, heads: int, layout: KeyLayou
 
 def plan_topk(rows: int, s_q: int, s_total: int, layout: KeyLayout, topk: int, tiles: IndexerTiles,
               return_scores: bool) -> dict[str, KernelLaunch]:
-    """The radix select's four launches over the scores of `rows` = B * S_q query rows: "refine2", "refine3",
-    "count", "write"."""
+    """The radix select's launches over the scores of `rows` = B * S_q query rows: "threshold1", "refine2",
+    "threshold2", "refine3", "threshold3", "count", "write"."""
     num_chunks = -(-layout.capacity // tiles.chunk)
     grid = (rows, num_chunks)
     common = dict(S_Q=s_q, S_TOTAL=s_total, CAPACITY=layout.capacity, TOPK=topk, CHUNK=tiles.chunk, TILE=tiles.tile)
+    threshold = dict(S_Q=s_q, S_TOTAL=s_total, CAPACITY=layout.capacity, TOPK=topk)
+
+    def threshold_launch(level):
+        return KernelLaunch("indexer_topk_threshold_kernel", (rows,), 4, 1, dict(LEVEL=level, **threshold))
+
     return dict(
+        threshold1=threshold_launch(1),
         refine2=KernelLaunch("indexer_topk_refine_kernel", grid, 4, 2, dict(LEVEL=2, **common), (0,)),
+        threshold2=threshold_launch(2),
         refine3=KernelLaunch("indexer_topk_refine_kernel", grid, 4, 2, dict(LEVEL=3, **common), (0,)),
+        threshold3=threshold_launch(3),
         count=KernelLaunch("indexer_topk_count_kernel", grid, 4, 2, dict(NUM_CHUNKS=num_chunks, **common)),
         write=KernelLaunch("indexer_topk_write_kernel", grid, 4, 2, dict(
             common, TOPK_TILE=min(TOPK_TILE, _pow2_at_least(topk, 16)), NUM_CHUNKS=num_chunks,
@@ -254,20 +262,35 @@ def _topk_launch(scores, hist1, cache_seqlens, block_table, q_offset, s_q, s_tot
     rows = scores.shape[0]
     steps = plan_topk(rows, s_q, s_total, layout, topk, tiles, return_scores)
     offset = int(q_offset)
-    hists = [jax.ShapeDtypeStruct((rows, bins), jnp.int32) for bins in HIST_BINS]
-    (hist2,) = steps["refine2"](scores, cache_seqlens, hist1, hist1, offset, out_shape=hists[1:2],
-                                implementation=impl)
-    (hist3,) = steps["refine3"](scores, cache_seqlens, hist1, hist2, offset, out_shape=hists[2:],
-                                implementation=impl)
-    num_chunks = steps["count"].grid[1]
-    (counts,) = steps["count"](scores, cache_seqlens, hist1, hist2, hist3, offset,
-                               out_shape=[jax.ShapeDtypeStruct((rows, num_chunks, 2), jnp.int32)], implementation=impl)
+    thr3, counts = threshold_and_counts(steps, scores, hist1, cache_seqlens, offset, impl)
     out_shape = [jax.ShapeDtypeStruct((rows, topk), jnp.int32),
                  jax.ShapeDtypeStruct((rows, topk) if return_scores else (1,), jnp.float32)]
     table = cache_seqlens if block_table is None else block_table
-    idx, vals = steps["write"](scores, cache_seqlens, table, hist1, hist2, hist3, counts, offset, out_shape=out_shape,
+    idx, vals = steps["write"](scores, cache_seqlens, table, thr3, counts, offset, out_shape=out_shape,
                                implementation=impl)
     return idx, (vals if return_scores else None)
+
+
+def threshold_and_counts(steps: dict, scores, hist1, cache_seqlens, offset: int, impl: str):
+    """The radix select up to the write (`plan_topk`'s steps): (the threshold T and its rank per row [rows, 2]
+    int32, the per-chunk counts of keys > T and == T [rows, chunks, 2] int32)."""
+    rows = scores.shape[0]
+    hists = [jax.ShapeDtypeStruct((rows, bins), jnp.int32) for bins in HIST_BINS]
+    thr_shape = [jax.ShapeDtypeStruct((rows, 2), jnp.int32)]      # per row: the threshold's prefix bits, its rank
+
+    def threshold(level, hist2, hist3):
+        return steps[f"threshold{level}"](cache_seqlens, hist1, hist2, hist3, offset, out_shape=thr_shape,
+                                          implementation=impl)[0]
+
+    thr1 = threshold(1, hist1, hist1)
+    (hist2,) = steps["refine2"](scores, cache_seqlens, thr1, offset, out_shape=hists[1:2], implementation=impl)
+    thr2 = threshold(2, hist2, hist2)
+    (hist3,) = steps["refine3"](scores, cache_seqlens, thr2, offset, out_shape=hists[2:], implementation=impl)
+    thr3 = threshold(3, hist2, hist3)
+    num_chunks = steps["count"].grid[1]
+    (counts,) = steps["count"](scores, cache_seqlens, thr3, offset,
+                               out_shape=[jax.ShapeDtypeStruct((rows, num_chunks, 2), jnp.int32)], implementation=impl)
+    return thr3, counts
 
 
 def hopper_facts(kv_format: str | None = None, batch: int = 64, s_q: int = 1, heads: int = 64,
@@ -287,7 +310,7 @@ def hopper_facts(kv_format: str | None = None, batch: int = 64, s_q: int = 1, he
     key = "u8" if fp8 else "bf16"
     pointers = dict(q_ptr=key, w_ptr="fp32", k_ptr=key, seqlens_ptr="i32", table_ptr="i32", layer_ptr="i32",
                     scores_ptr="fp32", hist_ptr="i32", hist1_ptr="i32", hist2_ptr="i32", hist3_ptr="i32",
-                    out_hist_ptr="i32", counts_ptr="i32", idx_ptr="i32", val_ptr="fp32")
+                    thr_ptr="i32", out_hist_ptr="i32", counts_ptr="i32", idx_ptr="i32", val_ptr="fp32")
     facts = {}
     for name, step in steps.items():
         kernel = getattr(kernels, step.kernel)
