@@ -53,6 +53,9 @@ CONSUMER_REGS = gl.constexpr(240)  # registers per thread of each consumer warpg
 # get 56 instead of 24. Compiled: 16 bytes of stack (56 paged) for what the right group's key loads need, read
 # once a block; nothing of the products or the softmax spills.
 FP8_CONSUMER_REGS = gl.constexpr(224)
+# With an FP8 cache the producer asks L2 for block i + FP8_PREFETCH_AHEAD as it converts block i, so that the
+# block's TMA load (issued when its slot frees) finds it there. (bf16 caches: no prefetch; it slowed D2.)
+FP8_PREFETCH_AHEAD = gl.constexpr(3)
 KV_BLOCKSCALE = gl.constexpr(1)    # the KV_FORMAT of an "fp8_blockscale" cache (kernels/decode.py's)
 CODE_BOX = gl.constexpr(128)       # e4m3 codes per scale, and the TMA box width (bytes) of codes and rope
 
@@ -418,6 +421,29 @@ def _block_row(j, lo, table_ptr, b, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr
 
 
 @gluon.jit
+def _prefetch_block(j, n_blocks, loads, prefetch):
+    """Asks L2 for key block j's bytes (one bulk prefetch by one thread of the 4-warp partition; no shared
+    memory, no barrier), so that its TMA load finds them there. loads: `_fp8_load`'s tuple; prefetch: (keys,
+    N_MAX, TOKEN): the key rows' base (the sequence's first token, or the page pool) and a token's stride in
+    elements. A block past n_blocks is not asked for."""
+    (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
+     MAX_BLOCKS, NUM_PAGES) = loads
+    keys, N_MAX, TOKEN = prefetch
+    if j < n_blocks:
+        start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
+        tokens = BLOCK_N
+        if not PAGED:
+            tokens = gl.minimum(N_MAX - start, BLOCK_N)       # the last block may end past the capacity
+        nbytes = tokens * (TOKEN * (keys.dtype.element_ty.primitive_bitwidth // 8))
+        lanes = gl.arange(0, 128, layout=gl.BlockedLayout([1], [32], [4], [0]))
+        gl.inline_asm_elementwise(
+            "{ .reg .pred first; setp.eq.s32 first, $2, 0; "
+            "@first cp.async.bulk.prefetch.L2.global [$1], $3; mov.b32 $0, 0; }",
+            "=r,l,r,r", [keys + row.to(gl.int64) * TOKEN + lanes * 0, lanes, nbytes + lanes * 0],
+            dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
 def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS: gl.constexpr):
     """TMA descriptors over rows [rows, D_V + D_R] at base: boxes [BOX_ROWS, D_V] (nope) and [BOX_ROWS, D_R]
     (rope); boxes reaching past `rows` are zero-filled."""
@@ -432,7 +458,7 @@ def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS:
 
 @gluon.jit
 def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw_ready, k_ready, n_blocks,
-                  D_V: gl.constexpr):
+                  D_V: gl.constexpr, prefetch):
     """The default partition for an "fp8_blockscale" cache (4 warps): the query tile and the first two key
     blocks' raw bytes (`_fp8_load`; later blocks are loaded by the right consumer group as it frees their slot),
     then each block, once its bytes have landed, dequantized in its ring slot (`_dequantize`) and released to the
@@ -442,8 +468,11 @@ def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw
     for j in gl.static_range(2):
         if j < n_blocks:
             _fp8_load(j, loads, D_V)
+    for j in gl.static_range(2, FP8_PREFETCH_AHEAD):
+        _prefetch_block(j, n_blocks, loads, prefetch)
     for i in range(n_blocks):
         slot = i % 2
+        _prefetch_block(i + FP8_PREFETCH_AHEAD, n_blocks, loads, prefetch)
         mbarrier.wait(raw_ready.index(slot), (i // 2) & 1)
         _dequantize(k_nope.index(slot), k_scales.index(slot))
         fence_async_shared()           # the bf16 tile (generic stores) before the consumers' wgmma reads it
@@ -611,6 +640,7 @@ def mla_decode_gluon_kernel(
             k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
         tail_descs = k_descs
 
+    prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
     q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_R], swizzled)
@@ -651,7 +681,7 @@ def mla_decode_gluon_kernel(
                  PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
         gl.warp_specialize([
             (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw_ready, k_ready, n_blocks,
-                             D_V)),
+                             D_V, prefetch)),
             (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
             (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True)),
         ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
