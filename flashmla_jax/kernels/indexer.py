@@ -380,10 +380,15 @@ def indexer_topk_write_kernel(scores_ptr, seqlens_ptr, table_ptr, thr_ptr, count
             valid = t < hi
             sc = tl.load(row + t, mask=valid, other=0.0)
             key = order_keys(sc)
+            is_gt = valid & (key > thr)
             is_eq = valid & (key == thr)
-            eq_rank = eq_run + tl.cumsum(is_eq.to(tl.int32), 0) - 1
-            take = valid & ((key > thr) | (is_eq & (eq_rank < k_eq)))
-            slot = base + tl.cumsum(take.to(tl.int32), 0) - 1
+            # One scan for both running counts (> T in the low half, == T in the high: a tile holds < 2^16).
+            both = tl.cumsum(is_gt.to(tl.int32) | (is_eq.to(tl.int32) << 16), 0)
+            gt_upto = both & 0xFFFF
+            eq_upto = eq_run + (both >> 16)                 # keys == T in the row up to here
+            take = is_gt | (is_eq & (eq_upto <= k_eq))
+            # Taken up to here: every key > T, and the keys == T while fewer than k_eq came before.
+            slot = base + gt_upto + tl.minimum(eq_upto, k_eq) - tl.minimum(eq_run, k_eq) - 1
             if PAGED:
                 blk = tl.load(table_ptr + b * MAX_BLOCKS + t // PAGE_SIZE, mask=take, other=0)
                 blk = tl.minimum(tl.maximum(blk, 0), NUM_BLOCKS - 1)
