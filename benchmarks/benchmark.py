@@ -4,8 +4,9 @@
     python benchmarks/benchmark.py --rows D1 D3    # a subset
     python benchmarks/benchmark.py --rows D1 D1-fp8 D5 D5-fp8   # FP8 rows beside their bf16 rows
 
-Rows named *-fp8 read an "fp8_blockscale" cache (656 bytes a token, bytes counted so); their "jnp" baseline
-dequantizes the cache first (`dequantize_latent`) then runs the same plain-jnp decode. At the end, each FP8
+Rows named *-fp8 read an "fp8_blockscale" cache (656 bytes a token, bytes counted so), *-fp8pt an
+"fp8_pertensor" one (576 bytes, one fixed scale: PERTENSOR_SCALE); their "jnp" baseline dequantizes the cache
+first (`dequantize_latent`) then runs the same plain-jnp decode. At the end, each FP8
 row's time against the bf16 row of the same shape measured in the same run is printed (bf16 ms / fp8 ms).
 
 Implementations per row: "triton" (our kernels), "jnp" (the fastest plain-jnp formulation a JAX user writes,
@@ -47,14 +48,20 @@ def token_bytes(row: Row) -> int:
     return bytes_per_token(row.kv_format, jnp.bfloat16)
 
 
+# "fp8_pertensor" rows: one fixed scale for every input set (normal latents to +-4.48 before saturating).
+PERTENSOR_SCALE = 0.01
+
+
 def make_inputs(row: Row, seed: int):
     """(q [B, S_q, H, 576], kv [B, N, W] or pages, seqlens [B], block_table or None), random bf16; W 576,
     or the FP8 row's bytes per token (uint8)."""
     kq, kk, kl = jax.random.split(jax.random.PRNGKey(seed), 3)
     q = jax.random.normal(kq, (row.batch, row.s_q, row.heads, D), jnp.bfloat16)
     kv = jax.random.normal(kk, (row.batch, row.context, D), jnp.bfloat16)
-    if row.kv_format is not None:
+    if row.kv_format == "fp8_blockscale":
         kv = quantize_latent(kv, row.kv_format)
+    elif row.kv_format == "fp8_pertensor":
+        kv, _ = quantize_latent(kv, row.kv_format, scale=PERTENSOR_SCALE)
     if row.ragged:
         seqlens = jax.random.randint(kl, (row.batch,), 1, row.context + 1, jnp.int32)
     else:
@@ -84,11 +91,13 @@ def plain_jnp(q, kv, seqlens, table):
 
 
 def decode_fn(implementation: str, kv_format: str | None = None):
+    kv_scale = PERTENSOR_SCALE if kv_format == "fp8_pertensor" else None
     if implementation == "jnp":
         if kv_format is None:
             return plain_jnp
-        return lambda q, kv, *rest: plain_jnp(q, dequantize_latent(kv, kv_format), *rest)
-    return functools.partial(fm.mla_decode, softmax_scale=SCALE, implementation=implementation, kv_format=kv_format)
+        return lambda q, kv, *rest: plain_jnp(q, dequantize_latent(kv, kv_format, kv_scale), *rest)
+    return functools.partial(fm.mla_decode, softmax_scale=SCALE, implementation=implementation, kv_format=kv_format,
+                             kv_scale=kv_scale)
 
 
 def row_fields(row: Row) -> dict:
@@ -171,9 +180,9 @@ def main(argv=None):
     print(f"device: {common.device_name()}  read bandwidth {common.number(bandwidth / 1e12, '.2f')} TB/s  "
           f"bf16 matmul {common.number(flops_rate / 1e12, '.0f')} TFLOP/s  peers: {', '.join(peer_names) or 'none'}")
     results = []
-    # gluon: the rows "triton" gives the tl kernels (C1's 1024 rows it gives Gluon already), FP8 ones included.
+    # gluon: the rows "triton" gives the tl kernels too (C1's 1024 rows it gives Gluon already).
     jobs = [(r, i) for r in rows for i in impls
-            if not (i == "gluon" and (r.kv_format not in (None, "fp8_blockscale") or r.name == "C1"))]
+            if not (i == "gluon" and r.name == "C1")]
     for row, impl in common.progress(jobs, desc="decode sweep"):
         results.append(run_row(row, impl, bandwidth, flops_rate))
     for row, peer in common.progress([(r, p) for r in rows for p in peer_names], desc="peers"):

@@ -57,11 +57,16 @@ class Row:
     @property
     def base_name(self) -> str:
         """The bf16 row of the same shape (this row's name for a bf16 row)."""
-        return self.name.removesuffix("-fp8")
+        return self.name.removesuffix(FP8_SUFFIXES.get(self.kv_format, ""))
+
+
+# The name suffix of an FP8 row (beside the bf16 row of the same shape).
+FP8_SUFFIXES = {"fp8_blockscale": "-fp8", "fp8_pertensor": "-fp8pt"}
 
 
 def _fp8_twins(rows: Sequence[Row], names: Sequence[str], kv_format: str) -> list[Row]:
-    return [dataclasses.replace(r, name=f"{r.name}-fp8", kv_format=kv_format) for r in rows if r.name in names]
+    return [dataclasses.replace(r, name=r.name + FP8_SUFFIXES[kv_format], kv_format=kv_format) for r in rows
+            if r.name in names]
 
 
 _DECODE = [
@@ -75,7 +80,8 @@ _DECODE = [
     Row("D1-paged", 128, 4096, 16, paged=True),
     Row("D2-paged", 64, 16384, 16, paged=True),
 ]
-DECODE_ROWS = _DECODE + _fp8_twins(_DECODE, ("D1", "D2", "D4", "D1-paged", "D5", "D6"), "fp8_blockscale")
+DECODE_ROWS = (_DECODE + _fp8_twins(_DECODE, ("D1", "D2", "D4", "D1-paged", "D5", "D6"), "fp8_blockscale")
+               + _fp8_twins(_DECODE, ("D1", "D5"), "fp8_pertensor"))
 PREFILL_ROWS = [Row("P1", 1, 8192, 128, prefill=True), Row("P2", 4, 4096, 16, prefill=True)]
 SPARSE_ROWS = [Row("S1", 128, 32768, 128, s_q=2, topk=2048, kv_format="fp8_blockscale"),
                Row("S2", 128, 32768, 128, topk=2048, kv_format="fp8_blockscale"),

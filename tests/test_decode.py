@@ -356,8 +356,8 @@ def test_grad_raises_clear_error():
 
 def test_triton_takes_the_gluon_kernel_where_it_is_faster(monkeypatch):
     """On a Hopper GPU (faked here: the choice is static), "triton" runs the Gluon kernel for more than 32 query
-    rows, for fewer when the static schedule splits each sequence 2-8 ways and for fp8_blockscale caches with
-    bf16 queries, the tl kernels otherwise; "gluon" runs it wherever it can and says why where it cannot."""
+    rows, for fewer when the static schedule splits each sequence 2-8 ways, for fp8_blockscale caches with
+    bf16 queries and for fp8_pertensor caches, the tl kernels otherwise; "gluon" runs it wherever it can and says why where it cannot."""
     from flashmla_jax.ops import _registry
     from flashmla_jax.ops import decode as ops
 
@@ -379,10 +379,11 @@ def test_triton_takes_the_gluon_kernel_where_it_is_faster(monkeypatch):
     assert chosen(128, 1, 128, 4096, dtype=jnp.float32).name == "triton"
     assert chosen(128, 1, 128, 4096, kv_format="fp8_blockscale").name == "gluon"     # D5-fp8
     assert chosen(128, 1, 16, 4096, kv_format="fp8_blockscale").name == "gluon"      # D1-fp8: one split, still
-    assert chosen(128, 1, 16, 4096, kv_format="fp8_pertensor").name == "triton"
+    assert chosen(128, 1, 16, 4096, kv_format="fp8_pertensor").name == "gluon"
+    assert chosen(128, 1, 16, 4096, dtype=jnp.float16, kv_format="fp8_pertensor").name == "gluon"
     assert chosen(128, 1, 128, 4096, dtype=jnp.float16, kv_format="fp8_blockscale").name == "triton"
-    with pytest.raises(ValueError, match="fp8_blockscale, not kv_format='fp8_pertensor'"):
-        chosen(128, 1, 16, 4096, kv_format="fp8_pertensor", implementation="gluon")
+    with pytest.raises(ValueError, match="fp8_blockscale caches with bfloat16 queries, not float16"):
+        chosen(128, 1, 16, 4096, dtype=jnp.float16, kv_format="fp8_blockscale", implementation="gluon")
     assert chosen(128, 1, 16, 4096, implementation="gluon").name == "gluon"
     with pytest.raises(ValueError, match="implementation='gluon' cannot run this call: .*page_size 16 < 64.*'triton'"):
         chosen(128, 1, 128, 4096, page_size=16, implementation="gluon")

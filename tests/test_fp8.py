@@ -792,7 +792,7 @@ def test_quantization_error_flax_latents(kv_format):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv_format, implementation", [("fp8_blockscale", "triton"), ("fp8_pertensor", "triton"),
-                                                       ("fp8_blockscale", "gluon")])
+                                                       ("fp8_blockscale", "gluon"), ("fp8_pertensor", "gluon")])
 @pytest.mark.parametrize("paged", [False, True])
 def test_gpu_fp8_d1(kv_format, implementation, paged):
     """D1-like: B 128, N 4096, H 16, S_q 1 (and H 128 for the compute-bound tiles), the kernels (the tl ones under
@@ -820,23 +820,29 @@ def test_gpu_fp8_d1(kv_format, implementation, paged):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 3])
-def test_gpu_gluon_fp8_rows(num_splits):
+@pytest.mark.parametrize("kv_format, dtype", [("fp8_blockscale", jnp.bfloat16), ("fp8_pertensor", jnp.float16)])
+def test_gpu_gluon_fp8_rows(num_splits, kv_format, dtype):
     """The Gluon kernel's FP8 path on a stacked cache at a traced layer, causal S_q 2 and 64 heads (one 128-row
     tile), against xla: NaN codes past each length are ignored (the TMA's zero fill), an empty sequence gives 0
-    and -inf, and a NaN code or a NaN scale in a used token makes its sequence's rows NaN and no other."""
+    and -inf, and a NaN code or a NaN scale (blockscale; pertensor: a NaN rope code) in a used token makes its
+    sequence's rows NaN and no other."""
     b, s_q, h, n = 4, 2, 64, 1024
     kq, kk = jax.random.split(jax.random.PRNGKey(31 + num_splits))
-    q = jax.random.normal(kq, (b, s_q, h, 576), jnp.float32).astype(jnp.bfloat16)
-    kv = quantize_latent(jax.random.normal(kk, (2, b, n, 576), jnp.float32), "fp8_blockscale")
+    q = jax.random.normal(kq, (b, s_q, h, 576), jnp.float32).astype(dtype)
+    kv, kv_scale = _pack(jax.random.normal(kk, (2, b, n, 576), jnp.float32), kv_format)
     sl = jnp.asarray([1000, 77, 1024, 0], jnp.int32)
     kv = jnp.where(jnp.arange(n)[None, None, :, None] < sl[None, :, None, None], kv, jnp.uint8(0xFF))
-    kw = dict(softmax_scale=192 ** -0.5, kv_format="fp8_blockscale", return_lse=True, num_splits=num_splits)
+    kw = dict(softmax_scale=192 ** -0.5, kv_format=kv_format, kv_scale=kv_scale, return_lse=True,
+              num_splits=num_splits)
     decode = jax.jit(lambda kv, layer: fm.mla_decode(q, kv, sl, layer=layer, implementation="gluon", **kw))
     out, lse = decode(kv, jnp.int32(1))
     _check((out, lse), fm.mla_decode(q, kv[1], sl, implementation="xla", **kw))
     assert np.all(np.asarray(out[3], np.float32) == 0) and np.all(np.isneginf(np.asarray(lse[3])))
-    nan_scale = np.frombuffer(np.float32(np.nan).tobytes(), np.uint8)
-    poisoned = kv.at[1, 0, 5, 100].set(0x7F).at[1, 2, 1000, 512:516].set(jnp.asarray(nan_scale))
+    if kv_format == "fp8_blockscale":
+        nan_scale = jnp.asarray(np.frombuffer(np.float32(np.nan).tobytes(), np.uint8))
+        poisoned = kv.at[1, 0, 5, 100].set(0x7F).at[1, 2, 1000, 512:516].set(nan_scale)
+    else:
+        poisoned = kv.at[1, 0, 5, 100].set(0x7F).at[1, 2, 1000, 540].set(0xFF)
     got, got_lse = decode(poisoned, jnp.int32(1))
     rows = np.isnan(np.asarray(got, np.float32)).all(-1) & np.isnan(np.asarray(got_lse))
     np.testing.assert_array_equal(rows.reshape(b, -1).all(-1), [True, False, True, False])

@@ -23,6 +23,9 @@ CLASSES = {   # name: (B, S_q, H, N, options)
     "128 heads (D5), fp8_blockscale": (128, 1, 128, 4096, dict(kv_format="fp8_blockscale")),
     "16 rows paged, split, fp8_blockscale": (64, 1, 16, 4096, dict(paged=True, kv_format="fp8_blockscale")),
     "MTP S_q 2 (D6), stacked, fp8_blockscale": (64, 2, 128, 8192, dict(layers=2, kv_format="fp8_blockscale")),
+    "16 rows paged, split, fp8_pertensor, fp16": (64, 1, 16, 4096, dict(paged=True, kv_format="fp8_pertensor",
+                                                                       dtype=jnp.float16)),
+    "128 heads (D5), stacked, fp8_pertensor": (128, 1, 128, 4096, dict(layers=2, kv_format="fp8_pertensor")),
 }
 
 
@@ -46,7 +49,9 @@ def test_gluon_decode_compiles_for_hopper(name):
     # An FP8 cache's producer asks L2 for key blocks ahead of their loads (bulk prefetches); bf16 ones do not.
     assert (facts.count("UBLKPF.L2") > 0) == fp8
     # Descriptors built on the device, 128 B each: query and key pairs, the output, a partial's, a paged tail pair;
-    # an FP8 cache's keys take three (rope, scales, the codes as [group, token, byte]), and so does its tail.
+    # an fp8_blockscale cache's keys take three (rope, scales, the codes as [group, token, byte]), and so does its
+    # tail; an fp8_pertensor cache's two (rope codes, codes).
     paged = bool(options.get("paged"))
-    descriptors = 5 + (plan.num_splits > 1) + 2 * paged + (1 + paged) * fp8
+    blockscale = options.get("kv_format") == "fp8_blockscale"
+    descriptors = 5 + (plan.num_splits > 1) + 2 * paged + (1 + paged) * blockscale
     assert facts.global_scratch == 128 * descriptors

@@ -1,7 +1,8 @@
 """Hopper (sm_90) split-KV MLA decode in Gluon: TMA, wgmma and warp specialization.
 
 The same contract as kernels/decode.py's `mla_decode_split_kernel` (its arguments, outputs, grid and
-schedule constexprs), for caches in q's dtype (bf16 / fp16) or "fp8_blockscale" caches with bf16 queries,
+schedule constexprs), for caches in q's dtype (bf16 / fp16), "fp8_blockscale" caches with bf16 queries or
+"fp8_pertensor" caches with bf16 / fp16 queries,
 contiguous or paged (PAGE_SIZE >= 64), stacked or not, any S_Q, causal or not. Partials of split sequences are
 merged by `mla_decode_combine_kernel` (LAST_MERGES is not supported here).
 
@@ -37,6 +38,9 @@ rounded once) written over the slot from the bottom up, which overwrites only co
 (`_dequantize`), and then release the block to the consumers, which read it as they read a bf16 block. The
 producer loads the first two blocks; the right consumer group, which frees a slot last, loads each later block
 as soon as both groups have freed its slot (`_fp8_reload`), so no load waits for a dequantization.
+An "fp8_pertensor" cache (576 e4m3 bytes a token, one float32 scale) goes the same way, its rope codes into the
+first half of the rope box; the producer only converts the codes (exact in bf16 and fp16) and the scale
+multiplies the scores (through the softmax scale) and the output (`_finish_rows`) instead of every value.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -57,6 +61,7 @@ FP8_CONSUMER_REGS = gl.constexpr(224)
 # block's TMA load (issued when its slot frees) finds it there. (bf16 caches: no prefetch; it slowed D2.)
 FP8_PREFETCH_AHEAD = gl.constexpr(3)
 KV_BLOCKSCALE = gl.constexpr(1)    # the KV_FORMAT of an "fp8_blockscale" cache (kernels/decode.py's)
+KV_PERTENSOR = gl.constexpr(2)     # and of an "fp8_pertensor" one
 CODE_BOX = gl.constexpr(128)       # e4m3 codes per scale, and the TMA box width (bytes) of codes and rope
 
 
@@ -64,6 +69,12 @@ CODE_BOX = gl.constexpr(128)       # e4m3 codes per scale, and the TMA box width
 def _code_layout():
     # [16, 128] codes: one 16-byte shared-memory vector per thread, a row over 8 threads.
     return gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[4, 8], warps_per_cta=[4, 1], order=[1, 0])
+
+
+@gluon.constexpr_function
+def _rope_code_layout():
+    # [64, 64] rope codes: one 16-byte vector per thread, a row over 4 threads.
+    return gl.BlockedLayout(size_per_thread=[1, 16], threads_per_warp=[8, 4], warps_per_cta=[4, 1], order=[1, 0])
 
 
 @gluon.constexpr_function
@@ -188,24 +199,24 @@ def _consumer_state(smem, bars, work, outputs):
     softmax state: running max m_i [64] (-inf), row sums l_i [64] and its half of O, acc [64, 256] (zeros)."""
     q_nope, q_rope, k_nope, k_rope, m_x, l_x = smem
     q_ready, k_ready, k_free, p_ready, done = bars
-    qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here = work
+    qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale = work
     o_desc, o_part_desc, lse_ptr, lse_part_ptr = outputs
     mbarrier.wait(q_ready, 0)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=_row_vector_layout())
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=_row_vector_layout())
     acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
     return (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo,
-            n_blocks, first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-            acc)
+            n_blocks, first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr,
+            m_i, l_i, acc)
 
 
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-               NUM_SPLITS: gl.constexpr):
+               NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
-     first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
+     first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
      acc) = _consumer_state(smem, bars, work, outputs)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
@@ -241,7 +252,7 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
         else:
             m_i = m0
     saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL)
-    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, saw_keys)
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, saw_keys, v_scale, V_SCALED)
     stage, stage_part = _output_stages(q_nope, k_nope, 0)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, 0, True, H * S_Q, NUM_SPLITS)
@@ -249,11 +260,12 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr):
+                NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
+                V_SCALED: gl.constexpr):
     """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
     from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
-     first_limit, tile, b, split, splits_here, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
+     first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
      acc) = _consumer_state(smem, bars, work, outputs)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
@@ -280,7 +292,7 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(0), count=1)
             if FP8:
-                _fp8_reload(2 * pair + 2, k_free, loads, n_blocks, q_nope.shape[1])
+                _fp8_reload(2 * pair + 2, k_free, loads, n_blocks, q_nope.shape[1], BLOCKSCALE)
             beta = gl.exp2(m0 - m1_safe)
             acc = _rescaled(acc, beta)
             l_i = l_i * beta + gl.sum(p1, axis=1)
@@ -288,7 +300,7 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(1), count=1)
             if FP8:
-                _fp8_reload(2 * pair + 3, k_free, loads, n_blocks, q_nope.shape[1])
+                _fp8_reload(2 * pair + 3, k_free, loads, n_blocks, q_nope.shape[1], BLOCKSCALE)
             m_i = m1
         else:
             mbarrier.wait(p_ready.index(0), phase)
@@ -301,7 +313,7 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             mbarrier.arrive(k_free.index(0), count=1)
             m_i = m0
     saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL)
-    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1, saw_keys)
+    out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1, saw_keys, v_scale, V_SCALED)
     stage, stage_part = _output_stages(q_nope, k_nope, 1)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, HALF_V, False, H * S_Q, NUM_SPLITS)
@@ -314,8 +326,10 @@ def _rows_saw_keys(lo, n_blocks, seqlen, tile, H: gl.constexpr, S_Q: gl.constexp
 
 
 @gluon.jit
-def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys):
-    """(out [64, 256], lse [64]): this half normalised by both groups' row sums (exchanged through l_x).
+def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys, v_scale, V_SCALED: gl.constexpr):
+    """(out [64, 256], lse [64]): this half normalised by both groups' row sums (exchanged through l_x) and
+    with V_SCALED times v_scale (an "fp8_pertensor" cache's scale, left out of its values) where the row has
+    weight, so that a row without keys stays 0 whatever the scale.
     With kernels/decode.py's `_write_split` row rules (saw_keys [64]: rows with keys in this split): a NaN in
     either half's accumulator is sent as a NaN row sum, so both halves of the row come out NaN; a row that saw
     keys and gave them no weight gets NaN output and ALL_NEG_INF_LSE."""
@@ -327,7 +341,10 @@ def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys):
     l_all = l_i + l_x.slice((1 - side) * BLOCK_M, BLOCK_M).load(_row_vector_layout())
     has_keys = l_all != 0          # a NaN sum (a NaN score or value) is not an empty row: it reaches the result
     lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
-    divisor = gl.where(has_keys, l_all, 1.0)
+    if V_SCALED:
+        divisor = gl.where(has_keys, l_all / v_scale, 1.0)
+    else:
+        divisor = gl.where(has_keys, l_all, 1.0)
     unweighted = saw_keys & (l_all == 0)
     lse = gl.where(unweighted, ALL_NEG_INF_LSE, lse)
     divisor = gl.where(unweighted, float("nan"), divisor)          # 0 / NaN: the row's output is NaN
@@ -457,77 +474,92 @@ def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS:
 
 
 @gluon.jit
-def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw_ready, k_ready, n_blocks,
-                  D_V: gl.constexpr, prefetch):
-    """The default partition for an "fp8_blockscale" cache (4 warps): the query tile and the first two key
-    blocks' raw bytes (`_fp8_load`; later blocks are loaded by the right consumer group as it frees their slot),
-    then each block, once its bytes have landed, dequantized in its ring slot (`_dequantize`) and released to the
-    consumers through k_ready. It never waits for a slot, so a block's load does not wait for the conversion of
+def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready, k_ready,
+                  n_blocks, D_V: gl.constexpr, prefetch, BLOCKSCALE: gl.constexpr):
+    """The default partition for an FP8 cache (4 warps): the query tile and the first two key blocks' raw bytes
+    (`_fp8_load`; later blocks are loaded by the right consumer group as it frees their slot), then each block,
+    once its bytes have landed, converted in its ring slot (`_dequantize`) and released to the consumers
+    through k_ready. It never waits for a slot, so a block's load does not wait for the conversion of
     the one before, and the conversion never waits for a release that needs it."""
     _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
     for j in gl.static_range(2):
         if j < n_blocks:
-            _fp8_load(j, loads, D_V)
+            _fp8_load(j, loads, D_V, BLOCKSCALE)
     for j in gl.static_range(2, FP8_PREFETCH_AHEAD):
         _prefetch_block(j, n_blocks, loads, prefetch)
     for i in range(n_blocks):
         slot = i % 2
         _prefetch_block(i + FP8_PREFETCH_AHEAD, n_blocks, loads, prefetch)
         mbarrier.wait(raw_ready.index(slot), (i // 2) & 1)
-        _dequantize(k_nope.index(slot), k_scales.index(slot))
-        fence_async_shared()           # the bf16 tile (generic stores) before the consumers' wgmma reads it
+        _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), BLOCKSCALE)
+        fence_async_shared()           # the tile (generic stores) before the consumers' wgmma reads it
         mbarrier.arrive(k_ready.index(slot), count=1)
 
 
 @gluon.jit
-def _fp8_load(j, loads, D_V: gl.constexpr):
+def _fp8_load(j, loads, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """TMA loads of key block j's tokens into ring slot j % 2, completing raw_ready[j % 2]: the four 128-byte
-    code boxes into the upper half of the slot's bf16 tile (boxes 4-7 of its eight 8 KB boxes), the rope values
-    (bf16, 128 bytes a token) into its rope box, the scales into k_scales. loads: the kernel's tuple (k_descs,
-    tail_descs: boxes of [64, 128] bytes and of [64, 16] bytes over the tokens, `_fp8_descriptors`; the ring's
-    buffers and raw_ready; where the keys are)."""
+    code boxes into the upper half of the slot's tile (boxes 4-7 of its eight 8 KB boxes), the rope bytes into
+    its rope box (blockscale: 128 bf16 bytes a token; pertensor: 64 codes, in the box's first 4 KB), a
+    blockscale cache's scales into k_scales. loads: the kernel's tuple (k_descs, tail_descs:
+    `_fp8_descriptors`; the ring's buffers and raw_ready; where the keys are)."""
     (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
      MAX_BLOCKS, NUM_PAGES) = loads
     slot = j % 2
     start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
     bar = raw_ready.index(slot)
-    mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[2]))
-    if PAGED and start == tail_start:
-        _fp8_copies(tail_descs, 0, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V)
+    if BLOCKSCALE:
+        mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[2]))
     else:
-        _fp8_copies(k_descs, row, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V)
+        mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[2]))
+    if PAGED and start == tail_start:
+        _fp8_copies(tail_descs, 0, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V, BLOCKSCALE)
+    else:
+        _fp8_copies(k_descs, row, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V, BLOCKSCALE)
 
 
 @gluon.jit
-def _fp8_reload(block, k_free, loads, n_blocks, D_V: gl.constexpr):
+def _fp8_reload(block, k_free, loads, n_blocks, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """In the right consumer group, which releases a ring slot last (its products on a pair's blocks end
     after the left group's): once both groups have released block - 2's slot, loads `block` into it."""
     if block < n_blocks:
         mbarrier.wait(k_free.index(block % 2), ((block - 2) // 2) & 1)
-        _fp8_load(block, loads, D_V)
+        _fp8_load(block, loads, D_V, BLOCKSCALE)
 
 
 @gluon.jit
-def _fp8_copies(descs, row, bar, k_nope, k_rope, k_scales, D_V: gl.constexpr):
+def _fp8_copies(descs, row, bar, k_nope, k_rope, k_scales, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """The TMA copies of `_fp8_load` for the 64 tokens from `row` of descs (one ring slot's buffers)."""
-    boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
     boxes3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=3)
     codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes3)
-    tma.async_copy_global_to_shared(descs[2], [0, row, 0], bar, codes.slice(4, 4, dim=0))
-    rope = k_rope._reinterpret(gl.uint8, [BLOCK_N, CODE_BOX], boxes)
-    tma.async_copy_global_to_shared(descs[0], [row, D_V + D_V // 32], bar, rope)
-    tma.async_copy_global_to_shared(descs[1], [row, D_V], bar, k_scales)
+    tma.async_copy_global_to_shared(descs[-1], [0, row, 0], bar, codes.slice(4, 4, dim=0))
+    if BLOCKSCALE:
+        boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        rope = k_rope._reinterpret(gl.uint8, [BLOCK_N, CODE_BOX], boxes)
+        tma.async_copy_global_to_shared(descs[0], [row, D_V + D_V // 32], bar, rope)
+        tma.async_copy_global_to_shared(descs[1], [row, D_V], bar, k_scales)
+    else:
+        tma.async_copy_global_to_shared(descs[0], [row, D_V], bar, _rope_codes(k_rope))
 
 
 @gluon.jit
-def _dequantize(k_nope, k_scales):
-    """One ring slot's codes (boxes 4-7 of its bf16 [64, 512] tile, as `_fp8_load` put them) -> the bf16 tile,
-    column group c = e4m3 code * scale[token, c] in float32, rounded to bf16 once (kernels/fp8.py's rule).
+def _rope_codes(k_rope):
+    """An "fp8_pertensor" slot's rope codes: the first 4 KB of its rope box as uint8 [64, 64]."""
+    boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
+    return k_rope._reinterpret(gl.uint8, [BLOCK_N, k_rope.shape[1]], boxes)
 
-    Group c's bf16 values take bytes [16 KB c, 16 KB (c + 1)) of the tile: groups 0 and 1 land below the codes,
-    group 2 over the codes of groups 0 and 1, group 3 over those of groups 2 and 3. So groups 2 and 3 are read
-    whole into registers and the producer's warps meet at a barrier before writing them: no thread overwrites
-    codes another has not read yet."""
+
+@gluon.jit
+def _dequantize(k_nope, k_rope, k_scales, BLOCKSCALE: gl.constexpr):
+    """One ring slot's codes (boxes 4-7 of its [64, 512] tile, as `_fp8_load` put them) -> the tile, in q's
+    dtype. BLOCKSCALE: column group c = e4m3 code * scale[token, c] in float32, rounded to bf16 once
+    (kernels/fp8.py's rule); else ("fp8_pertensor") the e4m3 values themselves, exact in bf16 and fp16 (the
+    kernel applies the cache's scale to the scores and the output), and the rope codes likewise, in place.
+
+    Group c's values take bytes [16 KB c, 16 KB (c + 1)) of the tile: groups 0 and 1 land below the codes, group 2
+    over the codes of groups 0 and 1, group 3 over those of groups 2 and 3. So groups 2 and 3 are read whole into
+    registers and the producer's warps meet at a barrier before writing them: no thread overwrites codes another
+    has not read yet."""
     boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
     plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes)
@@ -536,7 +568,15 @@ def _dequantize(k_nope, k_scales):
         group = codes.index(4 + c).load(_code_layout())      # [64, 128]: four 16-byte vectors a thread
         if c >= 2:
             gl.thread_barrier()
-        _dequantized_group(group, scales, k_nope.slice(c * CODE_BOX, CODE_BOX, dim=1), c)
+        out = k_nope.slice(c * CODE_BOX, CODE_BOX, dim=1)
+        if BLOCKSCALE:
+            _dequantized_group(group, scales, out, c)
+        else:
+            out.store(group.to(gl.float8e4nv, bitcast=True).to(out.dtype))
+    if not BLOCKSCALE:
+        rope = _rope_codes(k_rope).load(_rope_code_layout())    # all the box's codes read before any write
+        gl.thread_barrier()
+        k_rope.store(rope.to(gl.float8e4nv, bitcast=True).to(k_rope.dtype))
 
 
 @gluon.jit
@@ -553,22 +593,34 @@ def _dequantized_group(codes, scales, out, c: gl.constexpr):
 
 
 @gluon.jit
-def _fp8_descriptors(base, rows, TOKEN: gl.constexpr, D_V: gl.constexpr):
-    """TMA descriptors over rows [rows, TOKEN] bytes of an "fp8_blockscale" cache at base (uint8): boxes of
-    [64, 128] (codes, rope; 128-byte swizzle, as the bf16 tiles) and of [64, 16] (scales, plain); boxes reaching
-    past `rows` are zero-filled (codes 0, scales 0: a zero key)."""
-    boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
-    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-    main = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1], block_shape=[BLOCK_N, CODE_BOX],
-                                      layout=boxes)
-    scales = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1],
-                                        block_shape=[BLOCK_N, D_V // 32], layout=plain)
-    # The codes as [group, token, byte]: one box brings a block's four 128-byte groups, group-major, as the
-    # slot's upper half holds them.
+def _fp8_descriptors(base, rows, TOKEN: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
+                     BLOCKSCALE: gl.constexpr):
+    """TMA descriptors over rows [rows, TOKEN] bytes of an FP8 cache at base (uint8), the codes' last. An
+    "fp8_blockscale" cache: boxes of [64, 128] (rope; 128-byte swizzle, as the bf16 tiles) and of [64, 16]
+    (scales, plain); an "fp8_pertensor" one: [64, 64] (rope codes, 64-byte swizzle). Boxes reaching past `rows`
+    are zero-filled (codes 0, scales 0: a zero key)."""
+    if BLOCKSCALE:
+        boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+        rope = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1],
+                                          block_shape=[BLOCK_N, CODE_BOX], layout=boxes)
+        scales = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1],
+                                            block_shape=[BLOCK_N, D_V // 32], layout=plain)
+        return rope, scales, _code_descriptor(base, rows, TOKEN, D_V)
+    else:
+        rope_codes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
+        rope = tma.make_tensor_descriptor(base, shape=[rows, TOKEN], strides=[TOKEN, 1], block_shape=[BLOCK_N, D_R],
+                                          layout=rope_codes)
+        return rope, _code_descriptor(base, rows, TOKEN, D_V)
+
+
+@gluon.jit
+def _code_descriptor(base, rows, TOKEN: gl.constexpr, D_V: gl.constexpr):
+    """The codes as [group, token, byte]: one box brings a block's four 128-byte groups, group-major, as the
+    slot's upper half holds them."""
     boxes3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=3)
-    groups = tma.make_tensor_descriptor(base, shape=[D_V // CODE_BOX, rows, CODE_BOX], strides=[CODE_BOX, TOKEN, 1],
-                                        block_shape=[D_V // CODE_BOX, BLOCK_N, CODE_BOX], layout=boxes3)
-    return main, scales, groups
+    return tma.make_tensor_descriptor(base, shape=[D_V // CODE_BOX, rows, CODE_BOX], strides=[CODE_BOX, TOKEN, 1],
+                                      block_shape=[D_V // CODE_BOX, BLOCK_N, CODE_BOX], layout=boxes3)
 
 
 @gluon.jit
@@ -589,7 +641,8 @@ def mla_decode_gluon_kernel(
     q's dtype (D = D_V + D_R = 512 + 64), or with KV_FORMAT 1 ("fp8_blockscale", bf16 q) uint8 of 656 bytes a
     token in place of D, with NUM_LAYERS > 0 a stack read at layer_ptr (0-d int32, clamped);
     seqlens_ptr [B] int32 (clamped to [0, CAPACITY]); table_ptr [B, MAX_BLOCKS] int32 when PAGED (entries
-    clamped to the pool); kv_scale_ptr unused (no per-tensor scale); scale the softmax scale (float32).
+    clamped to the pool); kv_scale_ptr: with KV_FORMAT 2 ("fp8_pertensor": uint8 of 576 e4m3 bytes a token,
+    bf16 or fp16 q) the float32 scale, 0-d or [NUM_LAYERS], else unused; scale the softmax scale (float32).
     Outputs as `mla_decode_split_kernel`'s: o_ptr [B, R, D_V], lse_ptr [B, R] float32; with NUM_SPLITS > 1
     o_part_ptr [B, NUM_SPLITS, R, D_V], lse_part_ptr [B, NUM_SPLITS, R] float32 and splits_ptr [B] int32 for
     `mla_decode_combine_kernel`; count_ptr is unused. The split kernel's row rules always apply (`_finish_rows`).
@@ -597,20 +650,29 @@ def mla_decode_gluon_kernel(
     gl.static_assert(D_V == 2 * HALF_V, "the two consumer groups own 256 output columns each")
     gl.static_assert(D_R == 64, "the rope part is one 64-wide TMA box, reused for the probabilities")
     gl.static_assert(not PAGED or PAGE_SIZE % BLOCK_N == 0, "a 64-key block lies in one page")
-    gl.static_assert(KV_FORMAT == 0 or KV_FORMAT == KV_BLOCKSCALE, "caches in q's dtype or fp8_blockscale")
-    FP8: gl.constexpr = KV_FORMAT == KV_BLOCKSCALE
+    gl.static_assert(KV_FORMAT == 0 or KV_FORMAT == KV_BLOCKSCALE or KV_FORMAT == KV_PERTENSOR,
+                     "caches in q's dtype, fp8_blockscale or fp8_pertensor")
+    FP8: gl.constexpr = KV_FORMAT != 0
+    BLOCKSCALE: gl.constexpr = KV_FORMAT == KV_BLOCKSCALE
     R: gl.constexpr = S_Q * H
     D: gl.constexpr = D_V + D_R
-    TOKEN: gl.constexpr = D_V + D_V // 32 + 2 * D_R if FP8 else D      # a token's stride in kv_ptr's elements
+    TOKEN: gl.constexpr = D_V + D_V // 32 + 2 * D_R if BLOCKSCALE else D      # a token's stride in kv_ptr's elements
     dtype: gl.constexpr = q_ptr.dtype.element_ty
-    gl.static_assert(not FP8 or (D_V == 4 * CODE_BOX and dtype == gl.bfloat16),
-                     "fp8_blockscale: 512 codes in 4 groups, bf16 queries (the rope values are bf16)")
+    gl.static_assert(not FP8 or D_V == 4 * CODE_BOX, "FP8: 512 codes in 4 groups")
+    gl.static_assert(not BLOCKSCALE or dtype == gl.bfloat16, "fp8_blockscale: bf16 queries (the rope values are bf16)")
     tile = gl.program_id(0)
     b = gl.program_id(1)
     split = gl.program_id(2)
     if NUM_LAYERS > 0:
         layer = gl.minimum(gl.maximum(gl.load(layer_ptr), 0), NUM_LAYERS - 1)
         kv_ptr += layer.to(gl.int64) * LAYER_STRIDE
+        if KV_FORMAT == KV_PERTENSOR:
+            kv_scale_ptr += layer
+    # An "fp8_pertensor" cache's scale multiplies the scores and the output, not each value (`_dequantize`).
+    V_SCALED: gl.constexpr = KV_FORMAT == KV_PERTENSOR
+    v_scale = 1.0
+    if V_SCALED:
+        v_scale = gl.load(kv_scale_ptr)
     seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
                                            BATCH_POW2, SLOTS, ROW_TILES, UNIFORM_NUM, UNIFORM_DEN)
     lo, hi, first_limit = _split_keys(seqlen, splits_here, split, tile, H, S_Q, CAUSAL)
@@ -628,14 +690,15 @@ def mla_decode_gluon_kernel(
         tail_page = gl.minimum(gl.maximum(tail_page, 0), NUM_PAGES - 1)
         tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * TOKEN
         if FP8:
-            k_descs = _fp8_descriptors(kv_ptr, NUM_PAGES * PAGE_SIZE, TOKEN, D_V)
-            tail_descs = _fp8_descriptors(tail_base, gl.maximum(seqlen - tail_start, 1), TOKEN, D_V)
+            k_descs = _fp8_descriptors(kv_ptr, NUM_PAGES * PAGE_SIZE, TOKEN, D_V, D_R, BLOCKSCALE)
+            tail_descs = _fp8_descriptors(tail_base, gl.maximum(seqlen - tail_start, 1), TOKEN, D_V, D_R, BLOCKSCALE)
         else:
             k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
             tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
     else:
         if FP8:
-            k_descs = _fp8_descriptors(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), TOKEN, D_V)
+            k_descs = _fp8_descriptors(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), TOKEN, D_V, D_R,
+                                       BLOCKSCALE)
         else:
             k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
         tail_descs = k_descs
@@ -669,7 +732,7 @@ def mla_decode_gluon_kernel(
                                          q_rows, D_V)
     smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x)
     bars = (q_ready, k_ready, k_free, p_ready, done)
-    work = (scale * LOG2E, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here)
+    work = (scale * LOG2E * v_scale if V_SCALED else scale * LOG2E, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
     if FP8:
         plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
@@ -680,18 +743,18 @@ def mla_decode_gluon_kernel(
         loads = (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED,
                  PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
         gl.warp_specialize([
-            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_scales, q_ready, raw_ready, k_ready, n_blocks,
-                             D_V, prefetch)),
-            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True)),
+            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready, k_ready,
+                             n_blocks, D_V, prefetch, BLOCKSCALE)),
+            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
         ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
                          table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED)),
             # The right group's `loads` is unused without FP8.
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, V_SCALED)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 

@@ -426,17 +426,17 @@ class TritonDecode(TritonRunner, DecodeImplementation):
 
 class GluonDecode(DecodeImplementation):
     """The Hopper kernel in Gluon (kernels/gluon_decode.py: TMA, wgmma, warp specialization) and the tl combine,
-    through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16) or "fp8_blockscale"
-    caches with bf16 queries (dequantized in shared memory by the kernel's producer warps), DeepSeek's 512 + 64
-    latent, pages of 64 tokens or more.
+    through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), "fp8_blockscale"
+    caches with bf16 queries or "fp8_pertensor" ones with bf16 / fp16 queries (dequantized in shared memory by
+    the kernel's producer warps), DeepSeek's 512 + 64 latent, pages of 64 tokens or more.
 
     every_call: False under "triton": there it takes the 64-row tile class (more than 32 query rows, S_q * H),
     where it ran 1.46-1.63x the tl kernel on the H200, and fewer rows only when the static schedule splits each
     sequence NARROW_SPLITS ways (D2-like rows: 0.301 against 0.329 ms; both kernels then merge partials and its
     loop is faster). With one split the tl kernel merges nothing where this one still launches the combine
     (D1: 0.174 against 0.164 ms), and with many its fixed start per program shows (D3: 0.043 against 0.032 ms;
-    benchmarks/NOTES.md). An "fp8_blockscale" cache it takes for every row count: there it ran 1.23-1.43x the tl
-    kernels on every FP8 row measured (D1-fp8 to D6-fp8, paged too). True under "gluon": every call it can run."""
+    benchmarks/NOTES.md). An FP8 cache it takes for every row count: there it ran 1.23-1.43x the tl kernels on
+    every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too). True under "gluon": every call it can run."""
 
     name = "gluon"
 
@@ -449,9 +449,10 @@ class GluonDecode(DecodeImplementation):
             return "the Gluon kernels need a Hopper GPU (compute capability 9.x) as JAX's default backend"
         if call.dtype not in (jnp.bfloat16, jnp.float16):
             return f"the Gluon kernels take bfloat16 or float16 queries and caches, not {jnp.dtype(call.dtype)}"
-        if call.kv_format not in (None, "fp8_blockscale"):
-            return f"the Gluon kernels read caches in q's dtype or fp8_blockscale, not kv_format={call.kv_format!r}"
-        if call.kv_format is not None and call.dtype != jnp.bfloat16:
+        if call.kv_format not in (None, "fp8_blockscale", "fp8_pertensor"):
+            return (f"the Gluon kernels read caches in q's dtype, fp8_blockscale or fp8_pertensor, not "
+                    f"kv_format={call.kv_format!r}")
+        if call.kv_format == "fp8_blockscale" and call.dtype != jnp.bfloat16:
             return f"the Gluon kernels read fp8_blockscale caches with bfloat16 queries, not {jnp.dtype(call.dtype)}"
         if (call.head_dim_v, call.d_r) != (512, 64):
             return f"the Gluon kernels take 512 + 64 latents, not {call.head_dim_v} + {call.d_r}"
@@ -486,7 +487,7 @@ def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
 
 
 # "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, for fewer rows when the static schedule
-# splits each sequence a few ways, and for fp8_blockscale caches; the tl kernels for the rest.
+# splits each sequence a few ways, and for FP8 caches; the tl kernels for the rest.
 WIDE_ROWS = 33
 NARROW_SPLITS = range(2, 9)
 DECODE = Registry("mla_decode", {
