@@ -180,9 +180,8 @@ def main(argv=None):
     print(f"device: {common.device_name()}  read bandwidth {common.number(bandwidth / 1e12, '.2f')} TB/s  "
           f"bf16 matmul {common.number(flops_rate / 1e12, '.0f')} TFLOP/s  peers: {', '.join(peer_names) or 'none'}")
     results = []
-    # gluon: the rows "triton" gives the tl kernels too (C1's 1024 rows it gives Gluon already).
-    jobs = [(r, i) for r in rows for i in impls
-            if not (i == "gluon" and r.name == "C1")]
+    # gluon: the rows "triton" may give the tl kernels (the FP8 rows and C1's 1024 rows it gives Gluon already).
+    jobs = [(r, i) for r in rows for i in impls if not (i == "gluon" and (r.kv_format or r.name == "C1"))]
     for row, impl in common.progress(jobs, desc="decode sweep"):
         results.append(run_row(row, impl, bandwidth, flops_rate))
     for row, peer in common.progress([(r, p) for r in rows for p in peer_names], desc="peers"):

@@ -55,7 +55,7 @@ def compile_split_kernel(shape, dtype, tiles, kv_format=None):
 def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None, kv_format=None):
     """(compiled kernel, plan) of the Hopper Gluon decode kernel (kernels/gluon_decode.py) for shape
     (B, S_q, H, N), planned as its implementation plans it (GluonDecodeTiles; pages of 64 when paged; kv_format
-    None or "fp8_blockscale")."""
+    None or an FP8 format)."""
     b, s_q, h, n = shape
     width = 576 if kv_format is None else latent_format(kv_format).bytes_per_token
     kv_shape = (b * n // 64, 64, width) if paged else (b, n, width)
@@ -64,8 +64,8 @@ def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_s
                                   kv_format=kv_format)
     t = _TRITON_TYPES[dtype]
     pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", o_ptr=t, seqlens_ptr="i32",
-                         table_ptr="i32", layer_ptr="i32", kv_scale_ptr="i32", splits_ptr="i32", count_ptr="i32",
-                         lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
+                         table_ptr="i32", layer_ptr="i32", kv_scale_ptr="fp32" if kv_format else "i32",
+                         splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
     return _compile.compile_for_hopper(gluon_decode.mla_decode_gluon_kernel, pointer_types, plan.constexprs,
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
@@ -108,7 +108,7 @@ def main():
                         "fp8_paged keys) instead of the decode kernel")
     parser.add_argument("--sparse", action="store_true", help="the sparse (top-k) kernel instead of the split kernel")
     parser.add_argument("--gluon", action="store_true", help="the Hopper Gluon decode kernel instead of the split "
-                        "kernel (--paged: pages of 64 tokens; --kv-format fp8_blockscale: its FP8 path)")
+                        "kernel (--paged: pages of 64 tokens; --kv-format: its FP8 paths)")
     parser.add_argument("--paged", action="store_true", help="with --gluon: a paged cache")
     parser.add_argument("--prefill", action="store_true", help="with --sparse: mla_prefill_sparse's variant")
     args = parser.parse_args()

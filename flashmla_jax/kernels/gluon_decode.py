@@ -2,9 +2,9 @@
 
 The same contract as kernels/decode.py's `mla_decode_split_kernel` (its arguments, outputs, grid and
 schedule constexprs), for caches in q's dtype (bf16 / fp16), "fp8_blockscale" caches with bf16 queries or
-"fp8_pertensor" caches with bf16 / fp16 queries,
-contiguous or paged (PAGE_SIZE >= 64), stacked or not, any S_Q, causal or not. Partials of split sequences are
-merged by `mla_decode_combine_kernel` (LAST_MERGES is not supported here).
+"fp8_pertensor" caches with bf16 / fp16 queries, contiguous or paged (PAGE_SIZE >= 64), stacked or not, any
+S_Q, causal or not. Partials of split sequences are merged by `mla_decode_combine_kernel` (LAST_MERGES is not
+supported here).
 
 One program takes a 64-row tile (rows r = s * H + h of one sequence; fewer real rows are zero-padded) and a
 split of that sequence's keys, in key blocks of 64 tokens, and runs in three partitions:
@@ -54,7 +54,7 @@ BLOCK_N = gl.constexpr(64)        # keys per block
 HALF_V = gl.constexpr(256)        # output columns per consumer warpgroup
 CONSUMER_REGS = gl.constexpr(240)  # registers per thread of each consumer warpgroup (the producer: the rest)
 # With an FP8 cache the producer dequantizes: the consumers give up 16 registers a thread, the producer's warps
-# get 56 instead of 24. Compiled: 16 bytes of stack (56 paged) for what the right group's key loads need, read
+# get 56 instead of 24. Compiled: 8 bytes of stack (16 paged) for what the right group's key loads need, read
 # once a block; nothing of the products or the softmax spills.
 FP8_CONSUMER_REGS = gl.constexpr(224)
 # With an FP8 cache the producer asks L2 for block i + FP8_PREFETCH_AHEAD as it converts block i, so that the
@@ -732,7 +732,8 @@ def mla_decode_gluon_kernel(
                                          q_rows, D_V)
     smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x)
     bars = (q_ready, k_ready, k_free, p_ready, done)
-    work = (scale * LOG2E * v_scale if V_SCALED else scale * LOG2E, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
+    qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
+    work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
     if FP8:
         plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)

@@ -435,8 +435,8 @@ class GluonDecode(DecodeImplementation):
     sequence NARROW_SPLITS ways (D2-like rows: 0.301 against 0.329 ms; both kernels then merge partials and its
     loop is faster). With one split the tl kernel merges nothing where this one still launches the combine
     (D1: 0.174 against 0.164 ms), and with many its fixed start per program shows (D3: 0.043 against 0.032 ms;
-    benchmarks/NOTES.md). An FP8 cache it takes for every row count: there it ran 1.23-1.43x the tl kernels on
-    every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too). True under "gluon": every call it can run."""
+    benchmarks/NOTES.md). An FP8 cache it takes for every row count: there it ran 1.4-1.5x the tl kernels on
+    every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too) and 1.07-1.10x on "fp8_pertensor" ones. True under "gluon": every call it can run."""
 
     name = "gluon"
 
@@ -528,10 +528,10 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         equal splits for every sequence.
       return_lse: also return the log-sum-exp of the scaled scores.
       implementation: "triton" (CUDA GPU: on a Hopper GPU the Gluon kernel for calls of more than 32 query
-        rows S_q * H, for fewer when each sequence splits 2-8 ways, and for "fp8_blockscale" caches with bf16
-        queries; the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for every call it can run: bf16 /
-        fp16 caches in q's dtype or "fp8_blockscale" ones with bf16 queries, 512 + 64 latents, pages of 64
-        tokens or more), "xla" (the jnp reference) or "interpret" (the tl kernels on the CPU through Triton's
+        rows S_q * H, for fewer when each sequence splits 2-8 ways, for "fp8_blockscale" caches with bf16
+        queries and for "fp8_pertensor" caches; the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for
+        every call it can run: bf16 / fp16 caches in q's dtype, "fp8_blockscale" ones with bf16 queries,
+        "fp8_pertensor" ones, 512 + 64 latents, pages of 64 tokens or more), "xla" (the jnp reference) or "interpret" (the tl kernels on the CPU through Triton's
         interpreter); None means "triton" on a CUDA device, else "xla". A call the chosen implementation
         cannot run raises ValueError saying why and which implementation can.
       layer: None (kv_cache is one layer's), or the layer of a stacked kv_cache to attend: a Python int
