@@ -357,7 +357,8 @@ def test_grad_raises_clear_error():
 def test_triton_takes_the_gluon_kernel_where_it_is_faster(monkeypatch):
     """On a Hopper GPU (faked here: the choice is static), "triton" runs the Gluon kernel for more than 32 query
     rows, for fewer when the static schedule splits each sequence 2-8 ways, for fp8_blockscale caches with
-    bf16 queries and for fp8_pertensor caches, the tl kernels otherwise; "gluon" runs it wherever it can and says why where it cannot."""
+    bf16 queries and for fp8_pertensor caches, the tl kernels otherwise; "gluon" runs it wherever it can and says
+    why where it cannot."""
     from flashmla_jax.ops import _registry
     from flashmla_jax.ops import decode as ops
 

@@ -436,7 +436,8 @@ class GluonDecode(DecodeImplementation):
     loop is faster). With one split the tl kernel merges nothing where this one still launches the combine
     (D1: 0.174 against 0.164 ms), and with many its fixed start per program shows (D3: 0.043 against 0.032 ms;
     benchmarks/NOTES.md). An FP8 cache it takes for every row count: there it ran 1.4-1.5x the tl kernels on
-    every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too) and 1.07-1.10x on "fp8_pertensor" ones. True under "gluon": every call it can run."""
+    every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too) and 1.07-1.10x on "fp8_pertensor" ones.
+    True under "gluon": every call it can run."""
 
     name = "gluon"
 
@@ -531,9 +532,10 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         rows S_q * H, for fewer when each sequence splits 2-8 ways, for "fp8_blockscale" caches with bf16
         queries and for "fp8_pertensor" caches; the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for
         every call it can run: bf16 / fp16 caches in q's dtype, "fp8_blockscale" ones with bf16 queries,
-        "fp8_pertensor" ones, 512 + 64 latents, pages of 64 tokens or more), "xla" (the jnp reference) or "interpret" (the tl kernels on the CPU through Triton's
-        interpreter); None means "triton" on a CUDA device, else "xla". A call the chosen implementation
-        cannot run raises ValueError saying why and which implementation can.
+        "fp8_pertensor" ones, 512 + 64 latents, pages of 64 tokens or more), "xla" (the jnp reference) or
+        "interpret" (the tl kernels on the CPU through Triton's interpreter); None means "triton" on a CUDA
+        device, else "xla". A call the chosen implementation cannot run raises ValueError saying why and which
+        implementation can.
       layer: None (kv_cache is one layer's), or the layer of a stacked kv_cache to attend: a Python int
         in [0, L) (ValueError otherwise), or a traced integer scalar, clamped to [0, L - 1]
         (a negative one counts as 0). The kernels offset their cache pointer by the layer: no slice of the
