@@ -46,6 +46,8 @@ def test_gluon_decode_compiles_for_hopper(name):
     if fp8:
         # The producer dequantizes: the e4m3 pairs converted by the hardware, 256 codes a thread per block.
         assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128
+        # ... and never one value at a time on the slow pipe (fp16 -> bf16 compiles to one F2F a value).
+        assert facts.count("F2F.BF16.F16") == 0
     # An FP8 cache's producer asks L2 for key blocks ahead of their loads (bulk prefetches); bf16 ones do not.
     assert (facts.count("UBLKPF.L2") > 0) == fp8
     # Descriptors built on the device, 128 B each: query and key pairs, the output, a partial's, a paged tail pair;

@@ -572,11 +572,22 @@ def _dequantize(k_nope, k_rope, k_scales, BLOCKSCALE: gl.constexpr):
         if BLOCKSCALE:
             _dequantized_group(group, scales, out, c)
         else:
-            out.store(group.to(gl.float8e4nv, bitcast=True).to(out.dtype))
+            out.store(_e4m3_values(group, out.dtype))
     if not BLOCKSCALE:
         rope = _rope_codes(k_rope).load(_rope_code_layout())    # all the box's codes read before any write
         gl.thread_barrier()
-        k_rope.store(rope.to(gl.float8e4nv, bitcast=True).to(k_rope.dtype))
+        k_rope.store(_e4m3_values(rope, k_rope.dtype))
+
+
+@gluon.jit
+def _e4m3_values(codes, dtype: gl.constexpr):
+    """uint8 e4m3 codes -> their values in dtype (bf16 or fp16; exact in both). The hardware converts e4m3 pairs
+    to fp16 pairs; to bf16 the way through float32 (two HADD2.F32 and one pack a pair) is kept, because the
+    direct fp16 -> bf16 conversion compiles to one F2F a value, on the slow conversion pipe."""
+    fp8 = codes.to(gl.float8e4nv, bitcast=True)
+    if dtype == gl.float16:
+        return fp8.to(gl.float16)
+    return fp8.to(gl.float32).to(dtype)
 
 
 @gluon.jit
