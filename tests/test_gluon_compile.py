@@ -7,8 +7,11 @@ import sys
 
 import jax.numpy as jnp
 import pytest
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
 
 from flashmla_jax.kernels import _compile
+from flashmla_jax.kernels import gluon_decode
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import compile_report  # noqa: E402
@@ -57,3 +60,27 @@ def test_gluon_decode_compiles_for_hopper(name):
     blockscale = options.get("kv_format") == "fp8_blockscale"
     descriptors = 5 + (plan.num_splits > 1) + 2 * paged + (1 + paged) * blockscale
     assert facts.global_scratch == 128 * descriptors
+
+
+@gluon.jit
+def _fp8_traffic_probe(x_ptr):
+    """Compiles only if the FP8 producer's shared-memory accesses meet no bank conflicts (the compiler's count)."""
+    codes_l: gl.constexpr = gluon_decode._code_layout()
+    rope_l: gl.constexpr = gluon_decode._rope_code_layout()
+    bytes128: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+    bytes64: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=64, element_bitwidth=8, rank=2)
+    halves: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    codes = gl.allocate_shared_memory(gl.uint8, [64, 128], bytes128)           # a group's codes, as TMA'd
+    group = gl.allocate_shared_memory(gl.bfloat16, [64, 128], halves)          # its values in the tile
+    rope_codes = gl.allocate_shared_memory(gl.uint8, [64, 64], bytes64)        # pertensor rope codes
+    rope = gl.allocate_shared_memory(gl.bfloat16, [64, 64], halves)
+    gl.static_assert(gl.bank_conflicts(gl.full([64, 128], 0, gl.uint8, codes_l).type, codes.type) == 0)
+    gl.static_assert(gl.bank_conflicts(gl.full([64, 128], 0, gl.bfloat16, codes_l).type, group.type) == 0)
+    gl.static_assert(gl.bank_conflicts(gl.full([64, 64], 0, gl.uint8, rope_l).type, rope_codes.type) == 0)
+    gl.static_assert(gl.bank_conflicts(gl.full([64, 64], 0, gl.bfloat16, rope_l).type, rope.type) == 0)
+
+
+def test_fp8_conversion_meets_no_bank_conflicts():
+    """The FP8 producer reads each group's codes and writes its bf16 values (and a pertensor block's rope) in
+    layouts that gl.bank_conflicts counts no conflict for: every shared-memory wavefront does full work."""
+    _compile.compile_for_hopper(_fp8_traffic_probe, {"x_ptr": "*fp32"}, {}, 4)
