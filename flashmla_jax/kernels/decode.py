@@ -225,6 +225,9 @@ def mla_decode_split_kernel(
 
     seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
                                            BATCH_POW2, SLOTS, ROW_TILES, BLOCK_N, UNIFORM_NUM, UNIFORM_DEN)
+    if NUM_SPLITS > 1:
+        if split >= splits_here:
+            return      # past this sequence's splits (a cap the lengths did not need): nothing to read or write
     lo, hi, offs_m, limit = _split_keys(seqlen, splits_here, split, tile, H, S_Q, CAUSAL, BLOCK_M, BLOCK_N)
     row_ok = offs_m < R
     offs_v = tl.arange(0, D_V)
@@ -428,10 +431,11 @@ def mla_decode_combine_kernel(
     d_tile = tl.program_id(1)
     b = tl.program_id(2)
     splits_here = tl.load(splits_ptr + b)
-    active = splits_here > 1
+    if splits_here <= 1:
+        return      # the split kernel wrote this sequence's result
     offs_s = tl.arange(0, SPLITS_POW2)
     offs_d = d_tile * BLOCK_D + tl.arange(0, BLOCK_D)
-    split_ok = (offs_s < splits_here) & active
+    split_ok = offs_s < splits_here
     part_rows = (b.to(tl.int64) * NUM_SPLITS + offs_s) * R + r                         # [S]
     lse_s = tl.load(lse_part_ptr + part_rows, mask=split_ok, other=float("-inf"))
     w, lse = _split_weights(lse_s)                                  # empty splits weigh 0
@@ -440,5 +444,5 @@ def mla_decode_combine_kernel(
     part = tl.load(o_part_ptr + part_rows[:, None] * D_V + offs_d[None, :], mask=use[:, None], other=0.0)
     out = tl.sum(part * w[:, None], 0)
     out_row = b.to(tl.int64) * R + r
-    tl.store(o_ptr + out_row * D_V + offs_d, out.to(o_ptr.dtype.element_ty), mask=active)
-    tl.store(lse_ptr + out_row, lse, mask=active & (d_tile == 0))
+    tl.store(o_ptr + out_row * D_V + offs_d, out.to(o_ptr.dtype.element_ty))
+    tl.store(lse_ptr + out_row, lse, mask=d_tile == 0)

@@ -693,6 +693,10 @@ def mla_decode_gluon_kernel(
     n_blocks = gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
     if NUM_SPLITS > 1:
         gl.store(splits_ptr + b, splits_here, mask=(tile == 0) & (split == 0))
+        if split >= splits_here:
+            # Past this sequence's splits (a cap the lengths did not need): nothing to read or write. Leaving
+            # before the descriptors and the warp groups start matters: such programs can outnumber the real ones.
+            return
 
     q_base = q_ptr + (b.to(gl.int64) * R + tile * BLOCK_M) * D
     q_rows = gl.minimum(R - tile * BLOCK_M, BLOCK_M)                      # real rows of this tile
