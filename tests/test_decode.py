@@ -356,7 +356,7 @@ def test_grad_raises_clear_error():
 
 def test_triton_takes_the_gluon_kernel_where_it_is_faster(monkeypatch):
     """On a Hopper GPU (faked here: the choice is static), "triton" runs the Gluon kernel for more than 32 query
-    rows, for fewer when the static schedule splits each sequence 2-8 ways, for fp8_blockscale caches with
+    rows, for fewer unless the static schedule splits each sequence more than 8 ways, for fp8_blockscale caches with
     bf16 queries and for fp8_pertensor caches, the tl kernels otherwise; "gluon" runs it wherever it can and says
     why where it cannot."""
     from flashmla_jax.ops import _registry
@@ -374,7 +374,8 @@ def test_triton_takes_the_gluon_kernel_where_it_is_faster(monkeypatch):
     assert chosen(1, 1024, 16, 16384).name == "gluon"                # C1
     assert chosen(64, 1, 16, 16384).name == "gluon"                  # D2: two splits a sequence
     assert chosen(64, 1, 16, 16384, page_size=64).name == "gluon"    # D2-paged
-    assert chosen(128, 1, 16, 4096).name == "triton"                 # D1: one split
+    assert chosen(128, 1, 16, 4096).name == "gluon"                  # D1: one split
+    assert chosen(128, 1, 16, 8192).name == "gluon"                  # D4's shape
     assert chosen(1, 1, 16, 65536).name == "triton"                  # D3: 128 splits
     assert chosen(128, 1, 128, 4096, page_size=16).name == "triton"  # pages below 64 tokens
     assert chosen(128, 1, 128, 4096, dtype=jnp.float32).name == "triton"

@@ -431,12 +431,12 @@ class GluonDecode(DecodeImplementation):
     the kernel's producer warps), DeepSeek's 512 + 64 latent, pages of 64 tokens or more.
 
     every_call: False under "triton": there it takes the 64-row tile class (more than 32 query rows, S_q * H),
-    where it ran 1.46-1.63x the tl kernel on the H200, and fewer rows only when the static schedule splits each
-    sequence NARROW_SPLITS ways (D2-like rows: 0.301 against 0.329 ms; both kernels then merge partials and its
-    loop is faster). With one split the tl kernel merges nothing where this one still launches the combine
-    (D1: 0.174 against 0.164 ms), and with many its fixed start per program shows (D3: 0.043 against 0.032 ms;
-    benchmarks/NOTES.md). An FP8 cache it takes for every row count: there it ran 1.4-1.5x the tl kernels on
-    every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too) and 1.07-1.10x on "fp8_pertensor" ones.
+    where it ran 1.46-1.63x the tl kernel on the H200, and fewer rows when the static schedule splits each
+    sequence at most NARROW_MAX_SPLITS ways (on the H200: D1 0.154 against 0.168 ms, D4 0.210 against 0.234,
+    D1-paged 0.161 against 0.163, D2 level). With more splits its fixed start per program shows (D3: 0.036
+    against 0.030 ms; benchmarks/NOTES.md). An FP8 cache it takes for every row count: there it ran 1.4-1.5x the
+    tl kernels on every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too) and 1.07-1.10x on
+    "fp8_pertensor" ones before its e4m3 -> bf16 went through float32 (now 1.5-1.6x faster again).
     True under "gluon": every call it can run."""
 
     name = "gluon"
@@ -461,7 +461,7 @@ class GluonDecode(DecodeImplementation):
             return f"the Gluon kernels read 64-token blocks of one page: page_size {call.page_size} < 64"
         if not self.every_call and call.kv_format is None and call.rows < WIDE_ROWS:
             splits = choose_num_splits(call.q_shape[0], 1, call.capacity, GluonDecodeTiles.block_n, num_sms("triton"))
-            if splits not in NARROW_SPLITS:
+            if splits > NARROW_MAX_SPLITS:
                 return (f"{call.rows} query rows (S_q * H) split {splits} ways: the tl kernel is as fast or faster "
                         "there (benchmarks/NOTES.md)")
         return None
@@ -487,10 +487,10 @@ def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
     return None
 
 
-# "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, for fewer rows when the static schedule
-# splits each sequence a few ways, and for FP8 caches; the tl kernels for the rest.
+# "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, for fewer rows unless the static schedule
+# splits each sequence many ways, and for FP8 caches; the tl kernels for the rest.
 WIDE_ROWS = 33
-NARROW_SPLITS = range(2, 9)
+NARROW_MAX_SPLITS = 8
 DECODE = Registry("mla_decode", {
     "triton": (GluonDecode(every_call=False), TritonDecode("triton")),
     "gluon": (GluonDecode(every_call=True),),
@@ -529,7 +529,7 @@ def mla_decode(q: jax.Array, kv_cache: jax.Array, cache_seqlens: jax.Array, bloc
         equal splits for every sequence.
       return_lse: also return the log-sum-exp of the scaled scores.
       implementation: "triton" (CUDA GPU: on a Hopper GPU the Gluon kernel for calls of more than 32 query
-        rows S_q * H, for fewer when each sequence splits 2-8 ways, for "fp8_blockscale" caches with bf16
+        rows S_q * H, for fewer unless each sequence splits more than 8 ways, for "fp8_blockscale" caches with bf16
         queries and for "fp8_pertensor" caches; the tl kernels otherwise), "gluon" (the Hopper Gluon kernel for
         every call it can run: bf16 / fp16 caches in q's dtype, "fp8_blockscale" ones with bf16 queries,
         "fp8_pertensor" ones, 512 + 64 latents, pages of 64 tokens or more), "xla" (the jnp reference) or
