@@ -215,7 +215,7 @@ def main(argv=None):
     if args.merge:
         payload = common.merged_rows("decode", payload)
     path = common.write_json("decode", payload)
-    plot(results, path.replace(".json", ".png"), gpu)
+    plot(payload["results"], path.replace(".json", ".png"), gpu)
     print(f"wrote {path} and its .png")
 
 

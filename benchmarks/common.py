@@ -262,12 +262,18 @@ def merged_rows(name: str, payload: dict) -> dict:
         return payload
     with open(path) as f:
         old = json.load(f)
-    fresh = {r["row"] for r in payload["results"]}
-    kept = [r for r in old["results"] if r["row"] not in fresh]
+    fresh = {}
+    for r in payload["results"]:
+        fresh.setdefault(r["row"], []).append(r)
     ceilings = dict(read_bandwidth_tb_s=old.get("read_bandwidth_tb_s"), matmul_tflop_s=old.get("matmul_tflop_s"))
-    for r in kept:
-        r.setdefault("run_ceilings", ceilings)
-    return dict(payload, results=kept + payload["results"])
+    results, placed = [], set()
+    for r in old["results"]:            # the old order, a row measured again in its old place
+        if r["row"] not in fresh:
+            results.append(dict(r, run_ceilings=r.get("run_ceilings", ceilings)))
+        elif r["row"] not in placed:
+            results += fresh[r["row"]]
+            placed.add(r["row"])
+    return dict(payload, results=results + [r for row, rows in fresh.items() if row not in placed for r in rows])
 
 
 def write_json(name: str, payload: dict, out_dir: str = RESULTS_DIR) -> str:

@@ -67,6 +67,26 @@ def test_plot_bars_draws_only_the_values_it_has(bench, tmp_path):
     assert path.stat().st_size > 1000
 
 
+def test_merged_rows_replace_whole_rows_in_place(bench, tmp_path, monkeypatch):
+    """--merge: a row measured again replaces every implementation of it where it stood; the rows kept from the
+    old JSON carry the ceilings of their own run."""
+    common, _ = bench
+    monkeypatch.setattr(common, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setattr(common, "device_slug", lambda: "gpu")
+    old = dict(read_bandwidth_tb_s=4.5, matmul_tflop_s=700.0,
+               results=[dict(row=r, implementation=i, gpu_ms=1.0) for r in ("D1", "D2", "D3") for i in ("a", "b")])
+    common.write_json("decode", old, str(tmp_path))
+    fresh = dict(read_bandwidth_tb_s=4.6, matmul_tflop_s=710.0,
+                 results=[dict(row="D2", implementation="a", gpu_ms=0.5), dict(row="D9", implementation="a", gpu_ms=2.0)])
+    merged = common.merged_rows("decode", fresh)
+    assert [(r["row"], r["implementation"], r["gpu_ms"]) for r in merged["results"]] == [
+        ("D1", "a", 1.0), ("D1", "b", 1.0), ("D2", "a", 0.5), ("D3", "a", 1.0), ("D3", "b", 1.0), ("D9", "a", 2.0)]
+    assert all(r["run_ceilings"] == dict(read_bandwidth_tb_s=4.5, matmul_tflop_s=700.0)
+               for r in merged["results"] if r["row"] in ("D1", "D3"))
+    assert all("run_ceilings" not in r for r in merged["results"] if r["row"] in ("D2", "D9"))
+    assert merged["read_bandwidth_tb_s"] == 4.6
+
+
 def test_every_model_compile_way_is_accepted_by_xla(monkeypatch):
     """benchmark_model.py's --compile ways: each way's options are DebugOptions XLA parses (a misspelt name or
     enum value fails here, not on the GPU), and unrolled is a bool."""
