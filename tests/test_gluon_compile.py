@@ -83,4 +83,4 @@ def _fp8_traffic_probe(x_ptr):
 def test_fp8_conversion_meets_no_bank_conflicts():
     """The FP8 producer reads each group's codes and writes its bf16 values (and a pertensor block's rope) in
     layouts that gl.bank_conflicts counts no conflict for: every shared-memory wavefront does full work."""
-    _compile.compile_for_hopper(_fp8_traffic_probe, {"x_ptr": "*fp32"}, {}, 4)
+    _compile.compile_for_hopper(_fp8_traffic_probe, {"x_ptr": "fp32"}, {}, 4)
