@@ -12,6 +12,7 @@ half (benchmarks/NOTES.md).
     python benchmarks/compile_report.py --sparse --prefill --shape 4096,1,128,2048,32768                     # SP
     python benchmarks/compile_report.py --indexer             # the lightning indexer's launches at row I1
     python benchmarks/compile_report.py --gluon --shape 128,1,128,4096                # the Hopper kernel at D5
+    python benchmarks/compile_report.py --gluon --shape 128,1,16,4096                 # its narrow kernel at D1
 
 --shape is B,S_q,H,N (contiguous cache, D 576, V 512); with --sparse B,S_q,H,topk,pool tokens (--prefill: the
 prefill's max_logits output; B is then T); --configs as profile_decode.py's.
@@ -29,6 +30,7 @@ from flashmla_jax.fp8 import FP8_FORMATS, latent_format
 from flashmla_jax.kernels import _compile
 from flashmla_jax.kernels import decode as kernels
 from flashmla_jax.kernels import gluon_decode
+from flashmla_jax.kernels import gluon_narrow_decode
 from flashmla_jax.kernels import sparse as sparse_kernels
 from flashmla_jax.ops import decode as decode_ops
 from flashmla_jax.ops import sparse as sparse_ops
@@ -52,10 +54,11 @@ def compile_split_kernel(shape, dtype, tiles, kv_format=None):
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
 
-def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None, kv_format=None):
-    """(compiled kernel, plan) of the Hopper Gluon decode kernel (kernels/gluon_decode.py) for shape
-    (B, S_q, H, N), planned as its implementation plans it (GluonDecodeTiles; pages of 64 when paged; kv_format
-    None or an FP8 format)."""
+def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_splits=None, kv_format=None,
+                         narrow=False):
+    """(compiled kernel, plan) of the Hopper Gluon decode kernel (kernels/gluon_decode.py, or with narrow
+    kernels/gluon_narrow_decode.py) for shape (B, S_q, H, N), planned as its implementation plans it
+    (GluonDecodeTiles; pages of 64 when paged; kv_format None or an FP8 format)."""
     b, s_q, h, n = shape
     width = 576 if kv_format is None else latent_format(kv_format).bytes_per_token
     kv_shape = (b * n // 64, 64, width) if paged else (b, n, width)
@@ -66,7 +69,8 @@ def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_s
     pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", o_ptr=t, seqlens_ptr="i32",
                          table_ptr="i32", layer_ptr="i32", kv_scale_ptr="fp32" if kv_format else "i32",
                          splits_ptr="i32", count_ptr="i32", lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32")
-    return _compile.compile_for_hopper(gluon_decode.mla_decode_gluon_kernel, pointer_types, plan.constexprs,
+    kernel = gluon_narrow_decode.mla_decode_gluon_narrow_kernel if narrow else gluon_decode.mla_decode_gluon_kernel
+    return _compile.compile_for_hopper(kernel, pointer_types, plan.constexprs,
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
 
@@ -125,7 +129,8 @@ def main():
     dtype = getattr(jnp, args.dtype)
     for tiles in common.parse_decode_configs(args.configs) if args.configs else [None]:
         if args.gluon:
-            compiled, plan = compile_gluon_kernel(shape, dtype, args.paged, kv_format=args.kv_format)
+            narrow = decode_ops.uses_narrow_kernel(shape[1] * shape[2], args.kv_format)    # as GluonDecode runs it
+            compiled, plan = compile_gluon_kernel(shape, dtype, args.paged, kv_format=args.kv_format, narrow=narrow)
         elif args.sparse:
             compiled, plan = compile_sparse_kernel(shape, dtype, args.kv_format, args.prefill, tiles)
         else:

@@ -3,6 +3,7 @@ every class it serves compiles, and the compiler's facts are what the design nee
 (HGMMA) and TMA copies in the SASS, no spills, shared memory within the 227 KB an sm_90 program may take, and
 the 12 warps of its three partitions (the producer's 4 launched, the two consumer warpgroups added)."""
 import os
+import re
 import sys
 
 import jax.numpy as jnp
@@ -29,6 +30,15 @@ CLASSES = {   # name: (B, S_q, H, N, options)
     "16 rows paged, split, fp8_pertensor, fp16": (64, 1, 16, 4096, dict(paged=True, kv_format="fp8_pertensor",
                                                                        dtype=jnp.float16)),
     "128 heads (D5), stacked, fp8_pertensor": (128, 1, 128, 4096, dict(layers=2, kv_format="fp8_pertensor")),
+}
+# kernels/gluon_narrow_decode.py: the keys as the wgmma M side for at most 32 query rows.
+NARROW_CLASSES = {   # name: (B, S_q, H, N, options)
+    "16 rows (D1)": (128, 1, 16, 4096, {}),
+    "16 rows paged, split (D2-paged)": (64, 1, 16, 16384, dict(paged=True)),
+    "one long sequence, many splits (D3)": (1, 1, 16, 65536, {}),
+    "32 rows (S_q 2), stacked": (64, 2, 16, 8192, dict(layers=2)),
+    "32 rows (S_q 2), paged": (64, 2, 16, 8192, dict(paged=True)),
+    "32 heads, fp16, not causal": (8, 1, 32, 4096, dict(dtype=jnp.float16, causal=False)),
 }
 
 
@@ -60,6 +70,27 @@ def test_gluon_decode_compiles_for_hopper(name):
     blockscale = options.get("kv_format") == "fp8_blockscale"
     descriptors = 5 + (plan.num_splits > 1) + 2 * paged + (1 + paged) * blockscale
     assert facts.global_scratch == 128 * descriptors
+
+
+@pytest.mark.parametrize("name", list(NARROW_CLASSES))
+def test_gluon_narrow_decode_compiles_for_hopper(name):
+    b, s_q, h, n, options = NARROW_CLASSES[name]
+    options = dict(options)
+    compiled, plan = compile_report.compile_gluon_kernel((b, s_q, h, n), options.pop("dtype", jnp.bfloat16),
+                                                         narrow=True, **options)
+    facts = _compile.facts(compiled)
+    rows = 16 if s_q * h <= 16 else 32
+    paged = bool(options.get("paged"))
+    # 32 rows take 240 registers a consumer thread, which leaves the paged producer 24 and a value that
+    # waits on the stack once a block; nothing else spills.
+    assert facts.stack <= (8 if paged and rows == 32 else 0), f"{facts.stack} bytes of spills"
+    assert facts.shared <= _compile.SHARED_MEMORY_LIMIT
+    assert facts.num_warps == 12
+    # The products: m64 n16 (or n32) k16 wgmma only, none padded to 64 rows.
+    assert set(re.findall(r"HGMMA\.\d+x\d+x\d+", facts.sass)) == {f"HGMMA.64x{rows}x16"}
+    assert facts.count("UTMALDG") > 0
+    # Device-side descriptors, 128 B each: the query and key pairs, and a paged tail pair.
+    assert facts.global_scratch == 128 * (4 + 2 * paged)
 
 
 @gluon.jit

@@ -421,8 +421,9 @@ def _producer(q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_re
 
 @gluon.jit
 def _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V: gl.constexpr):
-    """The TMA loads of the 64 x 576 query tile (its nope and rope boxes), completing q_ready."""
-    mbarrier.expect(q_ready, 2 * BLOCK_M * (D_V + q_rope.shape[1]))
+    """The TMA loads of the query tile [rows, 576] (its nope and rope boxes; 64 rows here, 16 or 32 in
+    kernels/gluon_narrow_decode.py), completing q_ready."""
+    mbarrier.expect(q_ready, 2 * q_nope.shape[0] * (D_V + q_rope.shape[1]))
     tma.async_copy_global_to_shared(q_descs[0], [0, 0], q_ready, q_nope)
     tma.async_copy_global_to_shared(q_descs[1], [0, D_V], q_ready, q_rope)
 
