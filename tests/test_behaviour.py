@@ -479,7 +479,7 @@ def test_gpu_decode_nan_reaches_its_rows(impl, s_q, splits):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl, h, splits", [("triton", 16, 1), ("triton", 16, 4), ("triton", 16, 32),
-                                             ("gluon", 64, 1), ("gluon", 64, 4)])
+                                             ("gluon", 16, 1), ("gluon", 16, 4), ("gluon", 64, 1), ("gluon", 64, 4)])
 def test_gpu_minus_inf_scores(impl, h, splits):
     """A row whose every visible score is -inf is NaN (it saw keys); keys scoring -inf that fill whole splits of
     a sequence whose other keys are finite get no weight, and its rows stay finite (the xla result)."""

@@ -428,7 +428,9 @@ class GluonDecode(DecodeImplementation):
     """The Hopper kernel in Gluon (kernels/gluon_decode.py: TMA, wgmma, warp specialization) and the tl combine,
     through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), "fp8_blockscale"
     caches with bf16 queries or "fp8_pertensor" ones with bf16 / fp16 queries (dequantized in shared memory by
-    the kernel's producer warps), DeepSeek's 512 + 64 latent, pages of 64 tokens or more.
+    the kernel's producer warps), DeepSeek's 512 + 64 latent, pages of 64 tokens or more. At most 32 query rows
+    with a cache in q's dtype run kernels/gluon_narrow_decode.py (the keys as the wgmma M side:
+    `uses_narrow_kernel`), the rest kernels/gluon_decode.py (64-row tiles).
 
     every_call: False under "triton": there it takes the 64-row tile class (more than 32 query rows, S_q * H),
     where it ran 1.46-1.63x the tl kernel on the H200, and fewer rows when the static schedule splits each
@@ -468,15 +470,24 @@ class GluonDecode(DecodeImplementation):
 
     def decode(self, q, kv_cache, cache_seqlens, block_table, layer, kv_scale, *, head_dim_v, scale, causal,
                num_splits, kv_format):
-        from flashmla_jax.kernels import gluon_decode
+        from flashmla_jax.kernels import gluon_decode, gluon_narrow_decode
 
         stacked = layer is not None
         plan = plan_decode(q.shape, q.dtype, head_dim_v, causal, kv_cache.shape[stacked:],
                            None if block_table is None else block_table.shape, num_splits, num_sms("triton"),
                            tiles=GluonDecodeTiles(), num_layers=kv_cache.shape[0] if stacked else 0,
                            kv_format=kv_format)
-        return _launch_split_kernel(gluon_decode.mla_decode_gluon_kernel, plan, "triton", q, kv_cache, cache_seqlens,
-                                    block_table, layer, kv_scale, scale)
+        kernel = gluon_decode.mla_decode_gluon_kernel
+        if uses_narrow_kernel(q.shape[1] * q.shape[2], kv_format):
+            kernel = gluon_narrow_decode.mla_decode_gluon_narrow_kernel
+        return _launch_split_kernel(kernel, plan, "triton", q, kv_cache, cache_seqlens, block_table, layer, kv_scale,
+                                    scale)
+
+
+def uses_narrow_kernel(rows: int, kv_format: str | None) -> bool:
+    """Whether GluonDecode runs kernels/gluon_narrow_decode.py (keys as the wgmma M side: S_q * H <= 32 rows, a
+    cache in q's dtype) rather than kernels/gluon_decode.py, which pads the rows to 64."""
+    return rows <= NARROW_ROWS and kv_format is None
 
 
 def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
@@ -490,6 +501,7 @@ def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
 # "triton" on a Hopper GPU: the Gluon kernel for the 64-row tile class, for fewer rows unless the static schedule
 # splits each sequence many ways, and for FP8 caches; the tl kernels for the rest.
 WIDE_ROWS = 33
+NARROW_ROWS = 32          # the operand-swapped Gluon kernel's largest tile (kernels/gluon_narrow_decode.py)
 NARROW_MAX_SPLITS = 8
 DECODE = Registry("mla_decode", {
     "triton": (GluonDecode(every_call=False), TritonDecode("triton")),
