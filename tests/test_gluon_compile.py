@@ -13,6 +13,7 @@ from triton.experimental.gluon import language as gl
 
 from flashmla_jax.kernels import _compile
 from flashmla_jax.kernels import gluon_decode
+from flashmla_jax.ops import decode as decode_ops
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
 import compile_report  # noqa: E402
@@ -39,6 +40,11 @@ NARROW_CLASSES = {   # name: (B, S_q, H, N, options)
     "32 rows (S_q 2), stacked": (64, 2, 16, 8192, dict(layers=2)),
     "32 rows (S_q 2), paged": (64, 2, 16, 8192, dict(paged=True)),
     "32 heads, fp16, not causal": (8, 1, 32, 4096, dict(dtype=jnp.float16, causal=False)),
+    "16 rows (D1), fp8_blockscale": (128, 1, 16, 4096, dict(kv_format="fp8_blockscale")),
+    "16 rows paged, split, fp8_blockscale": (64, 1, 16, 4096, dict(paged=True, kv_format="fp8_blockscale")),
+    "16 rows, stacked, fp8_pertensor": (128, 1, 16, 4096, dict(layers=2, kv_format="fp8_pertensor")),
+    "16 rows paged, fp8_pertensor, fp16": (64, 1, 16, 4096, dict(paged=True, kv_format="fp8_pertensor",
+                                                                dtype=jnp.float16)),
 }
 
 
@@ -81,6 +87,8 @@ def test_gluon_narrow_decode_compiles_for_hopper(name):
     facts = _compile.facts(compiled)
     rows = 16 if s_q * h <= 16 else 32
     paged = bool(options.get("paged"))
+    kv_format = options.get("kv_format")
+    assert decode_ops.uses_narrow_kernel(s_q * h, kv_format)           # a class GluonDecode runs on this kernel
     # 32 rows take 240 registers a consumer thread, which leaves the paged producer 24 and a value that
     # waits on the stack once a block; nothing else spills.
     assert facts.stack <= (8 if paged and rows == 32 else 0), f"{facts.stack} bytes of spills"
@@ -89,8 +97,15 @@ def test_gluon_narrow_decode_compiles_for_hopper(name):
     # The products: m64 n16 (or n32) k16 wgmma only, none padded to 64 rows.
     assert set(re.findall(r"HGMMA\.\d+x\d+x\d+", facts.sass)) == {f"HGMMA.64x{rows}x16"}
     assert facts.count("UTMALDG") > 0
-    # Device-side descriptors, 128 B each: the query and key pairs, and a paged tail pair.
-    assert facts.global_scratch == 128 * (4 + 2 * paged)
+    if kv_format:
+        # gluon_decode's dequantizing producer: the hardware e4m3 pair unpack, never fp16 -> bf16 a value at a
+        # time, and the L2 bulk prefetches ahead of the loads.
+        assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128 and facts.count("F2F.BF16.F16") == 0
+        assert facts.count("UBLKPF.L2") > 0
+    # Device-side descriptors, 128 B each: the query pair, and the key descriptors of the cache (a pair; FP8:
+    # rope and codes, and a blockscale cache's scales), again for a paged tail.
+    keys = 2 if kv_format != "fp8_blockscale" else 3
+    assert facts.global_scratch == 128 * (2 + keys * (1 + paged))
 
 
 @gluon.jit

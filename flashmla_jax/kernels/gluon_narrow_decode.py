@@ -17,7 +17,10 @@ At the end group 1 hands its state to group 0 through its own, now idle, ring sl
 writes the result (a sequence's only split) or the split's float32 partial and LSE for the combine kernel, with
 the split kernel's row rules.
 
-This version reads caches in q's dtype (bf16, fp16): contiguous, paged (pages of 64 tokens or more) or stacked.
+Caches: in q's dtype (bf16, fp16), "fp8_blockscale" (bf16 q) or "fp8_pertensor"; contiguous, paged (pages of 64
+tokens or more) or stacked. FP8 takes gluon_decode's producer that dequantizes in the ring slot (`_fp8_producer`),
+each consumer group reloading its own slot; at 32 rows its consumers' 224 registers spill 24-32 bytes, so ops
+runs FP8 through this kernel only up to 16 rows (`ops.decode.uses_narrow_kernel`).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -25,13 +28,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
 from flashmla_jax.kernels._common import ALL_NEG_INF_LSE, LN2, LOG2E
-from flashmla_jax.kernels.gluon_decode import (BLOCK_N, _descriptor_pair, _producer, _safe, _sequence_splits,
-                                               _split_keys)
+from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _descriptor_pair,
+                                               _fp8_descriptors, _fp8_producer, _fp8_reload, _producer, _safe,
+                                               _sequence_splits, _split_keys)
 
 # Registers per consumer thread (the producer's warps get the rest): O^T [512, rows] takes rows * 4 of them.
 # Compiled without spills at these: 232 for 16 rows (at 240 the paged producer's 24 spill), 240 for 32.
 CONSUMER_REGS_16 = gl.constexpr(232)
 CONSUMER_REGS_32 = gl.constexpr(240)
+# With an FP8 cache the producer dequantizes and needs 56 registers a thread (kernels/gluon_decode.py).
+FP8_CONSUMER_REGS = gl.constexpr(224)
 
 
 @gluon.constexpr_function
@@ -76,11 +82,14 @@ def _block_scores_t(q_nope, q_rope, k_nope, k_rope):
 @gluon.jit
 def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l, q_ready, k_ready, k_free,
               handed, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-              NUM_SPLITS: gl.constexpr):
+              NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
+              V_SCALED: gl.constexpr):
     """Consumer warpgroup `group`: blocks group, group + 2, ... of this split, then (group 1) its state to
     shared memory, or (group 0) the merge of both and the output. p_t [ROWS, 64]: this group's P for the P V
-    product (the wgmma's B operand comes from shared memory)."""
-    qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here = work
+    product (the wgmma's B operand comes from shared memory). FP8: the group loads block j + 2's raw bytes into
+    its slot as it frees it after block j (gluon_decode's `_fp8_reload`; loads: `_fp8_load`'s tuple), so the
+    producer only converts and never waits for a slot."""
+    qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
     ROWS: gl.constexpr = q_nope.shape[0]
     D_V: gl.constexpr = k_nope.shape[2]
     dtype: gl.constexpr = q_nope.dtype
@@ -115,6 +124,8 @@ def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l
         acc = warpgroup_mma(slot_nope.permute((1, 0)), p_t.permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(k_free.index(group), count=1)
+        if FP8:
+            _fp8_reload(j + 2, k_free, loads, n_blocks, D_V, BLOCKSCALE)
         m_i = m_new
     # A NaN in a row's accumulator makes its row sum NaN (gluon_decode's `_finish_rows` rule), so that the
     # merge below carries it whatever the weights.
@@ -141,26 +152,30 @@ def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l
         saw_keys = (n_blocks > 0) & (lo < _row_limits(seqlen, ROWS, H, S_Q, CAUSAL))
         o_0 = k_nope.index(0)._reinterpret(gl.float32, [ROWS, D_V], plain)
         o_1 = k_nope.index(1)._reinterpret(gl.float32, [ROWS, D_V], plain)
-        _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, outputs, b, split, splits_here, n_blocks > 0, H * S_Q,
-                    NUM_SPLITS)
+        _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, v_scale, outputs, b, split, splits_here, n_blocks > 0,
+                    H * S_Q, NUM_SPLITS, V_SCALED)
 
 
 @gluon.jit
-def _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, outputs, b, split, splits_here, nonempty, R: gl.constexpr,
-                NUM_SPLITS: gl.constexpr):
+def _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, v_scale, outputs, b, split, splits_here, nonempty,
+                R: gl.constexpr, NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr):
     """The split's result from the two groups' O (o_0, o_1: [ROWS, 512] float32 in shared memory) merged with
     weights w_0, w_1 [ROWS], the merged running max m and row sums l_all (NaN for a row with a NaN in either
     accumulator), with gluon_decode's `_finish_rows` row rules: a NaN row sum gives NaN output and LSE; a row
     that saw keys (saw_keys) and gave them no weight gets NaN output and ALL_NEG_INF_LSE. Stored as
     gluon_decode's `_store_half` does: the result for a sequence's only split, else the float32 partial (not
-    for an empty split) and the LSE; 128 columns at a time."""
+    for an empty split) and the LSE; 128 columns at a time. V_SCALED: the output times v_scale (an
+    "fp8_pertensor" cache's scale, left out of its values) where the row has weight."""
     o_ptr, lse_ptr, o_part_ptr, lse_part_ptr = outputs
     ROWS: gl.constexpr = o_0.shape[0]
     D_V: gl.constexpr = o_0.shape[1]
     CHUNK: gl.constexpr = 128
     has_keys = l_all != 0          # a NaN sum is not an empty row: it reaches the result
     lse = gl.where(has_keys, (m + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
-    divisor = gl.where(has_keys, l_all, 1.0)
+    if V_SCALED:
+        divisor = gl.where(has_keys, l_all / v_scale, 1.0)
+    else:
+        divisor = gl.where(has_keys, l_all, 1.0)
     unweighted = saw_keys & (l_all == 0)
     lse = gl.where(unweighted, ALL_NEG_INF_LSE, lse)
     divisor = gl.where(unweighted, float("nan"), divisor)
@@ -207,24 +222,37 @@ def mla_decode_gluon_narrow_kernel(
 ):
     """Grid (1, B, NUM_SPLITS), launched with num_warps=4 (the producer; the two consumer warpgroups are added:
     12 warps). Arguments, outputs and schedule as kernels/gluon_decode.py's `mla_decode_gluon_kernel` for
-    R = S_Q * H <= 32 query rows (one row tile) and a cache in q's dtype (KV_FORMAT 0; kv_scale_ptr, count_ptr
-    unused): q_ptr [B, R, 576]; kv_ptr [B, N_MAX, 576], pages [NUM_PAGES, PAGE_SIZE, 576] or a stack of either
-    read at layer_ptr; o_ptr [B, R, D_V]; with NUM_SPLITS > 1 o_part_ptr [B, NUM_SPLITS, R, D_V], lse_part_ptr
-    [B, NUM_SPLITS, R] and splits_ptr [B] for `mla_decode_combine_kernel`."""
-    gl.static_assert(KV_FORMAT == 0, "the narrow kernel reads caches in q's dtype")
+    R = S_Q * H <= 32 query rows (one row tile): q_ptr [B, R, 576]; kv_ptr [B, N_MAX, 576] in q's dtype (KV_FORMAT
+    0), or uint8 tokens of 656 bytes (1, "fp8_blockscale", bf16 q) or 576 (2, "fp8_pertensor", its float32
+    scale at kv_scale_ptr, 0-d or [NUM_LAYERS]), as pages [NUM_PAGES, PAGE_SIZE, ...] when PAGED, a stack of
+    either read at layer_ptr; o_ptr [B, R, D_V]; with NUM_SPLITS > 1 o_part_ptr [B, NUM_SPLITS, R, D_V],
+    lse_part_ptr [B, NUM_SPLITS, R] and splits_ptr [B] for `mla_decode_combine_kernel`; count_ptr is unused."""
+    gl.static_assert(KV_FORMAT == 0 or KV_FORMAT == KV_BLOCKSCALE or KV_FORMAT == KV_PERTENSOR,
+                     "caches in q's dtype, fp8_blockscale or fp8_pertensor")
     gl.static_assert(S_Q * H <= 32, "at most 32 query rows (S_q * H)")
     gl.static_assert(D_R == 64, "the rope part is one 64-wide TMA box")
     gl.static_assert(not PAGED or PAGE_SIZE % BLOCK_N == 0, "a 64-key block lies in one page")
+    FP8: gl.constexpr = KV_FORMAT != 0
+    BLOCKSCALE: gl.constexpr = KV_FORMAT == KV_BLOCKSCALE
+    V_SCALED: gl.constexpr = KV_FORMAT == KV_PERTENSOR
     R: gl.constexpr = S_Q * H
     ROWS: gl.constexpr = 16 if R <= 16 else 32
-    CONSUMER_REGS: gl.constexpr = CONSUMER_REGS_16 if R <= 16 else CONSUMER_REGS_32
+    CONSUMER_REGS: gl.constexpr = FP8_CONSUMER_REGS if FP8 else (CONSUMER_REGS_16 if R <= 16 else CONSUMER_REGS_32)
     D: gl.constexpr = D_V + D_R
+    TOKEN: gl.constexpr = D_V + D_V // 32 + 2 * D_R if BLOCKSCALE else D      # a token's stride in kv_ptr's elements
     dtype: gl.constexpr = q_ptr.dtype.element_ty
+    gl.static_assert(not FP8 or D_V == 4 * CODE_BOX, "FP8: 512 codes in 4 groups")
+    gl.static_assert(not BLOCKSCALE or dtype == gl.bfloat16, "fp8_blockscale: bf16 queries (the rope values are bf16)")
     b = gl.program_id(1)
     split = gl.program_id(2)
     if NUM_LAYERS > 0:
         layer = gl.minimum(gl.maximum(gl.load(layer_ptr), 0), NUM_LAYERS - 1)
         kv_ptr += layer.to(gl.int64) * LAYER_STRIDE
+        if V_SCALED:
+            kv_scale_ptr += layer
+    v_scale = 1.0
+    if V_SCALED:
+        v_scale = gl.load(kv_scale_ptr)
     seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
                                            BATCH_POW2, SLOTS, ROW_TILES, UNIFORM_NUM, UNIFORM_DEN)
     if NUM_SPLITS > 1:
@@ -239,11 +267,19 @@ def mla_decode_gluon_narrow_kernel(
     if PAGED:
         tail_page = gl.load(table_ptr + b * MAX_BLOCKS + tail_start // PAGE_SIZE)
         tail_page = gl.minimum(gl.maximum(tail_page, 0), NUM_PAGES - 1)
-        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * D
-        k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
-        tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
+        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * TOKEN
+        if FP8:
+            k_descs = _fp8_descriptors(kv_ptr, NUM_PAGES * PAGE_SIZE, TOKEN, D_V, D_R, BLOCKSCALE)
+            tail_descs = _fp8_descriptors(tail_base, gl.maximum(seqlen - tail_start, 1), TOKEN, D_V, D_R, BLOCKSCALE)
+        else:
+            k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
+            tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
     else:
-        k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
+        if FP8:
+            k_descs = _fp8_descriptors(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), TOKEN, D_V, D_R,
+                                       BLOCKSCALE)
+        else:
+            k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
         tail_descs = k_descs
 
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -265,13 +301,33 @@ def mla_decode_gluon_narrow_kernel(
         mbarrier.init(k_ready.index(i), count=1)
         mbarrier.init(k_free.index(i), count=1)          # one group uses each slot
 
-    work = (scale * LOG2E, seqlen, lo, n_blocks, first_limit, b, split, splits_here)
+    qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
+    work = (qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale)
     outputs = (o_ptr, lse_ptr, o_part_ptr, lse_part_ptr)
-    gl.warp_specialize([
-        (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
-                     table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-        (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free, handed,
-                     work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
-        (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free, handed,
-                     work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
-    ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    if FP8:
+        plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+        k_scales = gl.allocate_shared_memory(gl.uint8, [2, BLOCK_N, D_V // 32], plain)   # 4 float32 a token
+        raw_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(raw_ready.index(i), count=1)
+        loads = (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED,
+                 PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
+        prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
+        gl.warp_specialize([
+            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready, k_ready,
+                             n_blocks, D_V, prefetch, BLOCKSCALE)),
+            (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
+                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
+            (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
+                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+    else:
+        gl.warp_specialize([
+            (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
+                         table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
+            # `loads` is unused without FP8.
+            (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
+                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, False)),
+            (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
+                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, False)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])

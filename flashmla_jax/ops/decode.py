@@ -429,8 +429,8 @@ class GluonDecode(DecodeImplementation):
     through jax-triton on a compute capability 9.x GPU. Caches in q's dtype (bf16 or fp16), "fp8_blockscale"
     caches with bf16 queries or "fp8_pertensor" ones with bf16 / fp16 queries (dequantized in shared memory by
     the kernel's producer warps), DeepSeek's 512 + 64 latent, pages of 64 tokens or more. At most 32 query rows
-    with a cache in q's dtype run kernels/gluon_narrow_decode.py (the keys as the wgmma M side:
-    `uses_narrow_kernel`), the rest kernels/gluon_decode.py (64-row tiles).
+    with a cache in q's dtype, or 16 with an FP8 one, run kernels/gluon_narrow_decode.py (the keys as the wgmma
+    M side: `uses_narrow_kernel`), the rest kernels/gluon_decode.py (64-row tiles).
 
     every_call: False under "triton": there it takes the 64-row tile class (more than 32 query rows, S_q * H),
     where it ran 1.46-1.63x the tl kernel on the H200, and fewer rows when the static schedule splits each
@@ -485,9 +485,10 @@ class GluonDecode(DecodeImplementation):
 
 
 def uses_narrow_kernel(rows: int, kv_format: str | None) -> bool:
-    """Whether GluonDecode runs kernels/gluon_narrow_decode.py (keys as the wgmma M side: S_q * H <= 32 rows, a
-    cache in q's dtype) rather than kernels/gluon_decode.py, which pads the rows to 64."""
-    return rows <= NARROW_ROWS and kv_format is None
+    """Whether GluonDecode runs kernels/gluon_narrow_decode.py (keys as the wgmma M side) rather than
+    kernels/gluon_decode.py, which pads the rows to 64: S_q * H <= 32 rows with a cache in q's dtype, <= 16 with
+    an FP8 one (at 32 the FP8 consumers spill)."""
+    return rows <= (NARROW_ROWS if kv_format is None else NARROW_FP8_ROWS)
 
 
 def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
@@ -502,6 +503,7 @@ def _kernel_dims_unsupported(call: DecodeCall) -> str | None:
 # splits each sequence many ways, and for FP8 caches; the tl kernels for the rest.
 WIDE_ROWS = 33
 NARROW_ROWS = 32          # the operand-swapped Gluon kernel's largest tile (kernels/gluon_narrow_decode.py)
+NARROW_FP8_ROWS = 16      # and its largest with an FP8 cache
 NARROW_MAX_SPLITS = 8
 DECODE = Registry("mla_decode", {
     "triton": (GluonDecode(every_call=False), TritonDecode("triton")),
