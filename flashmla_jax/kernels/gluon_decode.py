@@ -678,16 +678,9 @@ def mla_decode_gluon_kernel(
     tile = gl.program_id(0)
     b = gl.program_id(1)
     split = gl.program_id(2)
-    if NUM_LAYERS > 0:
-        layer = gl.minimum(gl.maximum(gl.load(layer_ptr), 0), NUM_LAYERS - 1)
-        kv_ptr += layer.to(gl.int64) * LAYER_STRIDE
-        if KV_FORMAT == KV_PERTENSOR:
-            kv_scale_ptr += layer
     # An "fp8_pertensor" cache's scale multiplies the scores and the output, not each value (`_dequantize`).
     V_SCALED: gl.constexpr = KV_FORMAT == KV_PERTENSOR
-    v_scale = 1.0
-    if V_SCALED:
-        v_scale = gl.load(kv_scale_ptr)
+    kv_ptr, v_scale = _layer_keys(kv_ptr, kv_scale_ptr, layer_ptr, NUM_LAYERS, LAYER_STRIDE, V_SCALED)
     seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
                                            BATCH_POW2, SLOTS, ROW_TILES, UNIFORM_NUM, UNIFORM_DEN)
     lo, hi, first_limit = _split_keys(seqlen, splits_here, split, tile, H, S_Q, CAUSAL)
@@ -702,26 +695,8 @@ def mla_decode_gluon_kernel(
     q_base = q_ptr + (b.to(gl.int64) * R + tile * BLOCK_M) * D
     q_rows = gl.minimum(R - tile * BLOCK_M, BLOCK_M)                      # real rows of this tile
     q_descs = _descriptor_pair(q_base, q_rows, D_V, D_R, BLOCK_M)          # rows past them read as 0
-    # Key rows end at the sequence's length: a box reaching past it is zero-filled.
-    tail_start = (gl.maximum(seqlen, 1) - 1) // BLOCK_N * BLOCK_N
-    if PAGED:
-        tail_page = gl.load(table_ptr + b * MAX_BLOCKS + tail_start // PAGE_SIZE)
-        tail_page = gl.minimum(gl.maximum(tail_page, 0), NUM_PAGES - 1)
-        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * TOKEN
-        if FP8:
-            k_descs = _fp8_descriptors(kv_ptr, NUM_PAGES * PAGE_SIZE, TOKEN, D_V, D_R, BLOCKSCALE)
-            tail_descs = _fp8_descriptors(tail_base, gl.maximum(seqlen - tail_start, 1), TOKEN, D_V, D_R, BLOCKSCALE)
-        else:
-            k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
-            tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
-    else:
-        if FP8:
-            k_descs = _fp8_descriptors(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), TOKEN, D_V, D_R,
-                                       BLOCKSCALE)
-        else:
-            k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
-        tail_descs = k_descs
-
+    k_descs, tail_descs, tail_start = _key_descriptors(kv_ptr, b, seqlen, table_ptr, N_MAX, TOKEN, D_V, D_R, PAGED,
+                                                       PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, FP8, BLOCKSCALE)
     prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
@@ -755,15 +730,10 @@ def mla_decode_gluon_kernel(
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
     if FP8:
-        plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-        k_scales = gl.allocate_shared_memory(gl.uint8, [2, BLOCK_N, D_V // 32], plain)   # 4 float32 a token
-        raw_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(raw_ready.index(i), count=1)
-        loads = (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED,
-                 PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
+        loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
+                           MAX_BLOCKS, NUM_PAGES)
         gl.warp_specialize([
-            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready, k_ready,
+            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5], k_ready,
                              n_blocks, D_V, prefetch, BLOCKSCALE)),
             (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED)),
             (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
@@ -776,6 +746,68 @@ def mla_decode_gluon_kernel(
             # The right group's `loads` is unused without FP8.
             (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, V_SCALED)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+@gluon.jit
+def _layer_keys(kv_ptr, kv_scale_ptr, layer_ptr, NUM_LAYERS: gl.constexpr, LAYER_STRIDE: gl.constexpr,
+                V_SCALED: gl.constexpr):
+    """(kv_ptr, v_scale): with NUM_LAYERS > 0 the cache pointer moved to the layer at layer_ptr (0-d int32, clamped
+    to [0, NUM_LAYERS)); V_SCALED: the "fp8_pertensor" scale at kv_scale_ptr (0-d, or [NUM_LAYERS] with a
+    stack), else 1."""
+    if NUM_LAYERS > 0:
+        layer = gl.minimum(gl.maximum(gl.load(layer_ptr), 0), NUM_LAYERS - 1)
+        kv_ptr += layer.to(gl.int64) * LAYER_STRIDE
+        if V_SCALED:
+            kv_scale_ptr += layer
+    v_scale = 1.0
+    if V_SCALED:
+        v_scale = gl.load(kv_scale_ptr)
+    return kv_ptr, v_scale
+
+
+@gluon.jit
+def _key_descriptors(kv_ptr, b, seqlen, table_ptr, N_MAX: gl.constexpr, TOKEN: gl.constexpr, D_V: gl.constexpr,
+                     D_R: gl.constexpr, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr,
+                     NUM_PAGES: gl.constexpr, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """(k_descs, tail_descs, tail_start): the TMA descriptors of sequence b's keys (`_descriptor_pair` in q's
+    dtype, `_fp8_descriptors` for an FP8 cache; TOKEN: a token's stride in kv_ptr's elements) and of a paged
+    cache's partial last block, which starts at tail_start (contiguous: tail_descs are k_descs). Key rows end at
+    the sequence's length: a box reaching past it is zero-filled."""
+    tail_start = (gl.maximum(seqlen, 1) - 1) // BLOCK_N * BLOCK_N
+    if PAGED:
+        tail_page = gl.load(table_ptr + b * MAX_BLOCKS + tail_start // PAGE_SIZE)
+        tail_page = gl.minimum(gl.maximum(tail_page, 0), NUM_PAGES - 1)
+        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * TOKEN
+        if FP8:
+            k_descs = _fp8_descriptors(kv_ptr, NUM_PAGES * PAGE_SIZE, TOKEN, D_V, D_R, BLOCKSCALE)
+            tail_descs = _fp8_descriptors(tail_base, gl.maximum(seqlen - tail_start, 1), TOKEN, D_V, D_R, BLOCKSCALE)
+        else:
+            k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
+            tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
+    else:
+        if FP8:
+            k_descs = _fp8_descriptors(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), TOKEN, D_V, D_R,
+                                       BLOCKSCALE)
+        else:
+            k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), D_V, D_R,
+                                       BLOCK_N)
+        tail_descs = k_descs
+    return k_descs, tail_descs, tail_start
+
+
+@gluon.jit
+def _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED: gl.constexpr,
+               PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, NUM_PAGES: gl.constexpr):
+    """`_fp8_load`'s tuple for an FP8 cache, with the ring's raw-byte buffers it adds: k_scales [2, 64, 16]
+    uint8 (a blockscale token's 4 float32 scales; element 4) and the raw_ready barriers (element 5)."""
+    D_V: gl.constexpr = k_nope.shape[2]
+    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
+    k_scales = gl.allocate_shared_memory(gl.uint8, [2, BLOCK_N, D_V // 32], plain)
+    raw_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    for i in gl.static_range(2):
+        mbarrier.init(raw_ready.index(i), count=1)
+    return (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
+            MAX_BLOCKS, NUM_PAGES)
 
 
 @gluon.jit

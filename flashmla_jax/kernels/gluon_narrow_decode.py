@@ -29,8 +29,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from flashmla_jax.kernels._common import ALL_NEG_INF_LSE, LN2, LOG2E
 from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _descriptor_pair,
-                                               _fp8_descriptors, _fp8_producer, _fp8_reload, _producer, _safe,
-                                               _sequence_splits, _split_keys)
+                                               _fp8_loads, _fp8_producer, _fp8_reload, _key_descriptors, _layer_keys,
+                                               _producer, _safe, _sequence_splits, _split_keys)
 
 # Registers per consumer thread (the producer's warps get the rest): O^T [512, rows] takes rows * 4 of them.
 # Compiled without spills at these: 232 for 16 rows (at 240 the paged producer's 24 spill), 240 for 32.
@@ -245,14 +245,7 @@ def mla_decode_gluon_narrow_kernel(
     gl.static_assert(not BLOCKSCALE or dtype == gl.bfloat16, "fp8_blockscale: bf16 queries (the rope values are bf16)")
     b = gl.program_id(1)
     split = gl.program_id(2)
-    if NUM_LAYERS > 0:
-        layer = gl.minimum(gl.maximum(gl.load(layer_ptr), 0), NUM_LAYERS - 1)
-        kv_ptr += layer.to(gl.int64) * LAYER_STRIDE
-        if V_SCALED:
-            kv_scale_ptr += layer
-    v_scale = 1.0
-    if V_SCALED:
-        v_scale = gl.load(kv_scale_ptr)
+    kv_ptr, v_scale = _layer_keys(kv_ptr, kv_scale_ptr, layer_ptr, NUM_LAYERS, LAYER_STRIDE, V_SCALED)
     seqlen, splits_here = _sequence_splits(seqlens_ptr, b, CAPACITY, NUM_SPLITS, UNIFORM_SPLITS, BALANCE, BATCH,
                                            BATCH_POW2, SLOTS, ROW_TILES, UNIFORM_NUM, UNIFORM_DEN)
     if NUM_SPLITS > 1:
@@ -263,24 +256,8 @@ def mla_decode_gluon_narrow_kernel(
     n_blocks = gl.maximum(hi - lo + BLOCK_N - 1, 0) // BLOCK_N
 
     q_descs = _descriptor_pair(q_ptr + b.to(gl.int64) * R * D, R, D_V, D_R, ROWS)      # rows past R read as 0
-    tail_start = (gl.maximum(seqlen, 1) - 1) // BLOCK_N * BLOCK_N
-    if PAGED:
-        tail_page = gl.load(table_ptr + b * MAX_BLOCKS + tail_start // PAGE_SIZE)
-        tail_page = gl.minimum(gl.maximum(tail_page, 0), NUM_PAGES - 1)
-        tail_base = kv_ptr + (tail_page.to(gl.int64) * PAGE_SIZE + tail_start % PAGE_SIZE) * TOKEN
-        if FP8:
-            k_descs = _fp8_descriptors(kv_ptr, NUM_PAGES * PAGE_SIZE, TOKEN, D_V, D_R, BLOCKSCALE)
-            tail_descs = _fp8_descriptors(tail_base, gl.maximum(seqlen - tail_start, 1), TOKEN, D_V, D_R, BLOCKSCALE)
-        else:
-            k_descs = _descriptor_pair(kv_ptr, NUM_PAGES * PAGE_SIZE, D_V, D_R, BLOCK_N)
-            tail_descs = _descriptor_pair(tail_base, gl.maximum(seqlen - tail_start, 1), D_V, D_R, BLOCK_N)
-    else:
-        if FP8:
-            k_descs = _fp8_descriptors(kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, gl.maximum(seqlen, 1), TOKEN, D_V, D_R,
-                                       BLOCKSCALE)
-        else:
-            k_descs = _descriptor_pair(kv_ptr + b.to(gl.int64) * N_MAX * D, gl.maximum(seqlen, 1), D_V, D_R, BLOCK_N)
-        tail_descs = k_descs
+    k_descs, tail_descs, tail_start = _key_descriptors(kv_ptr, b, seqlen, table_ptr, N_MAX, TOKEN, D_V, D_R, PAGED,
+                                                       PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, FP8, BLOCKSCALE)
 
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     q_nope = gl.allocate_shared_memory(dtype, [ROWS, D_V], swizzled)
@@ -305,16 +282,11 @@ def mla_decode_gluon_narrow_kernel(
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale)
     outputs = (o_ptr, lse_ptr, o_part_ptr, lse_part_ptr)
     if FP8:
-        plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
-        k_scales = gl.allocate_shared_memory(gl.uint8, [2, BLOCK_N, D_V // 32], plain)   # 4 float32 a token
-        raw_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(raw_ready.index(i), count=1)
-        loads = (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED,
-                 PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
+        loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
+                           MAX_BLOCKS, NUM_PAGES)
         prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
         gl.warp_specialize([
-            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready, k_ready,
+            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5], k_ready,
                              n_blocks, D_V, prefetch, BLOCKSCALE)),
             (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
                          handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
