@@ -31,6 +31,7 @@ from flashmla_jax.kernels import _compile
 from flashmla_jax.kernels import decode as kernels
 from flashmla_jax.kernels import gluon_decode
 from flashmla_jax.kernels import gluon_narrow_decode
+from flashmla_jax.kernels import gluon_sparse_decode
 from flashmla_jax.kernels import sparse as sparse_kernels
 from flashmla_jax.ops import decode as decode_ops
 from flashmla_jax.ops import sparse as sparse_ops
@@ -74,19 +75,26 @@ def compile_gluon_kernel(shape, dtype, paged=False, layers=0, causal=True, num_s
                                        plan.num_warps, plan.num_stages, scalar_types=dict(scale="fp32")), plan
 
 
-def compile_sparse_kernel(shape, dtype, kv_format=None, with_max=False, tiles=None, num_splits=None):
-    """(compiled kernel, plan) of the sparse kernel (mla_decode_sparse / mla_prefill_sparse with with_max) for
-    shape (B, S_q, H, topk, pool tokens), D 576, V 512, planned as the ops plan it."""
+def compile_sparse_kernel(shape, dtype, kv_format=None, with_max=False, tiles=None, num_splits=None, gluon=False,
+                          layers=0):
+    """(compiled kernel, plan) of the sparse kernel (mla_decode_sparse / mla_prefill_sparse with with_max; with
+    gluon the Hopper Gluon decode kernel, kernels/gluon_sparse_decode.py) for shape (B, S_q, H, topk, pool
+    tokens), D 576, V 512, planned as the ops plan it."""
     b, s_q, h, topk, tokens = shape
-    plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, 0, kv_format, num_splits, H100_SMS,
-                                  with_max, tiles=tiles)
+    if gluon:
+        plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, layers, kv_format, num_splits,
+                                      H100_SMS, tiles=sparse_ops.GLUON_SPARSE_TILES, merges_in_kernel=False)
+    else:
+        plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, layers, kv_format, num_splits,
+                                      H100_SMS, with_max, tiles=tiles)
     t = _TRITON_TYPES[dtype]
     pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", idx_ptr="i32", topk_len_ptr="i32",
                          layer_ptr="i32", o_ptr=t, lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32",
                          splits_ptr="i32", count_ptr="i32", max_ptr="fp32")
-    constexprs = dict(plan.constexprs, HAS_TOPK_LENGTH=True)
-    return _compile.compile_for_hopper(sparse_kernels.mla_sparse_kernel, pointer_types, constexprs, plan.num_warps,
-                                       plan.num_stages, scalar_types=dict(scale="fp32")), plan
+    kernel = gluon_sparse_decode.mla_sparse_gluon_kernel if gluon else sparse_kernels.mla_sparse_kernel
+    constexprs = {k: v for k, v in dict(plan.constexprs, HAS_TOPK_LENGTH=True).items() if k in kernel.arg_names}
+    return _compile.compile_for_hopper(kernel, pointer_types, constexprs, plan.num_warps, plan.num_stages,
+                                       scalar_types=dict(scale="fp32")), plan
 
 
 def report(compiled, dump=None):

@@ -49,13 +49,20 @@ sparse_bf16 = fm.mla_decode_sparse(q, pages, sparse_idx, topk_length, implementa
 at_sparse_layer = jax.jit(lambda i: fm.mla_decode_sparse(q, jnp.stack([pages, -pages]), sparse_idx, layer=i,
                                                         implementation="triton")[0])
 sparse_stacked = [at_sparse_layer(jnp.int32(i)) for i in (-1, 2)]
+# The same lists for 64 heads, which "triton" runs on the Hopper Gluon kernel (its gathering producer).
+q64 = jax.random.normal(jax.random.PRNGKey(3), (b, 2, 64, 576), jnp.bfloat16)
+sparse64 = [fm.mla_decode_sparse(q64, fp8_pages, sparse_idx, topk_length, kv_format="fp8_blockscale", num_splits=s,
+                                 implementation="triton")[0] for s in (1, 3)]
+sparse64.append(fm.mla_decode_sparse(q64, pages, sparse_idx, topk_length, implementation="triton")[0])
+sparse64.append(jax.jit(lambda i: fm.mla_decode_sparse(q64, jnp.stack([pages, -pages]), sparse_idx, layer=i,
+                                                       implementation="triton")[0])(jnp.int32(2)))
 # Sparse prefill: 8 tokens over the bf16 latents as a flat kv, the same kinds of bad indices, topk_length 0 for one.
 kv_flat = kv.reshape(-1, 576)
 prefill_idx = sparse_idx[:, 0].reshape(8, -1) % (2 * kv_flat.shape[0]) - 3       # some past N, some negative
 prefill = fm.mla_prefill_sparse(q.reshape(8, 16, 576), kv_flat, prefill_idx, jnp.arange(8, dtype=jnp.int32) * 100,
                                 implementation="triton")
 outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *sparse, sparse_bf16, *sparse_stacked,
-        prefill[0])
+        *sparse64, prefill[0])
 jax.block_until_ready(outs)
 bad_rows_nan = bool(jnp.isnan(paged[3]).all() & jnp.isnan(scheduled_paged[3]).all())
 print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs),

@@ -108,6 +108,36 @@ def test_gluon_narrow_decode_compiles_for_hopper(name):
     assert facts.global_scratch == 128 * (2 + keys * (1 + paged))
 
 
+SPARSE_CLASSES = {   # name: (B, S_q, H, topk, pool tokens, options)
+    "S1: 128 heads, MTP, fp8_blockscale": (128, 2, 128, 2048, 128 * 32768, dict(kv_format="fp8_blockscale")),
+    "S3: 64 heads, split, stacked fp8_blockscale": (8, 1, 64, 2048, 1 << 22, dict(kv_format="fp8_blockscale",
+                                                                               layers=2)),
+    "128 heads, bf16 pool": (64, 1, 128, 2048, 1 << 20, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(SPARSE_CLASSES))
+def test_gluon_sparse_decode_compiles_for_hopper(name):
+    """kernels/gluon_sparse_decode.py: the gathering producer's cp.async in 16-byte pieces, an FP8 pool
+    dequantized by the producer (never a value at a time through fp16 -> bf16), the dense kernel's products, no
+    spills, shared memory within the limit, 12 warps; device-side descriptors only for the query pair and the
+    outputs (the keys are gathered)."""
+    b, s_q, h, topk, tokens, options = SPARSE_CLASSES[name]
+    options = dict(options)
+    kv_format = options.get("kv_format")
+    compiled, plan = compile_report.compile_sparse_kernel((b, s_q, h, topk, tokens), jnp.bfloat16, kv_format,
+                                                          gluon=True, layers=options.get("layers", 0))
+    facts = _compile.facts(compiled)
+    assert facts.stack == 0, f"{facts.stack} bytes of spills"
+    assert facts.shared <= _compile.SHARED_MEMORY_LIMIT
+    assert facts.num_warps == 12
+    assert facts.count("HGMMA") > 0 and facts.count("UTMASTG") > 0
+    assert set(re.findall(r"LDGSTS\S*", facts.sass)) == {"LDGSTS.E.BYPASS.128"}
+    if kv_format:
+        assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128 and facts.count("F2F.BF16.F16") == 0
+    assert facts.global_scratch == 128 * (3 + (plan.num_splits > 1))
+
+
 @gluon.jit
 def _fp8_traffic_probe(x_ptr):
     """Compiles only if the FP8 producer's shared-memory accesses meet no bank conflicts (the compiler's count)."""

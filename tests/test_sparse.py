@@ -439,6 +439,28 @@ def test_kernel_compiles_for_sm90(compiled_sparse_kernels, dtype, kv_format, h, 
 # ---------------------------------------------------------------- tier 3: the GPU, DeepSeek sizes
 
 
+def test_triton_takes_the_gluon_sparse_kernel_on_hopper(monkeypatch):
+    """On a Hopper GPU (faked: the choice is static) "triton" runs mla_decode_sparse on the Gluon kernel for more
+    than 32 heads with a bf16 / fp16 pool or an fp8_blockscale one under bf16 queries, and the tl kernel otherwise
+    and for the prefill (max_logits)."""
+    from flashmla_jax.ops import _registry
+    from flashmla_jax.ops import sparse as ops
+
+    monkeypatch.setattr(ops, "cuda_compute_capability", lambda: (9, 0))
+    monkeypatch.setattr(_registry, "has_cuda_gpu", lambda: True)
+
+    def chosen(h, dtype=jnp.bfloat16, kv_format=None, with_max=False, registry=ops.SPARSE_DECODE):
+        return registry.select("triton", ops.SparseCall((8, 1, h, 576), dtype, 512, kv_format, False, with_max)).name
+
+    assert chosen(128, kv_format="fp8_blockscale") == "gluon"        # S1, S2
+    assert chosen(64, kv_format="fp8_blockscale") == "gluon"         # S3
+    assert chosen(128) == "gluon" and chosen(128, jnp.float16) == "gluon"
+    assert chosen(16, kv_format="fp8_blockscale") == "triton"        # 16 heads: the tl kernel
+    assert chosen(128, jnp.float16, "fp8_blockscale") == "triton"
+    assert chosen(128, jnp.float32) == "triton"
+    assert chosen(128, with_max=True, registry=ops.SPARSE_PREFILL) == "triton"
+
+
 def _deepseek_decode(b, s_q, h, kv_format, context=32768, topk=2048, seed=0):
     """q [B, S_q, H, 576], a pool of B * context / 64 pages of 64 (plus a garbage page), indices into each
     sequence's own shuffled pages with a few -1 and out-of-range entries."""

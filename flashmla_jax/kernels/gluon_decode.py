@@ -200,7 +200,7 @@ def _probabilities(s, m_new_safe, dtype: gl.constexpr):
 def _consumer_state(smem, bars, work, outputs):
     """A consumer group's view of the kernel's tuples, once the query tile has landed, and its initial online-
     softmax state: running max m_i [64] (-inf), row sums l_i [64] and its half of O, acc [64, 256] (zeros)."""
-    q_nope, q_rope, k_nope, k_rope, m_x, l_x = smem
+    q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x = smem
     q_ready, k_ready, k_free, p_ready, done = bars
     qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale = work
     o_desc, o_part_desc, lse_ptr, lse_part_ptr = outputs
@@ -210,17 +210,18 @@ def _consumer_state(smem, bars, work, outputs):
     acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
     return (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo,
             n_blocks, first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr,
-            m_i, l_i, acc)
+            m_i, l_i, acc, valid_x)
 
 
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-               NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr):
+               NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
-    the kernel's tuples (`_consumer_state` unpacks them)."""
+    the kernel's tuples (`_consumer_state` unpacks them). SPARSE (kernels/gluon_sparse_decode.py): a block's
+    slots are masked by the validity its producer stored (`_valid_scores`), and no row has the "saw keys" rule."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc) = _consumer_state(smem, bars, work, outputs)
+     acc, valid_x) = _consumer_state(smem, bars, work, outputs)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + 2 * pair * BLOCK_N
@@ -228,6 +229,8 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
         s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
+        if SPARSE:
+            s = _valid_scores(s, valid_x.index(0))
         m0 = gl.maximum(m_i, gl.max(s, axis=1))
         m0_safe = _safe(m0)
         p0, p0_op = _probabilities(s, m0_safe, q_nope.dtype)
@@ -254,7 +257,7 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
             m_i = m1
         else:
             m_i = m0
-    saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL)
+    saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL, SPARSE)
     out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, saw_keys, v_scale, V_SCALED)
     stage, stage_part = _output_stages(q_nope, k_nope, 0)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
@@ -264,12 +267,12 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                 NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
-                V_SCALED: gl.constexpr):
+                V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False):
     """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
     from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc) = _consumer_state(smem, bars, work, outputs)
+     acc, valid_x) = _consumer_state(smem, bars, work, outputs)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + (2 * pair + 1) * BLOCK_N
@@ -285,6 +288,8 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             acc = warpgroup_mma(k_rope.index(0), k_nope.index(0).slice(HALF_V, HALF_V, dim=1), acc, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s, ))
             s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
+            if SPARSE:
+                s = _valid_scores(s, valid_x.index(1))
             m1 = gl.maximum(m0, gl.max(s, axis=1))
             m1_safe = _safe(m1)
             p1, p1_op = _probabilities(s, m1_safe, q_nope.dtype)
@@ -315,7 +320,7 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(0), count=1)
             m_i = m0
-    saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL)
+    saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL, SPARSE)
     out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1, saw_keys, v_scale, V_SCALED)
     stage, stage_part = _output_stages(q_nope, k_nope, 1)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
@@ -323,9 +328,22 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
 
 
 @gluon.jit
-def _rows_saw_keys(lo, n_blocks, seqlen, tile, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr):
-    """[64] bool: the tile's rows that have keys in this split (its keys start at lo; n_blocks of them)."""
-    return (n_blocks > 0) & (lo < _row_limits(seqlen, tile, H, S_Q, CAUSAL))
+def _rows_saw_keys(lo, n_blocks, seqlen, tile, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
+                   SPARSE: gl.constexpr = False):
+    """[64] bool: the tile's rows that have keys in this split (its keys start at lo; n_blocks of them). SPARSE:
+    none (the sparse ops give a row whose scores are all -inf 0 and -inf, as the tl sparse kernel does)."""
+    saw = (n_blocks > 0) & (lo < _row_limits(seqlen, tile, H, S_Q, CAUSAL))
+    if SPARSE:
+        saw = saw & False
+    return saw
+
+
+@gluon.jit
+def _valid_scores(s, valid):
+    """Scores s [64, 64] with -inf in the columns of slots that hold no valid token (valid: a ring slot's [64]
+    int8 flags, stored by the sparse producer with the block)."""
+    ok = valid.load(gl.SliceLayout(0, _score_layout())) != 0
+    return gl.where(gl.expand_dims(ok, 0), s, float("-inf"))
 
 
 @gluon.jit
@@ -724,7 +742,7 @@ def mla_decode_gluon_kernel(
     if NUM_SPLITS > 1:
         o_part_desc = _output_descriptor(o_part_ptr + ((b.to(gl.int64) * NUM_SPLITS + split) * R + tile * BLOCK_M) * D_V,
                                          q_rows, D_V)
-    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x)
+    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x)     # the last: the sparse kernel's slot flags, unused
     bars = (q_ready, k_ready, k_free, p_ready, done)
     qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flashmla_jax import _checks, reference
-from flashmla_jax._backend import num_sms
+from flashmla_jax._backend import cuda_compute_capability, num_sms
 from flashmla_jax.fp8 import latent_format
 from flashmla_jax.ops._batching import Mapped, fold_vmap_into_batch, inference_only, member_axis
 from flashmla_jax.ops._launch import launch
@@ -64,13 +64,15 @@ def sparse_tiles(heads: int, dtype, kv_format: str | None) -> DecodeTiles:
 
 def plan_sparse(q_shape: tuple, dtype, head_dim_v: int, topk: int, num_tokens: int, num_layers: int,
                 kv_format: str | None, num_splits: int | None, sms: int, with_max: bool = False,
-                fp8_native: bool = True, tiles: DecodeTiles | None = None) -> SparsePlan:
+                fp8_native: bool = True, tiles: DecodeTiles | None = None,
+                merges_in_kernel: bool = True) -> SparsePlan:
     """q_shape [B, S_q, H, D]; a pool of num_tokens tokens (num_layers > 0: a stack of that many such pools, of
     num_tokens * W elements a layer, W = D or the FP8 format's bytes per token); topk index slots per pair.
 
     Tiles: `sparse_tiles` (`tiles` replaces them). num_splits None: split the index list only where the pairs'
     row tiles leave the GPU's `sms` idle (`choose_num_splits`); never more splits than blocks of the list; with_max
-    (the prefill's max_logits) needs one split."""
+    (the prefill's max_logits) needs one split. merges_in_kernel False: every split list is merged by the combine
+    kernel (the Gluon kernel has no in-kernel merge)."""
     batch, s_q, heads, d = q_shape
     pairs = batch * s_q
     tiles = tiles or sparse_tiles(heads, dtype, kv_format)
@@ -84,7 +86,7 @@ def plan_sparse(q_shape: tuple, dtype, head_dim_v: int, topk: int, num_tokens: i
     topk_blocks = max(1, -(-topk // tiles.block_n))
     num_splits = min(num_splits, topk_blocks)          # no split past the list
     split_len = -(-topk_blocks // num_splits) * tiles.block_n
-    last_merges = 1 < num_splits <= MAX_SPLITS_MERGED_IN_KERNEL
+    last_merges = merges_in_kernel and 1 < num_splits <= MAX_SPLITS_MERGED_IN_KERNEL
     splits_pow2 = _pow2_at_least(num_splits)
     width = d if kv_format is None else latent_format(kv_format, head_dim_v, d - head_dim_v).bytes_per_token
     constexprs = dict(
@@ -113,6 +115,7 @@ class SparseCall:
     head_dim_v: int
     kv_format: str | None
     stacked: bool = False     # a layer-stacked pool read at `layer`
+    with_max: bool = False    # the prefill's max_logits output
 
     @property
     def d_r(self) -> int:
@@ -170,9 +173,61 @@ class TritonSparse(TritonRunner, SparseImplementation):
         return (out, lse, max_logits.reshape(b, s_q, h)) if with_max else (out, lse)
 
 
+class GluonSparse(SparseImplementation):
+    """The Hopper kernel in Gluon (kernels/gluon_sparse_decode.py: the dense Gluon decode's consumer warpgroups fed
+    by a producer that gathers the listed tokens with cp.async and dequantizes an FP8 pool in shared memory) and
+    the combine kernel, through jax-triton on a compute capability 9.x GPU: bf16 / fp16 pools, "fp8_blockscale"
+    ones with bf16 queries, 512 + 64 latents, more than 32 heads (a narrower pair pads its 64-row tile: the tl
+    kernel takes it), no max_logits (the prefill's)."""
+
+    name = "gluon"
+
+    def unsupported(self, call: SparseCall) -> str | None:
+        capability = cuda_compute_capability()
+        if capability is None or capability[0] != 9:
+            return "the Gluon kernels need a Hopper GPU (compute capability 9.x) as JAX's default backend"
+        if call.dtype not in (jnp.bfloat16, jnp.float16):
+            return f"the Gluon sparse kernel takes bfloat16 or float16 queries, not {jnp.dtype(call.dtype)}"
+        if call.kv_format == "fp8_blockscale" and call.dtype != jnp.bfloat16:
+            return f"the Gluon sparse kernel reads fp8_blockscale pools with bfloat16 queries, not {jnp.dtype(call.dtype)}"
+        if (call.head_dim_v, call.d_r) != (512, 64):
+            return f"the Gluon sparse kernel takes 512 + 64 latents, not {call.head_dim_v} + {call.d_r}"
+        if call.q_shape[2] < GLUON_SPARSE_MIN_HEADS:
+            return f"{call.q_shape[2]} heads: the Gluon sparse kernel's 64-row tiles start at {GLUON_SPARSE_MIN_HEADS}"
+        if call.with_max:
+            return "the Gluon sparse kernel does not write max_logits (mla_prefill_sparse's)"
+        return None
+
+    def attend(self, q, pool, indices, topk_length, layer, *, head_dim_v, scale, kv_format, num_splits, with_max):
+        from flashmla_jax.kernels import gluon_sparse_decode as kernels
+
+        b, s_q, h, d = q.shape
+        stacked = layer is not None
+        plan = plan_sparse(q.shape, q.dtype, head_dim_v, indices.shape[-1], pool.shape[-2],
+                           pool.shape[0] if stacked else 0, kv_format, num_splits, num_sms("triton"), False, True,
+                           tiles=GLUON_SPARSE_TILES, merges_in_kernel=False)
+        constexprs = {k: v for k, v in plan.constexprs.items() if k in kernels.mla_sparse_gluon_kernel.arg_names}
+        unused = indices                      # the pointer of an input the kernel does not read
+        *split, _ = launch(
+            kernels.mla_sparse_gluon_kernel, q.reshape(b * s_q, h, d), pool, indices,
+            unused if topk_length is None else topk_length, unused if layer is None else layer, np.float32(scale),
+            out_shape=plan.outputs, grid=plan.grid, implementation="triton", num_warps=plan.num_warps,
+            num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs, HAS_TOPK_LENGTH=topk_length is not None,
+            **constexprs)
+        out, lse = merge_splits(SplitOutputs(*split), plan.combine_grid, plan.combine_constexprs, "triton")
+        return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
+
+
+# The Gluon sparse kernel's fixed tiling (kernels/gluon_sparse_decode.py): 64 heads and 64 slots a block, 4
+# launched warps (the producer), one stage (its ring is the kernel's own).
+GLUON_SPARSE_TILES = DecodeTiles(64, 64, 4, 1, False, False, False)
+GLUON_SPARSE_MIN_HEADS = 33
+
 _IMPLEMENTATIONS = {"triton": (TritonSparse("triton"),), "xla": (XlaSparse(),),
                     "interpret": (TritonSparse("interpret"),)}
-SPARSE_DECODE = Registry("mla_decode_sparse", _IMPLEMENTATIONS)
+# "triton" on a Hopper GPU: the Gluon kernel for the sparse decode where it can run, the tl kernel otherwise.
+SPARSE_DECODE = Registry("mla_decode_sparse", dict(_IMPLEMENTATIONS,
+                                                   triton=(GluonSparse(), TritonSparse("triton"))))
 SPARSE_PREFILL = Registry("mla_prefill_sparse", _IMPLEMENTATIONS)
 
 
@@ -213,7 +268,8 @@ def _attend(registry: Registry, implementation, q, pool, indices, topk_length, l
         rows = jnp.full((b, s_q, h), -jnp.inf, jnp.float32)
         empty = (jnp.zeros((b, s_q, h, head_dim_v), q.dtype), rows)
         return (*empty, rows) if options["with_max"] else empty
-    impl = registry.select(implementation, SparseCall(q.shape, q.dtype, head_dim_v, kv_format, layer is not None))
+    impl = registry.select(implementation, SparseCall(q.shape, q.dtype, head_dim_v, kv_format, layer is not None,
+                                                      options["with_max"]))
     message = (f"{registry.op} is inference-only (forward only) and has no derivative: jax.lax.stop_gradient its "
                "inputs (mla_prefill_sparse's docstring says what a backward needs)")
     fn = functools.partial(impl.attend, head_dim_v=head_dim_v, kv_format=kv_format, **options)
