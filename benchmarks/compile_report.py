@@ -83,7 +83,8 @@ def compile_sparse_kernel(shape, dtype, kv_format=None, with_max=False, tiles=No
     b, s_q, h, topk, tokens = shape
     if gluon:
         plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, layers, kv_format, num_splits,
-                                      H100_SMS, tiles=sparse_ops.GLUON_SPARSE_TILES, merges_in_kernel=False)
+                                      H100_SMS, with_max, tiles=sparse_ops.GLUON_SPARSE_TILES,
+                                      merges_in_kernel=False)
     else:
         plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, layers, kv_format, num_splits,
                                       H100_SMS, with_max, tiles=tiles)

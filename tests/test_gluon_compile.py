@@ -113,6 +113,7 @@ SPARSE_CLASSES = {   # name: (B, S_q, H, topk, pool tokens, options)
     "S3: 64 heads, split, stacked fp8_blockscale": (8, 1, 64, 2048, 1 << 22, dict(kv_format="fp8_blockscale",
                                                                                layers=2)),
     "128 heads, bf16 pool": (64, 1, 128, 2048, 1 << 20, {}),
+    "SP: the prefill's max_logits, bf16": (4096, 1, 128, 2048, 32768, dict(with_max=True)),
 }
 
 
@@ -126,7 +127,8 @@ def test_gluon_sparse_decode_compiles_for_hopper(name):
     options = dict(options)
     kv_format = options.get("kv_format")
     compiled, plan = compile_report.compile_sparse_kernel((b, s_q, h, topk, tokens), jnp.bfloat16, kv_format,
-                                                          gluon=True, layers=options.get("layers", 0))
+                                                          options.get("with_max", False), gluon=True,
+                                                          layers=options.get("layers", 0))
     facts = _compile.facts(compiled)
     assert facts.stack == 0, f"{facts.stack} bytes of spills"
     assert facts.shared <= _compile.SHARED_MEMORY_LIMIT

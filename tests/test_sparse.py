@@ -441,8 +441,8 @@ def test_kernel_compiles_for_sm90(compiled_sparse_kernels, dtype, kv_format, h, 
 
 def test_triton_takes_the_gluon_sparse_kernel_on_hopper(monkeypatch):
     """On a Hopper GPU (faked: the choice is static) "triton" runs mla_decode_sparse on the Gluon kernel for more
-    than 32 heads with a bf16 / fp16 pool or an fp8_blockscale one under bf16 queries, and the tl kernel otherwise
-    and for the prefill (max_logits)."""
+    than 32 heads with a bf16 / fp16 pool or an fp8_blockscale one under bf16 queries, and so mla_prefill_sparse
+    (with its max_logits); the tl kernel otherwise."""
     from flashmla_jax.ops import _registry
     from flashmla_jax.ops import sparse as ops
 
@@ -458,7 +458,8 @@ def test_triton_takes_the_gluon_sparse_kernel_on_hopper(monkeypatch):
     assert chosen(16, kv_format="fp8_blockscale") == "triton"        # 16 heads: the tl kernel
     assert chosen(128, jnp.float16, "fp8_blockscale") == "triton"
     assert chosen(128, jnp.float32) == "triton"
-    assert chosen(128, with_max=True, registry=ops.SPARSE_PREFILL) == "triton"
+    assert chosen(128, with_max=True, registry=ops.SPARSE_PREFILL) == "gluon"      # SP
+    assert chosen(16, with_max=True, registry=ops.SPARSE_PREFILL) == "triton"
 
 
 def _deepseek_decode(b, s_q, h, kv_format, context=32768, topk=2048, seed=0):

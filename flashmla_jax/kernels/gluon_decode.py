@@ -215,10 +215,13 @@ def _consumer_state(smem, bars, work, outputs):
 
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-               NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False):
+               NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False,
+               WRITE_MAX: gl.constexpr = False, max_ptr=None):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them). SPARSE (kernels/gluon_sparse_decode.py): a block's
-    slots are masked by the validity its producer stored (`_valid_scores`), and no row has the "saw keys" rule."""
+    slots are masked by the validity its producer stored (`_valid_scores`), and no row has the "saw keys" rule.
+    WRITE_MAX (the sparse prefill, one split): each row's largest scaled score q.k * scale into max_ptr [B, R]
+    (-inf for a row with no key)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
      acc, valid_x) = _consumer_state(smem, bars, work, outputs)
@@ -257,6 +260,9 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
             m_i = m1
         else:
             m_i = m0
+    if WRITE_MAX:
+        rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=_row_vector_layout())
+        gl.store(max_ptr + b.to(gl.int64) * (H * S_Q) + rows, m_i * LN2, mask=rows < H * S_Q)
     saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL, SPARSE)
     out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, saw_keys, v_scale, V_SCALED)
     stage, stage_part = _output_stages(q_nope, k_nope, 0)

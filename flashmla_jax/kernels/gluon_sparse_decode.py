@@ -1,4 +1,4 @@
-"""Sparse (top-k) absorbed MLA decode for Hopper in Gluon: kernels/gluon_decode.py's two consumer warpgroups (64
+"""Sparse (top-k) absorbed MLA attention for Hopper in Gluon, decode and prefill (its max_logits too): kernels/gluon_decode.py's two consumer warpgroups (64
 heads of one query token a program, the seesaw over 64-slot blocks) fed by a gathering producer.
 
 Each query token (a "pair", as in kernels/sparse.py) attends to its own list of TOPK token indices into a flat
@@ -107,11 +107,11 @@ def mla_sparse_gluon_kernel(
     o_ptr, lse_ptr, o_part_ptr, lse_part_ptr, splits_ptr, count_ptr, max_ptr,
     H: gl.constexpr, S_Q: gl.constexpr, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr, HAS_TOPK_LENGTH: gl.constexpr,
     NUM_LAYERS: gl.constexpr, LAYER_STRIDE: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
-    NUM_SPLITS: gl.constexpr, SPLIT_LEN: gl.constexpr, KV_FORMAT: gl.constexpr,
+    NUM_SPLITS: gl.constexpr, SPLIT_LEN: gl.constexpr, KV_FORMAT: gl.constexpr, WRITE_MAX: gl.constexpr,
 ):
     """Grid (ROW_TILES = cdiv(H, 64), P = B * S_Q pairs, NUM_SPLITS), launched with num_warps=4 (the producer; the
-    two consumer warpgroups are added: 12 warps). As kernels/sparse.py's `mla_sparse_kernel` without its max
-    output (max_ptr and count_ptr unused): q_ptr [P, H, 576] bf16 / fp16; idx_ptr [P, TOPK] int32; topk_len_ptr
+    two consumer warpgroups are added: 12 warps). As kernels/sparse.py's `mla_sparse_kernel` (count_ptr unused;
+    WRITE_MAX, one split: max_ptr [P, H] float32, each row's largest scaled score): q_ptr [P, H, 576] bf16 / fp16; idx_ptr [P, TOPK] int32; topk_len_ptr
     [P // S_Q] int32 with HAS_TOPK_LENGTH; kv_ptr the pool [NUM_TOKENS, 576] in q's dtype, or with KV_FORMAT 1
     ("fp8_blockscale", bf16 q) uint8 [NUM_TOKENS, 656]; NUM_LAYERS > 0: a stack read at layer_ptr. Each split
     covers SPLIT_LEN slots; o_ptr [P, H, D_V], lse_ptr [P, H]; with NUM_SPLITS > 1 o_part_ptr [P, NUM_SPLITS, H,
@@ -119,6 +119,7 @@ def mla_sparse_gluon_kernel(
     gl.static_assert(KV_FORMAT == 0 or KV_FORMAT == KV_BLOCKSCALE, "caches in q's dtype or fp8_blockscale")
     gl.static_assert(D_V == 2 * HALF_V and D_R == 64, "DeepSeek's 512 + 64 latent")
     gl.static_assert(SPLIT_LEN % BLOCK_N == 0, "a split covers whole blocks of 64 slots")
+    gl.static_assert(not WRITE_MAX or NUM_SPLITS == 1, "max_logits is written by a list's only split")
     BLOCKSCALE: gl.constexpr = KV_FORMAT == KV_BLOCKSCALE
     D: gl.constexpr = D_V + D_R
     dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -178,7 +179,7 @@ def mla_sparse_gluon_kernel(
         (_gather_producer, (q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x, q_ready, k_ready, k_free,
                             idx_ptr, kv_bytes, pair, lo, hi, n_blocks, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V,
                             BLOCKSCALE)),
-        (_left_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, False, True)),
+        (_left_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, False, True, WRITE_MAX, max_ptr)),
         # The right group's `loads` is unused: the producer gathers every block.
         (_right_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, pair, False, False, False, True)),
     ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])

@@ -178,7 +178,7 @@ class GluonSparse(SparseImplementation):
     by a producer that gathers the listed tokens with cp.async and dequantizes an FP8 pool in shared memory) and
     the combine kernel, through jax-triton on a compute capability 9.x GPU: bf16 / fp16 pools, "fp8_blockscale"
     ones with bf16 queries, 512 + 64 latents, more than 32 heads (a narrower pair pads its 64-row tile: the tl
-    kernel takes it), no max_logits (the prefill's)."""
+    kernel takes it); the decode and the prefill (with its max_logits)."""
 
     name = "gluon"
 
@@ -194,8 +194,6 @@ class GluonSparse(SparseImplementation):
             return f"the Gluon sparse kernel takes 512 + 64 latents, not {call.head_dim_v} + {call.d_r}"
         if call.q_shape[2] < GLUON_SPARSE_MIN_HEADS:
             return f"{call.q_shape[2]} heads: the Gluon sparse kernel's 64-row tiles start at {GLUON_SPARSE_MIN_HEADS}"
-        if call.with_max:
-            return "the Gluon sparse kernel does not write max_logits (mla_prefill_sparse's)"
         return None
 
     def attend(self, q, pool, indices, topk_length, layer, *, head_dim_v, scale, kv_format, num_splits, with_max):
@@ -204,18 +202,19 @@ class GluonSparse(SparseImplementation):
         b, s_q, h, d = q.shape
         stacked = layer is not None
         plan = plan_sparse(q.shape, q.dtype, head_dim_v, indices.shape[-1], pool.shape[-2],
-                           pool.shape[0] if stacked else 0, kv_format, num_splits, num_sms("triton"), False, True,
+                           pool.shape[0] if stacked else 0, kv_format, num_splits, num_sms("triton"), with_max, True,
                            tiles=GLUON_SPARSE_TILES, merges_in_kernel=False)
         constexprs = {k: v for k, v in plan.constexprs.items() if k in kernels.mla_sparse_gluon_kernel.arg_names}
         unused = indices                      # the pointer of an input the kernel does not read
-        *split, _ = launch(
+        *split, max_logits = launch(
             kernels.mla_sparse_gluon_kernel, q.reshape(b * s_q, h, d), pool, indices,
             unused if topk_length is None else topk_length, unused if layer is None else layer, np.float32(scale),
             out_shape=plan.outputs, grid=plan.grid, implementation="triton", num_warps=plan.num_warps,
             num_stages=plan.num_stages, zeroed_outputs=plan.zeroed_outputs, HAS_TOPK_LENGTH=topk_length is not None,
             **constexprs)
         out, lse = merge_splits(SplitOutputs(*split), plan.combine_grid, plan.combine_constexprs, "triton")
-        return out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
+        out, lse = out.reshape(b, s_q, h, head_dim_v), lse.reshape(b, s_q, h)
+        return (out, lse, max_logits.reshape(b, s_q, h)) if with_max else (out, lse)
 
 
 # The Gluon sparse kernel's fixed tiling (kernels/gluon_sparse_decode.py): 64 heads and 64 slots a block, 4
@@ -223,11 +222,10 @@ class GluonSparse(SparseImplementation):
 GLUON_SPARSE_TILES = DecodeTiles(64, 64, 4, 1, False, False, False)
 GLUON_SPARSE_MIN_HEADS = 33
 
-_IMPLEMENTATIONS = {"triton": (TritonSparse("triton"),), "xla": (XlaSparse(),),
+# "triton" on a Hopper GPU: the Gluon kernel where it can run, the tl kernel otherwise.
+_IMPLEMENTATIONS = {"triton": (GluonSparse(), TritonSparse("triton")), "xla": (XlaSparse(),),
                     "interpret": (TritonSparse("interpret"),)}
-# "triton" on a Hopper GPU: the Gluon kernel for the sparse decode where it can run, the tl kernel otherwise.
-SPARSE_DECODE = Registry("mla_decode_sparse", dict(_IMPLEMENTATIONS,
-                                                   triton=(GluonSparse(), TritonSparse("triton"))))
+SPARSE_DECODE = Registry("mla_decode_sparse", _IMPLEMENTATIONS)
 SPARSE_PREFILL = Registry("mla_prefill_sparse", _IMPLEMENTATIONS)
 
 
