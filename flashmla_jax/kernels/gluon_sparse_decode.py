@@ -6,8 +6,9 @@ pool (a paged pool is flat: index = page * page_size + offset). Hopper's TMA can
 (the default partition, 4 warps) loads block j's 64 listed tokens with cp.async, row by row, into ring slot
 j % 2 in the swizzled layout the wgmma reads: a cache in q's dtype directly; an "fp8_blockscale" pool's codes
 into the upper half of the slot's tile, its bf16 rope and its scales beside, then dequantized in place as the
-dense FP8 producer does (`_dequantize`). It gathers block j + 1 while it finishes block j, waits for its own
-copies (cp.async groups), fences them for the tensor cores' proxy and releases the slot through `k_ready`.
+dense FP8 producer does (`_dequantize`). It gathers an odd block while it finishes the even one before, waits
+for its own copies (cp.async groups), fences them for the tensor cores' proxy and releases the slot through
+`k_ready`.
 
 Slots past the pair's top-k length and indices outside [0, NUM_TOKENS) are never read: their rows are
 zero-filled and the producer stores each block's slot validity beside the ring, where the consumers mask the
@@ -78,16 +79,20 @@ def _gather_block(j, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, 
 def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x, q_ready, k_ready, k_free, idx_ptr,
                      kv_bytes, pair, lo, hi, n_blocks, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr,
                      TOKEN_BYTES: gl.constexpr, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
-    """The default partition (4 warps): the query tile by TMA, then each block gathered (`_gather_block`) one
-    ahead of the one it finishes: its copies waited for, an FP8 block dequantized in its slot, fenced for the
-    wgmma's proxy, released through k_ready."""
+    """The default partition (4 warps): the query tile by TMA, then each block gathered (`_gather_block`), its
+    copies waited for, an FP8 block dequantized in its slot, fenced for the wgmma's proxy and released through
+    k_ready. Each odd block is gathered before the even block ahead of it is released."""
     _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
     if n_blocks > 0:
         _gather_block(0, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, TOPK,
                       NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
     for j in range(n_blocks):
         slot = j % 2
-        if j + 1 < n_blocks:
+        # Block j + 1 waits for block j - 1's slot. For an even j both groups free it without block j: gather
+        # first, two blocks' copies in flight. For an odd j the right group frees it only after it has had
+        # block j (it waits for k_ready[1] before its P.V over block j - 1): release first, or neither moves.
+        ahead = (j + 1 < n_blocks) & (slot == 0)
+        if ahead:
             _gather_block(j + 1, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, TOPK,
                           NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
             async_copy.wait_group(1)          # this thread's copies of block j have landed
@@ -99,6 +104,9 @@ def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x,
         fence_async_shared()                  # generic writes (copies, conversion) before the wgmma reads them
         gl.thread_barrier()
         mbarrier.arrive(k_ready.index(slot), count=1)
+        if (j + 1 < n_blocks) & (slot == 1):
+            _gather_block(j + 1, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, TOPK,
+                          NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
 
 
 @gluon.jit
