@@ -434,11 +434,12 @@ class GluonDecode(DecodeImplementation):
 
     every_call: False under "triton": there it takes the 64-row tile class (more than 32 query rows, S_q * H),
     where it ran 1.46-1.63x the tl kernel on the H200, and fewer rows when the static schedule splits each
-    sequence at most NARROW_MAX_SPLITS ways (on the H200: D1 0.154 against 0.168 ms, D4 0.210 against 0.234,
-    D1-paged 0.161 against 0.163). With more splits its fixed start per program shows (D3: 0.036 against 0.030
-    ms; benchmarks/NOTES.md). An FP8 cache it takes for every row count: there it ran 1.4-1.5x the tl kernels on
-    every "fp8_blockscale" row measured (D1-fp8 to D6-fp8, paged too), and "fp8_pertensor" rows in 0.172 / 0.327
-    ms (D1-fp8pt / D5-fp8pt) against the tl kernels' 0.293 / 0.516 in an earlier run.
+    sequence at most NARROW_MAX_SPLITS ways (on the H200, the narrow kernel: D1 0.153, D4 0.185, D1-paged 0.157
+    ms against the tl kernel's 0.168 / 0.234 / 0.163 in an earlier run). With more splits its fixed start per
+    program shows (D3: 0.032 against 0.030 ms; benchmarks/NOTES.md). An FP8 cache it takes for every row count:
+    the 64-row kernel ran 1.4-1.5x the tl kernels on every "fp8_blockscale" row measured (D1-fp8 to D6-fp8,
+    paged too) and "fp8_pertensor" ones in 0.327 ms at D5-fp8pt against 0.516, and the narrow kernel 1.23-1.28x
+    the 64-row one (D1-fp8 0.157, D1-fp8pt 0.140 ms).
     True under "gluon": every call it can run."""
 
     name = "gluon"

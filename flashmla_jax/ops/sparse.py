@@ -331,9 +331,10 @@ def mla_decode_sparse(q: jax.Array, pool: jax.Array, indices: jax.Array, topk_le
         dequantizes the gathered tokens with `dequantize_latent`). "fp8_pertensor" is refused.
       return_lse: also return the log-sum-exp (the default, as FlashMLA).
       head_dim_v: width of V, the first columns of the latent (512).
-      implementation: "triton" (the tl kernel through jax-triton on a CUDA GPU), "xla" (the jnp reference) or
-        "interpret" (the tl kernel in Triton's interpreter, on the CPU); None means "triton" on a CUDA device, else
-        "xla". A call the chosen implementation cannot run raises ValueError saying why and which one can
+      implementation: "triton" (jax-triton on a CUDA GPU: on a Hopper GPU the Gluon kernel for more than 32
+        heads, bf16 / fp16 queries and fp8_blockscale pools with bf16 ones, the tl kernel otherwise), "xla" (the
+        jnp reference) or "interpret" (the tl kernel in Triton's interpreter, on the CPU); None means "triton" on
+        a CUDA device, else "xla". A call the chosen implementation cannot run raises ValueError saying why and which one can
         (SPARSE_DECODE, the op's registry).
       layer: None, or the layer of a stacked pool: a Python int in [0, L) (ValueError otherwise) or a traced
         integer scalar (clamped to [0, L - 1]); the kernel offsets its pointer, no slice is materialized (under
