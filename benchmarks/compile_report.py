@@ -81,13 +81,9 @@ def compile_sparse_kernel(shape, dtype, kv_format=None, with_max=False, tiles=No
     gluon the Hopper Gluon decode kernel, kernels/gluon_sparse_decode.py) for shape (B, S_q, H, topk, pool
     tokens), D 576, V 512, planned as the ops plan it."""
     b, s_q, h, topk, tokens = shape
-    if gluon:
-        plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, layers, kv_format, num_splits,
-                                      H100_SMS, with_max, tiles=sparse_ops.GLUON_SPARSE_TILES,
-                                      merges_in_kernel=False)
-    else:
-        plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, layers, kv_format, num_splits,
-                                      H100_SMS, with_max, tiles=tiles)
+    tiles = sparse_ops.GLUON_SPARSE_TILES if gluon else tiles          # the Gluon kernel's tiling is fixed
+    plan = sparse_ops.plan_sparse((b, s_q, h, 576), dtype, 512, topk, tokens, layers, kv_format, num_splits, H100_SMS,
+                                  with_max, tiles=tiles, merges_in_kernel=not gluon)
     t = _TRITON_TYPES[dtype]
     pointer_types = dict(q_ptr=t, kv_ptr=t if kv_format is None else "u8", idx_ptr="i32", topk_len_ptr="i32",
                          layer_ptr="i32", o_ptr=t, lse_ptr="fp32", o_part_ptr="fp32", lse_part_ptr="fp32",

@@ -722,25 +722,9 @@ def mla_decode_gluon_kernel(
     k_descs, tail_descs, tail_start = _key_descriptors(kv_ptr, b, seqlen, table_ptr, N_MAX, TOKEN, D_V, D_R, PAGED,
                                                        PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, FP8, BLOCKSCALE)
     prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
-    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
-    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_R], swizzled)
-    k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
-    k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
-    rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    m_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)     # m0 | m1
-    l_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)     # left | right row sums
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)
-    mbarrier.init(done, count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_free.index(i), count=2)          # both consumer groups release a slot
-        mbarrier.init(p_ready.index(i), count=1)
+    q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
+        dtype, D_V, D_R)
+    bars = (q_ready, k_ready, k_free, p_ready, done)
 
     # Output descriptors end at the tile's last real row; partials only when a sequence may split.
     o_desc = _output_descriptor(o_ptr + (b.to(gl.int64) * R + tile * BLOCK_M) * D_V, q_rows, D_V)
@@ -749,7 +733,6 @@ def mla_decode_gluon_kernel(
         o_part_desc = _output_descriptor(o_part_ptr + ((b.to(gl.int64) * NUM_SPLITS + split) * R + tile * BLOCK_M) * D_V,
                                          q_rows, D_V)
     smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x)     # the last: the sparse kernel's slot flags, unused
-    bars = (q_ready, k_ready, k_free, p_ready, done)
     qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
@@ -770,6 +753,34 @@ def mla_decode_gluon_kernel(
             # The right group's `loads` is unused without FP8.
             (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, V_SCALED)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+
+
+@gluon.jit
+def _seesaw_buffers(dtype: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr):
+    """The 64-row kernels' shared memory and initialised barriers (this kernel's and the sparse one's):
+    q_nope [64, D_V], q_rope [64, D_R], k_nope [2, 64, D_V], k_rope [2, 64, D_R] (the query tile and the two-slot
+    key ring, in q's dtype), m_x, l_x [128] float32 (the groups' maxima m0 | m1 and row sums left | right), then
+    the barriers q_ready, k_ready [2], k_free [2], p_ready [2], done."""
+    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
+    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_R], swizzled)
+    k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
+    k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
+    rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+    m_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)
+    l_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+    mbarrier.init(q_ready, count=1)
+    mbarrier.init(done, count=2)
+    for i in gl.static_range(2):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_free.index(i), count=2)          # both consumer groups release a slot
+        mbarrier.init(p_ready.index(i), count=1)
+    return q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done
 
 
 @gluon.jit

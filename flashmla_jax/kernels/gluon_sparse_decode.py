@@ -21,7 +21,8 @@ from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_a
 from flashmla_jax.kernels._common import LOG2E
 from flashmla_jax.kernels.gluon_decode import (BLOCK_M, BLOCK_N, CODE_BOX, FP8_CONSUMER_REGS, HALF_V, KV_BLOCKSCALE,
                                                _dequantize, _descriptor_pair, _layer_keys, _left_half,
-                                               _load_query_tile, _output_descriptor, _right_half)
+                                               _load_query_tile, _output_descriptor, _right_half,
+                                               _seesaw_buffers)
 
 
 @gluon.constexpr_function
@@ -44,11 +45,12 @@ def _gather_rows(dst, rows, valid, base, offset, ROW_BYTES: gl.constexpr):
 
 
 @gluon.jit
-def _gather_block(j, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free,
-                  TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr, TOKEN_BYTES: gl.constexpr, D_V: gl.constexpr,
-                  BLOCKSCALE: gl.constexpr):
+def _gather_block(j, gather, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr, TOKEN_BYTES: gl.constexpr,
+                  D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """Block j's tokens (slots lo + 64 j ...) into ring slot j % 2 once both consumer groups have released it:
-    their validity into valid_x, their bytes by cp.async (one commit group). kv_bytes: the pool as uint8."""
+    their validity into valid_x, their bytes by cp.async (one commit group). gather: (idx_ptr, pair, lo, hi,
+    kv_bytes (the pool as uint8), k_nope, k_rope, k_scales, valid_x, k_free)."""
+    idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free = gather
     slot = j % 2
     mbarrier.wait(k_free.index(slot), ((j // 2) & 1) ^ 1)      # a fresh barrier passes phase 1
     flags_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -83,18 +85,17 @@ def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x,
     copies waited for, an FP8 block dequantized in its slot, fenced for the wgmma's proxy and released through
     k_ready. Each odd block is gathered before the even block ahead of it is released."""
     _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
+    gather = (idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free)
     if n_blocks > 0:
-        _gather_block(0, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, TOPK,
-                      NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
+        _gather_block(0, gather, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
     for j in range(n_blocks):
         slot = j % 2
         # Block j + 1 waits for block j - 1's slot. For an even j both groups free it without block j: gather
         # first, two blocks' copies in flight. For an odd j the right group frees it only after it has had
         # block j (it waits for k_ready[1] before its P.V over block j - 1): release first, or neither moves.
-        ahead = (j + 1 < n_blocks) & (slot == 0)
-        if ahead:
-            _gather_block(j + 1, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, TOPK,
-                          NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
+        more = j + 1 < n_blocks
+        if more & (slot == 0):
+            _gather_block(j + 1, gather, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
             async_copy.wait_group(1)          # this thread's copies of block j have landed
         else:
             async_copy.wait_group(0)
@@ -104,9 +105,8 @@ def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x,
         fence_async_shared()                  # generic writes (copies, conversion) before the wgmma reads them
         gl.thread_barrier()
         mbarrier.arrive(k_ready.index(slot), count=1)
-        if (j + 1 < n_blocks) & (slot == 1):
-            _gather_block(j + 1, idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, TOPK,
-                          NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
+        if more & (slot == 1):
+            _gather_block(j + 1, gather, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
 
 
 @gluon.jit
@@ -149,28 +149,13 @@ def mla_sparse_gluon_kernel(
     q_base = q_ptr + (pair.to(gl.int64) * H + tile * BLOCK_M) * D
     q_rows = gl.minimum(H - tile * BLOCK_M, BLOCK_M)
     q_descs = _descriptor_pair(q_base, q_rows, D_V, D_R, BLOCK_M)          # rows past q_rows read as 0
-    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
-    q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_R], swizzled)
-    k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
-    k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
+    q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
+        dtype, D_V, D_R)
+    bars = (q_ready, k_ready, k_free, p_ready, done)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    m_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)
-    l_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)
     valid_x = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N], rows_layout)      # each slot's flags
     plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
     k_scales = gl.allocate_shared_memory(gl.uint8, [2, BLOCK_N, D_V // 32], plain)      # blockscale only
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    done = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)
-    mbarrier.init(done, count=2)
-    for i in gl.static_range(2):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_free.index(i), count=2)          # both consumer groups release a slot
-        mbarrier.init(p_ready.index(i), count=1)
 
     o_desc = _output_descriptor(o_ptr + (pair.to(gl.int64) * H + tile * BLOCK_M) * D_V, q_rows, D_V)
     o_part_desc = o_desc
@@ -178,7 +163,6 @@ def mla_sparse_gluon_kernel(
         o_part_desc = _output_descriptor(o_part_ptr + ((pair.to(gl.int64) * NUM_SPLITS + split) * H + tile * BLOCK_M)
                                          * D_V, q_rows, D_V)
     smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x)
-    bars = (q_ready, k_ready, k_free, p_ready, done)
     # The consumers' prefix mask is the split's end (slots past it are invalid anyway): hi as the "length".
     work = (scale * LOG2E, hi, lo, n_blocks, hi, tile, pair, split, NUM_SPLITS, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)

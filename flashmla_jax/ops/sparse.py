@@ -334,8 +334,8 @@ def mla_decode_sparse(q: jax.Array, pool: jax.Array, indices: jax.Array, topk_le
       implementation: "triton" (jax-triton on a CUDA GPU: on a Hopper GPU the Gluon kernel for more than 32
         heads, bf16 / fp16 queries and fp8_blockscale pools with bf16 ones, the tl kernel otherwise), "xla" (the
         jnp reference) or "interpret" (the tl kernel in Triton's interpreter, on the CPU); None means "triton" on
-        a CUDA device, else "xla". A call the chosen implementation cannot run raises ValueError saying why and which one can
-        (SPARSE_DECODE, the op's registry).
+        a CUDA device, else "xla". A call the chosen implementation cannot run raises ValueError saying why and
+        which one can (SPARSE_DECODE, the op's registry).
       layer: None, or the layer of a stacked pool: a Python int in [0, L) (ValueError otherwise) or a traced
         integer scalar (clamped to [0, L - 1]); the kernel offsets its pointer, no slice is materialized (under
         vmap, members with their own layer or stack get a copy of their layer).
