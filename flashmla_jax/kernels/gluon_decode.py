@@ -366,17 +366,29 @@ def _finish_rows(acc, m_i, l_i, l_x, done, side: gl.constexpr, saw_keys, v_scale
     mbarrier.arrive(done, count=1)
     mbarrier.wait(done, 0)
     l_all = l_i + l_x.slice((1 - side) * BLOCK_M, BLOCK_M).load(_row_vector_layout())
-    has_keys = l_all != 0          # a NaN sum (a NaN score or value) is not an empty row: it reaches the result
-    lse = gl.where(has_keys, (m_i + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
+    lse, divisor = _row_results(m_i, l_all, saw_keys, v_scale, V_SCALED)
+    out = acc / gl.expand_dims(gl.convert_layout(divisor, gl.SliceLayout(1, _out_layout())), 1)
+    return out, lse
+
+
+@gluon.jit
+def _row_results(m, l_all, saw_keys, v_scale, V_SCALED: gl.constexpr):
+    """(lse, divisor), vectors over rows, from the running max m (base 2) and both consumer groups' row sums
+    l_all, by the split kernel's row rules: an empty row gets lse -inf and divisor 1 (output 0); a NaN row sum
+    (a NaN score or value) is not empty, so NaN reaches lse and the output; a row that saw keys (saw_keys) and
+    gave them no weight gets ALL_NEG_INF_LSE and divisor NaN (output NaN). V_SCALED: the divisor is over v_scale
+    (an "fp8_pertensor" cache's scale, left out of its values) where the row has weight, so that a row without
+    keys stays 0 whatever the scale."""
+    has_keys = l_all != 0
+    lse = gl.where(has_keys, (m + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
     if V_SCALED:
         divisor = gl.where(has_keys, l_all / v_scale, 1.0)
     else:
         divisor = gl.where(has_keys, l_all, 1.0)
     unweighted = saw_keys & (l_all == 0)
     lse = gl.where(unweighted, ALL_NEG_INF_LSE, lse)
-    divisor = gl.where(unweighted, float("nan"), divisor)          # 0 / NaN: the row's output is NaN
-    out = acc / gl.expand_dims(gl.convert_layout(divisor, gl.SliceLayout(1, _out_layout())), 1)
-    return out, lse
+    divisor = gl.where(unweighted, float("nan"), divisor)
+    return lse, divisor
 
 
 @gluon.jit

@@ -27,10 +27,10 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, warpgroup_mma,
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
-from flashmla_jax.kernels._common import ALL_NEG_INF_LSE, LN2, LOG2E
+from flashmla_jax.kernels._common import LOG2E
 from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _descriptor_pair,
                                                _fp8_loads, _fp8_producer, _fp8_reload, _key_descriptors, _layer_keys,
-                                               _producer, _safe, _sequence_splits, _split_keys)
+                                               _producer, _row_results, _safe, _sequence_splits, _split_keys)
 
 # Registers per consumer thread (the producer's warps get the rest): O^T [512, rows] takes rows * 4 of them.
 # Compiled without spills at these: 232 for 16 rows (at 240 the paged producer's 24 spill), 240 for 32.
@@ -170,15 +170,7 @@ def _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, v_scale, outputs, b, spl
     ROWS: gl.constexpr = o_0.shape[0]
     D_V: gl.constexpr = o_0.shape[1]
     CHUNK: gl.constexpr = 128
-    has_keys = l_all != 0          # a NaN sum is not an empty row: it reaches the result
-    lse = gl.where(has_keys, (m + gl.log2(gl.where(has_keys, l_all, 1.0))) * LN2, float("-inf"))
-    if V_SCALED:
-        divisor = gl.where(has_keys, l_all / v_scale, 1.0)
-    else:
-        divisor = gl.where(has_keys, l_all, 1.0)
-    unweighted = saw_keys & (l_all == 0)
-    lse = gl.where(unweighted, ALL_NEG_INF_LSE, lse)
-    divisor = gl.where(unweighted, float("nan"), divisor)
+    lse, divisor = _row_results(m, l_all, saw_keys, v_scale, V_SCALED)
     rows_l: gl.constexpr = _rows_layout(ROWS)
     rows = gl.arange(0, ROWS, layout=rows_l)
     # Each thread four consecutive columns of one row: vector loads from shared memory, coalesced stores.
