@@ -821,12 +821,13 @@ def test_gpu_fp8_d1(kv_format, implementation, paged):
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("kv_format, dtype", [("fp8_blockscale", jnp.bfloat16), ("fp8_pertensor", jnp.float16)])
-def test_gpu_gluon_fp8_rows(num_splits, kv_format, dtype):
-    """The Gluon kernel's FP8 path on a stacked cache at a traced layer, causal S_q 2 and 64 heads (one 128-row
-    tile), against xla: NaN codes past each length are ignored (the TMA's zero fill), an empty sequence gives 0
-    and -inf, and a NaN code or a NaN scale (blockscale; pertensor: a NaN rope code) in a used token makes its
-    sequence's rows NaN and no other."""
-    b, s_q, h, n = 4, 2, 64, 1024
+@pytest.mark.parametrize("h", [64, 8])
+def test_gpu_gluon_fp8_rows(num_splits, kv_format, dtype, h):
+    """The Gluon kernels' FP8 paths on a stacked cache at a traced layer, causal S_q 2 with 64 heads (one 128-row
+    tile of kernels/gluon_decode.py) or 8 (16 rows: kernels/gluon_narrow_decode.py), against xla: NaN codes past
+    each length are ignored (the TMA's zero fill), an empty sequence gives 0 and -inf, and a NaN code or a NaN
+    scale (blockscale; pertensor: a NaN rope code) in a used token makes its sequence's rows NaN and no other."""
+    b, s_q, n = 4, 2, 1024
     kq, kk = jax.random.split(jax.random.PRNGKey(31 + num_splits))
     q = jax.random.normal(kq, (b, s_q, h, 576), jnp.float32).astype(dtype)
     kv, kv_scale = _pack(jax.random.normal(kk, (2, b, n, 576), jnp.float32), kv_format)
