@@ -33,7 +33,7 @@ fp8_pages = jnp.concatenate([fp8_pages, half[None], jnp.full((1,) + fp8_pages.sh
 fp8_table = table.at[:, 1].set(fp8_pages.shape[0] - 2).at[:, 2].set(fp8_pages.shape[0] - 1)
 fp8_lengths = jnp.asarray([0, -7, 1, 64 + 36], jnp.int32)       # the last one ends in the half-used page
 fp8 = fm.mla_decode(q, fp8_pages, fp8_lengths, fp8_table, kv_format="fp8_blockscale", implementation="triton")
-# 16 query rows: the narrow Gluon kernel's FP8 path (its raw stages), one split and three.
+# 16 query rows: the narrow Gluon kernel's FP8 path, one split and three.
 fp8_narrow = [fm.mla_decode(q[:, :1], fp8_pages, fp8_lengths, fp8_table, kv_format="fp8_blockscale", num_splits=s,
                             implementation="triton") for s in (1, 3)]
 # Sparse decode over that FP8 pool: -1, negative, past-the-pool and extreme indices, a slot into the garbage pages,
@@ -64,8 +64,8 @@ kv_flat = kv.reshape(-1, 576)
 prefill_idx = sparse_idx[:, 0].reshape(8, -1) % (2 * kv_flat.shape[0]) - 3       # some past N, some negative
 prefill = fm.mla_prefill_sparse(q.reshape(8, 16, 576), kv_flat, prefill_idx, jnp.arange(8, dtype=jnp.int32) * 100,
                                 implementation="triton")
-outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *fp8_narrow, *sparse, sparse_bf16, *sparse_stacked,
-        *sparse64, prefill[0])
+outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *fp8_narrow, *sparse, sparse_bf16,
+        *sparse_stacked, *sparse64, prefill[0])
 jax.block_until_ready(outs)
 bad_rows_nan = bool(jnp.isnan(paged[3]).all() & jnp.isnan(scheduled_paged[3]).all())
 print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs),

@@ -207,7 +207,7 @@ def test_heads_not_a_multiple_of_the_tile(h, dtype):
 def test_float32_queries_are_exact():
     """float32 queries and pool: the interpreter equals the reference to float32 rounding. The two sum in
     different orders (torch on the CPU, XLA), so an output may differ by a few dozen float32 ulps of the largest
-    value in its row's sums; a wrong key, weight or column differs by far more."""
+    output; a wrong key, weight or column differs by far more."""
     q, pool, idx, _ = _decode_case(6, s_q=1, topk=40, dtype=jnp.float32)
     got = fm.mla_decode_sparse(q, pool, idx, head_dim_v=D_V, implementation="interpret")
     want = _xla(q, pool, idx)
