@@ -36,6 +36,14 @@ fp8 = fm.mla_decode(q, fp8_pages, fp8_lengths, fp8_table, kv_format="fp8_blocksc
 # 16 query rows: the narrow Gluon kernel's FP8 path, one split and three.
 fp8_narrow = [fm.mla_decode(q[:, :1], fp8_pages, fp8_lengths, fp8_table, kv_format="fp8_blockscale", num_splits=s,
                             implementation="triton") for s in (1, 3)]
+# The same pages as "fp8_pertensor" (576 e4m3 bytes a token) with the same garbage, 16 query rows in bf16 and in
+# fp16: the narrow Gluon kernel's register-operand path (raw stages, the codes converted in the consumers).
+pt_pages, pt_scale = fm.quantize_latent(pages, "fp8_pertensor")
+pt_half = pt_pages[5].at[36:].set(0xFF)
+pt_pages = jnp.concatenate([pt_pages, pt_half[None], jnp.full((1,) + pt_pages.shape[1:], 0xFF, jnp.uint8)])
+pt_narrow = [fm.mla_decode(q[:, :1].astype(dtype), pt_pages, fp8_lengths, fp8_table, kv_format="fp8_pertensor",
+                           kv_scale=pt_scale, num_splits=s, implementation="triton")
+             for s in (1, 3) for dtype in (jnp.bfloat16, jnp.float16)]
 # Sparse decode over that FP8 pool: -1, negative, past-the-pool and extreme indices, a slot into the garbage pages,
 # topk_length 0 for one sequence and past topk for another; one split, a few (merged in the kernel) and many
 # (the combine kernel); a stacked pool at traced layers out of range.
@@ -64,8 +72,8 @@ kv_flat = kv.reshape(-1, 576)
 prefill_idx = sparse_idx[:, 0].reshape(8, -1) % (2 * kv_flat.shape[0]) - 3       # some past N, some negative
 prefill = fm.mla_prefill_sparse(q.reshape(8, 16, 576), kv_flat, prefill_idx, jnp.arange(8, dtype=jnp.int32) * 100,
                                 implementation="triton")
-outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *fp8_narrow, *sparse, sparse_bf16,
-        *sparse_stacked, *sparse64, prefill[0])
+outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *fp8_narrow, *pt_narrow, *sparse,
+        sparse_bf16, *sparse_stacked, *sparse64, prefill[0])
 jax.block_until_ready(outs)
 bad_rows_nan = bool(jnp.isnan(paged[3]).all() & jnp.isnan(scheduled_paged[3]).all())
 print("sanitized calls finished; NaN in outputs:", any(bool(jnp.isnan(o).any()) for o in outs),

@@ -553,9 +553,11 @@ def _fp8_load(j, loads, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     else:
         mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[2]))
     if PAGED and start == tail_start:
-        _fp8_copies(tail_descs, 0, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V, BLOCKSCALE)
+        _fp8_copies(tail_descs, 0, bar, _code_boxes(k_nope.index(slot)), k_rope.index(slot), k_scales.index(slot), D_V,
+                    BLOCKSCALE)
     else:
-        _fp8_copies(k_descs, row, bar, k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), D_V, BLOCKSCALE)
+        _fp8_copies(k_descs, row, bar, _code_boxes(k_nope.index(slot)), k_rope.index(slot), k_scales.index(slot), D_V,
+                    BLOCKSCALE)
 
 
 @gluon.jit
@@ -568,11 +570,10 @@ def _fp8_reload(block, k_free, loads, n_blocks, D_V: gl.constexpr, BLOCKSCALE: g
 
 
 @gluon.jit
-def _fp8_copies(descs, row, bar, k_nope, k_rope, k_scales, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
-    """The TMA copies of `_fp8_load` for the 64 tokens from `row` of descs (one ring slot's buffers)."""
-    boxes3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=3)
-    codes = k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes3)
-    tma.async_copy_global_to_shared(descs[-1], [0, row, 0], bar, codes.slice(4, 4, dim=0))
+def _fp8_copies(descs, row, bar, codes, k_rope, k_scales, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """The TMA copies of `_fp8_load` for the 64 tokens from `row` of descs into one slot's buffers: codes
+    [4, 64, 128] uint8 (`_code_boxes`, group-major), k_rope [64, 64] and k_scales [64, 16] uint8."""
+    tma.async_copy_global_to_shared(descs[-1], [0, row, 0], bar, codes)
     if BLOCKSCALE:
         boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
         rope = k_rope._reinterpret(gl.uint8, [BLOCK_N, CODE_BOX], boxes)
@@ -580,6 +581,14 @@ def _fp8_copies(descs, row, bar, k_nope, k_rope, k_scales, D_V: gl.constexpr, BL
         tma.async_copy_global_to_shared(descs[1], [row, D_V], bar, k_scales)
     else:
         tma.async_copy_global_to_shared(descs[0], [row, D_V], bar, _rope_codes(k_rope))
+
+
+@gluon.jit
+def _code_boxes(k_nope):
+    """A ring slot's upper half, where its block's codes land: boxes 4-7 of its [64, 512] tile as uint8
+    [4, 64, 128] (group, token, byte) in the codes' TMA box layout (rank 3, 128-byte swizzle)."""
+    boxes3: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=3)
+    return k_nope._reinterpret(gl.uint8, [8, BLOCK_N, CODE_BOX], boxes3).slice(4, 4, dim=0)
 
 
 @gluon.jit

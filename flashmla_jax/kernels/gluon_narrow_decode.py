@@ -18,9 +18,12 @@ writes the result (a sequence's only split) or the split's float32 partial and L
 the split kernel's row rules.
 
 Caches: in q's dtype (bf16, fp16), "fp8_blockscale" (bf16 q) or "fp8_pertensor"; contiguous, paged (pages of 64
-tokens or more) or stacked. FP8 takes gluon_decode's producer that dequantizes in the ring slot (`_fp8_producer`),
-each consumer group reloading its own slot; at 32 rows its consumers' 224 registers spill 24-32 bytes, so ops
-runs FP8 through this kernel only up to 16 rows (`ops.decode.uses_narrow_kernel`).
+tokens or more) or stacked. "fp8_blockscale" takes gluon_decode's producer that dequantizes in the ring slot
+(`_fp8_producer`), each consumer group reloading its own slot; at 32 rows its consumers' 224 registers spill 24-32
+bytes, so ops runs FP8 through this kernel only up to 16 rows (`ops.decode.uses_narrow_kernel`).
+"fp8_pertensor" never writes converted keys to shared memory: the producer streams raw blocks into four stages
+(stage s for consumer group s % 2) and each consumer group converts its block's codes straight into both
+products' wgmma A operands in registers, in fp16 (the section "fp8_pertensor caches" below).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -28,16 +31,21 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
                                                               warpgroup_mma_init, warpgroup_mma_wait)
 
 from flashmla_jax.kernels._common import LOG2E
-from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _descriptor_pair,
-                                               _fp8_loads, _fp8_producer, _fp8_reload, _key_descriptors, _layer_keys,
-                                               _producer, _row_results, _safe, _sequence_splits, _split_keys)
+from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _block_row,
+                                               _descriptor_pair, _fp8_copies, _fp8_loads, _fp8_producer, _fp8_reload,
+                                               _key_descriptors, _layer_keys, _load_query_tile, _producer,
+                                               _row_results, _rope_codes, _safe, _sequence_splits, _split_keys)
 
 # Registers per consumer thread (the producer's warps get the rest): O^T [512, rows] takes rows * 4 of them.
 # Compiled without spills at these: 232 for 16 rows (at 240 the paged producer's 24 spill), 240 for 32.
 CONSUMER_REGS_16 = gl.constexpr(232)
 CONSUMER_REGS_32 = gl.constexpr(240)
-# With an FP8 cache the producer dequantizes and needs 56 registers a thread (kernels/gluon_decode.py).
+# With an "fp8_blockscale" cache the producer dequantizes and needs 56 registers a thread (kernels/gluon_decode.py).
 FP8_CONSUMER_REGS = gl.constexpr(224)
+# "fp8_pertensor": raw key blocks in flight (stage s holds the blocks of consumer group s % 2), and the registers
+# of its consumers, which convert the codes themselves (the producer only issues loads and converts the query).
+CODE_STAGES = gl.constexpr(4)
+CODE_CONSUMER_REGS = gl.constexpr(232)
 
 
 @gluon.constexpr_function
@@ -82,17 +90,16 @@ def _block_scores_t(q_nope, q_rope, k_nope, k_rope):
 @gluon.jit
 def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l, q_ready, k_ready, k_free,
               handed, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-              NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
-              V_SCALED: gl.constexpr):
-    """Consumer warpgroup `group`: blocks group, group + 2, ... of this split, then (group 1) its state to
-    shared memory, or (group 0) the merge of both and the output. p_t [ROWS, 64]: this group's P for the P V
-    product (the wgmma's B operand comes from shared memory). FP8: the group loads block j + 2's raw bytes into
-    its slot as it frees it after block j (gluon_decode's `_fp8_reload`; loads: `_fp8_load`'s tuple), so the
-    producer only converts and never waits for a slot."""
+              NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """Consumer warpgroup `group` for a key tile in q's dtype: blocks group, group + 2, ... of this split, then
+    (group 1) its state to shared memory, or (group 0) the merge of both and the output. p_t [ROWS, 64]: this
+    group's P for the P V product (the wgmma's B operand comes from shared memory). FP8 ("fp8_blockscale",
+    dequantized in the ring by gluon_decode's `_fp8_producer`): the group loads block j + 2's raw bytes into its
+    slot as it frees it after block j (`_fp8_reload`; loads: `_fp8_load`'s tuple), so the producer only converts
+    and never waits for a slot."""
     qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
     ROWS: gl.constexpr = q_nope.shape[0]
     D_V: gl.constexpr = k_nope.shape[2]
-    dtype: gl.constexpr = q_nope.dtype
     keys_l: gl.constexpr = _keys_layout(ROWS)
     rows_l: gl.constexpr = _rows_layout(ROWS)
     slot_nope = k_nope.index(group)
@@ -103,44 +110,72 @@ def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l
     mbarrier.wait(q_ready, 0)
     for i in range((n_blocks - group + 1) // 2):
         j = 2 * i + group
-        start = lo + j * BLOCK_N
         mbarrier.wait(k_ready.index(group), i & 1)
         s = _block_scores_t(q_nope, q_rope, slot_nope, slot_rope)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        s = s * qk_scale
-        if start + BLOCK_N > first_limit:
-            keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, keys_l))
-            limit = _row_limits(seqlen, ROWS, H, S_Q, CAUSAL)
-            s = gl.where(gl.expand_dims(keys, 1) < gl.expand_dims(limit, 0), s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=0))
-        m_safe = _safe(m_new)
-        p = gl.exp2(s - gl.expand_dims(m_safe, 0))
-        alpha = gl.exp2(m_i - m_safe)
-        l_i = l_i * alpha + gl.sum(p, axis=0)
-        acc = acc * gl.expand_dims(alpha, 0)
-        p_t.store(gl.permute(p.to(dtype), (1, 0)))
-        fence_async_shared()
-        gl.thread_barrier()        # every warp's part of P stored before the warpgroup's wgmma reads it
+        m_i, l_i, acc = _softmax_step(s, lo + j * BLOCK_N, m_i, l_i, acc, p_t, work, H, S_Q, CAUSAL)
         acc = warpgroup_mma(slot_nope.permute((1, 0)), p_t.permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(k_free.index(group), count=1)
         if FP8:
             _fp8_reload(j + 2, k_free, loads, n_blocks, D_V, BLOCKSCALE)
-        m_i = m_new
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    o_0 = k_nope.index(0)._reinterpret(gl.float32, [ROWS, D_V], plain)
+    o_1 = k_nope.index(1)._reinterpret(gl.float32, [ROWS, D_V], plain)
+    _hand_over_or_write(group, acc, m_i, l_i, o_0, o_1, x_m, x_l, handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS,
+                        False)
+
+
+@gluon.jit
+def _softmax_step(s, start, m_i, l_i, acc, p_t, work, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr):
+    """One block's online softmax over the keys (axis 0 of S^T [64, ROWS], keys from `start`): the scores scaled
+    and masked past each row's limit, the running max and row sums updated, O^T (acc [512, ROWS]) rescaled, and
+    P^T stored into p_t [ROWS, 64] for the P V product, fenced and complete in all four warps. Returns
+    (m_new, l_i, acc)."""
+    qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
+    ROWS: gl.constexpr = p_t.shape[0]
+    keys_l: gl.constexpr = _keys_layout(ROWS)
+    s = s * qk_scale
+    if start + BLOCK_N > first_limit:
+        keys = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, keys_l))
+        limit = _row_limits(seqlen, ROWS, H, S_Q, CAUSAL)
+        s = gl.where(gl.expand_dims(keys, 1) < gl.expand_dims(limit, 0), s, float("-inf"))
+    m_new = gl.maximum(m_i, gl.max(s, axis=0))
+    m_safe = _safe(m_new)
+    p = gl.exp2(s - gl.expand_dims(m_safe, 0))
+    alpha = gl.exp2(m_i - m_safe)
+    l_i = l_i * alpha + gl.sum(p, axis=0)
+    acc = acc * gl.expand_dims(alpha, 0)
+    p_t.store(gl.permute(p.to(p_t.dtype), (1, 0)))
+    fence_async_shared()
+    gl.thread_barrier()        # every warp's part of P stored before the warpgroup's wgmma reads it
+    return m_new, l_i, acc
+
+
+@gluon.jit
+def _hand_over_or_write(group: gl.constexpr, acc, m_i, l_i, o_0, o_1, x_m, x_l, handed, work, outputs,
+                        H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr, NUM_SPLITS: gl.constexpr,
+                        V_SCALED: gl.constexpr):
+    """The end of consumer group `group`'s loop: acc [512, ROWS] (O^T, channels in order), running max m_i and
+    row sums l_i [ROWS]. Each group's O, [ROWS, 512] float32, goes into its own idle buffer (o_0, o_1: views of
+    shared memory the group no longer reads); group 1 then hands its state over, and group 0 merges the two and
+    writes the split's result (`_write_rows`)."""
+    qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
+    ROWS: gl.constexpr = o_0.shape[0]
+    D_V: gl.constexpr = o_0.shape[1]
+    rows_l: gl.constexpr = _rows_layout(ROWS)
     # A NaN in a row's accumulator makes its row sum NaN (gluon_decode's `_finish_rows` rule), so that the
     # merge below carries it whatever the weights.
-    nan_in_row = gl.max(gl.where(acc != acc, 1, 0), axis=0)
+    nan_in_row = gl.convert_layout(gl.max(gl.where(acc != acc, 1, 0), axis=0), rows_l)
     l_i = gl.where(nan_in_row > 0, float("nan"), l_i)
-    # Both ring slots are idle once each group's last product is done (group g only uses slot g): each group's
-    # O, [ROWS, 512] float32, goes into its own slot, where group 0 merges them a column chunk at a time.
-    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
-    slot_nope._reinterpret(gl.float32, [ROWS, D_V], plain).store(gl.permute(acc, (1, 0)))
     if group == 1:
+        o_1.store(gl.permute(acc, (1, 0)))
         x_m.store(m_i)
         x_l.store(l_i)
         gl.thread_barrier()        # all of group 1's stores before its one arrival
         mbarrier.arrive(handed, count=1)
     else:
+        o_0.store(gl.permute(acc, (1, 0)))
         gl.thread_barrier()        # group 0's own O stored by all its warps before they read it back
         mbarrier.wait(handed, 0)
         m_1 = x_m.load(rows_l)
@@ -150,8 +185,6 @@ def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l
         w_1 = gl.exp2(m_1 - m_safe)
         l_all = l_i * w_0 + x_l.load(rows_l) * w_1
         saw_keys = (n_blocks > 0) & (lo < _row_limits(seqlen, ROWS, H, S_Q, CAUSAL))
-        o_0 = k_nope.index(0)._reinterpret(gl.float32, [ROWS, D_V], plain)
-        o_1 = k_nope.index(1)._reinterpret(gl.float32, [ROWS, D_V], plain)
         _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, v_scale, outputs, b, split, splits_here, n_blocks > 0,
                     H * S_Q, NUM_SPLITS, V_SCALED)
 
@@ -199,6 +232,250 @@ def _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, v_scale, outputs, b, spl
         gl.store(lse_ptr + b.to(gl.int64) * R + rows, lse, mask=rows < R)
     if NUM_SPLITS > 1:
         gl.store(lse_part_ptr + part + rows, lse, mask=(rows < R) & taken)
+
+
+# ---- fp8_pertensor caches: the codes converted straight into the products' register operands ----
+#
+# A raw block (TMA: the codes [4, 64, 128] group-major and the rope codes) is never written back to shared
+# memory: each consumer group loads its block's codes from the stage into registers in the layouts the wgmma A
+# operands need and converts them there, one hardware e4m3 -> fp16 pair conversion per two codes (exact), and
+# the products run in fp16 from registers. The query takes fp16 too, once per program: a bf16 query is scaled
+# by a power of two that puts its largest magnitude in [2^14, 2^15) (exact for every value within 2^24 of it),
+# and the scores are divided by it again. Both products are sums over channels, so the channels may come in any
+# order as long as both operands agree: the query's columns are permuted once per program (`_query_operands`),
+# and P V permutes the rows of O^T, undone when O is stored. A block moves ~140 KB through shared memory (its
+# TMA store, two reads of its codes, the query and P) instead of ~320 KB with a converted tile.
+
+
+@gluon.constexpr_function
+def _score_code_layout():
+    """[64 keys, 128 codes] of one code group, as `_score_operand` loads them: warp w on keys 16 w + [0, 16),
+    lane bits 2-4 and one register bit on the key (the wgmma A fragment's rows: lane / 4, + 8), lane bits 0-1 on
+    the group's 32-byte quarter, 32 registers on its bytes: two 16-byte loads a key and thread, and no bank
+    conflict under the 128-byte swizzle (a load phase's 8 lanes read 4 quarters of 2 keys)."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16], [8, 0]],
+                                      lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 128])
+
+
+@gluon.constexpr_function
+def _rope_code_operand_layout():
+    """[64 keys, 64 rope codes]: as `_score_code_layout` with 16-byte quarters (64-byte swizzle, no conflict)."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [8, 0]],
+                                      lane_bases=[[0, 16], [0, 32], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 64])
+
+
+@gluon.constexpr_function
+def _value_code_layout():
+    """[4 groups, 16 keys, 128 codes]: a 16-key slice of a block's codes, as `_value_operand` loads them: warp
+    w on group w, lane bits 0-1 on keys 2 and 4, lane bits 2-4 on the 16-byte chunk, registers on the chunk's
+    16 bytes and on keys 1 and 8 (the A fragment's columns): one 16-byte load a key and thread, no bank
+    conflict (a load phase's 8 lanes read 2 chunks of 4 keys)."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [0, 0, 8], [0, 1, 0], [0, 8, 0]],
+                                      lane_bases=[[0, 2, 0], [0, 4, 0], [0, 0, 16], [0, 0, 32], [0, 0, 64]],
+                                      warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 16, 128])
+
+
+@gluon.jit
+def _operand(codes, ROWS: gl.constexpr):
+    """uint8 e4m3 codes, laid out as the wgmma A fragment of `_keys_layout(ROWS)`, as that operand in fp16 (exact;
+    no data moves between threads)."""
+    values = codes.to(gl.float8e4nv, bitcast=True).to(gl.float16)
+    return gl.convert_layout(values, gl.DotOperandLayout(0, _keys_layout(ROWS), 2), assert_trivial=True)
+
+
+@gluon.jit
+def _score_operand(group_codes, ROWS: gl.constexpr):
+    """A code group of a block (group_codes: its [64, 128] uint8 in shared memory) as the A operand of the
+    scores over the group's 128 channels, in the column order `_query_operands` gives the query: column
+    16 s + 8 e1 + 2 t + e0 holds byte 32 t + 4 s + 2 e1 + e0 (t < 4, s < 8, e1, e0 < 2), so that a thread's
+    fragment is two 32-byte runs of codes."""
+    x = group_codes.load(_score_code_layout())
+    return _operand(x.reshape([BLOCK_N, 4, 8, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([BLOCK_N, CODE_BOX]), ROWS)
+
+
+@gluon.jit
+def _rope_operand(rope_codes, ROWS: gl.constexpr):
+    """A block's rope codes (uint8 [64, 64], `_rope_codes`) as the A operand of the scores' rope part, in the
+    column order `_query_operands` gives the query's rope: column 16 s + 8 e1 + 2 t + e0 holds byte
+    16 t + 4 s + 2 e1 + e0 (t, s < 4)."""
+    x = rope_codes.load(_rope_code_operand_layout())
+    return _operand(x.reshape([BLOCK_N, 4, 4, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([BLOCK_N, 64]), ROWS)
+
+
+@gluon.jit
+def _value_operand(codes, k: gl.constexpr, ROWS: gl.constexpr):
+    """Keys [16 k, 16 k + 16) of a block (codes [4, 64, 128] uint8) as the A operand of O^T += V^T P^T: V^T
+    [512, 16] with its rows permuted so that a thread's fragment is one 16-byte chunk of a group a key: row
+    64 m + 16 w + 8 h + g holds channel 128 w + 16 g + 2 m + h (m, g < 8; w < 4; h < 2). O^T comes out in that
+    row order (`_channel_order` undoes it)."""
+    x = codes.slice(16 * k, 16, dim=1).load(_value_code_layout())
+    return _operand(x.reshape([4, 16, 8, 8, 2]).permute((3, 0, 4, 2, 1)).reshape([4 * CODE_BOX, 16]), ROWS)
+
+
+@gluon.jit
+def _channel_order(acc):
+    """O^T [512, ROWS] from `_value_operand`'s row order back to the channels' (row 128 w + 16 g + 2 m + h)."""
+    ROWS: gl.constexpr = acc.shape[1]
+    return acc.reshape([8, 4, 2, 8, ROWS]).permute((1, 3, 0, 2, 4)).reshape([4 * CODE_BOX, ROWS])
+
+
+@gluon.jit
+def _code_scores_t(q_nope, q_rope, codes, rope_codes):
+    """S^T = K Q^T [64, ROWS] float32 of one raw block (codes [4, 64, 128] and rope_codes [64, 64] uint8; the
+    query in fp16, its columns permuted), each code group converted while the product of the one before runs."""
+    ROWS: gl.constexpr = q_nope.shape[0]
+    s = warpgroup_mma_init(gl.zeros([BLOCK_N, ROWS], gl.float32, layout=_keys_layout(ROWS)))
+    a = _score_operand(codes.index(0), ROWS)
+    s = warpgroup_mma(a, q_nope.slice(0, CODE_BOX, dim=1).permute((1, 0)), s, is_async=True)
+    for c in gl.static_range(1, 4):
+        a_next = _score_operand(codes.index(c), ROWS)
+        s, a = warpgroup_mma_wait(num_outstanding=0, deps=(s, a))       # a's registers live until its product ends
+        s = warpgroup_mma(a_next, q_nope.slice(c * CODE_BOX, CODE_BOX, dim=1).permute((1, 0)), s, is_async=True)
+        a = a_next
+    a_next = _rope_operand(rope_codes, ROWS)
+    s, a = warpgroup_mma_wait(num_outstanding=0, deps=(s, a))
+    s = warpgroup_mma(a_next, q_rope.permute((1, 0)), s, is_async=True)
+    s, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(s, a_next))
+    return s
+
+
+@gluon.jit
+def _code_values_product(codes, p_t, acc):
+    """acc + V^T P^T [512, ROWS] (rows in `_value_operand`'s order) for one raw block (codes [4, 64, 128]
+    uint8), P^T from p_t [ROWS, 64] fp16; each 16-key slice converted while the product of the one before
+    runs."""
+    ROWS: gl.constexpr = p_t.shape[0]
+    a = _value_operand(codes, 0, ROWS)
+    acc = warpgroup_mma(a, p_t.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
+    for k in gl.static_range(1, BLOCK_N // 16):
+        a_next = _value_operand(codes, k, ROWS)
+        acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+        acc = warpgroup_mma(a_next, p_t.slice(16 * k, 16, dim=1).permute((1, 0)), acc, is_async=True)
+        a = a_next
+    acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
+    return acc
+
+
+@gluon.jit
+def _stage_codes(codes, stage, RANK: gl.constexpr):
+    """Stage `stage`'s codes (codes: [CODE_STAGES, 4 * 64, 128] uint8) as [4, 64, 128] (group, token, byte), in
+    the 128-byte swizzled layout of rank RANK: 2 to index a group, 3 to slice keys across the groups or as the
+    TMA's box (the same bytes either way)."""
+    boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=RANK)
+    return codes.index(stage)._reinterpret(gl.uint8, [4, BLOCK_N, CODE_BOX], boxes)
+
+
+@gluon.jit
+def _stage_merge_buffer(codes, stage, ROWS: gl.constexpr, D_V: gl.constexpr):
+    """Stage `stage`'s 32 KB of codes as a consumer group's O, [ROWS, D_V] float32, for the merge."""
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
+    return codes.index(stage)._reinterpret(gl.float32, [ROWS, D_V], plain)
+
+
+@gluon.jit
+def _code_consumer(group: gl.constexpr, q_nope, q_rope, q_factor, codes, k_rope, p_t, x_m, x_l, q_ready, k_ready,
+                   k_free, handed, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
+                   NUM_SPLITS: gl.constexpr):
+    """Consumer warpgroup `group` for an "fp8_pertensor" cache: blocks j = group, group + 2, ... of this split,
+    each from raw stage j % CODE_STAGES (released once both products have read it), then the hand-over or the
+    merge and the output as `_consumer`'s. q_nope, q_rope: the fp16 query `_query_operands` wrote, q_factor
+    [ROWS] float32 the power of two it was scaled by."""
+    qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
+    ROWS: gl.constexpr = q_nope.shape[0]
+    D_V: gl.constexpr = q_nope.shape[1]
+    m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=_rows_layout(ROWS))
+    l_i = gl.zeros([ROWS], gl.float32, layout=_rows_layout(ROWS))
+    acc = gl.zeros([D_V, ROWS], gl.float32, layout=_keys_layout(ROWS))
+    mbarrier.wait(q_ready, 0)
+    factor = gl.max(q_factor.load(_rows_layout(ROWS)), axis=0)
+    block_work = (qk_scale / factor, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale)
+    for i in range((n_blocks - group + 1) // 2):
+        j = 2 * i + group
+        stage = j % CODE_STAGES
+        mbarrier.wait(k_ready.index(stage), (j // CODE_STAGES) & 1)
+        s = _code_scores_t(q_nope, q_rope, _stage_codes(codes, stage, 2), _rope_codes(k_rope.index(stage)))
+        m_i, l_i, acc = _softmax_step(s, lo + j * BLOCK_N, m_i, l_i, acc, p_t, block_work, H, S_Q, CAUSAL)
+        acc = _code_values_product(_stage_codes(codes, stage, 3), p_t, acc)
+        mbarrier.arrive(k_free.index(stage), count=1)
+    # Stage g holds only group g's blocks, all consumed by now.
+    _hand_over_or_write(group, _channel_order(acc), m_i, l_i, _stage_merge_buffer(codes, 0, ROWS, D_V),
+                        _stage_merge_buffer(codes, 1, ROWS, D_V), x_m, x_l, handed, work, outputs, H, S_Q, CAUSAL,
+                        NUM_SPLITS, True)
+
+
+@gluon.jit
+def _query_operands(q_nope, q_rope, q_factor):
+    """The query tile (q_nope [ROWS, 512], q_rope [ROWS, 64] in q's dtype) rewritten in place as fp16 in the
+    consumers' column orders: each 128-column group's column 16 s + 8 e1 + 2 t + e0 takes column
+    32 t + 4 s + 2 e1 + e0 (`_score_operand`), the rope's column 16 s + 8 e1 + 2 t + e0 column
+    16 t + 4 s + 2 e1 + e0 (`_rope_operand`). A bf16 query is scaled by 2^k, k such that its largest magnitude
+    lands in [2^14, 2^15) (q_factor [ROWS] gets 2^k; fp16 queries: 1). Once per program, in the producer's warps."""
+    ROWS: gl.constexpr = q_nope.shape[0]
+    D_V: gl.constexpr = q_nope.shape[1]
+    D_R: gl.constexpr = q_rope.shape[1]
+    layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    factor = 1.0
+    if q_nope.dtype == gl.bfloat16:
+        amax = gl.max(gl.max(gl.abs(q_rope.load(layout).to(gl.float32)), axis=1), axis=0)
+        for c in gl.static_range(D_V // CODE_BOX):
+            x = q_nope.slice(c * CODE_BOX, CODE_BOX, dim=1).load(layout).to(gl.float32)
+            amax = gl.maximum(amax, gl.max(gl.max(gl.abs(x), axis=1), axis=0))
+        # 2^(141 - e) for amax's biased exponent e, clamped to normal float32 powers (amax 0 or subnormal: 2^127)
+        exponent = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
+        factor = (gl.minimum(gl.maximum(268 - exponent, 1), 254) << 23).to(gl.float32, bitcast=True)
+    # One 128-column group at a time, in place: each is read by every warp before any writes it.
+    for c in gl.static_range(D_V // CODE_BOX):
+        x = (q_nope.slice(c * CODE_BOX, CODE_BOX, dim=1).load(layout).to(gl.float32) * factor).to(gl.float16)
+        x = x.reshape([ROWS, 4, 8, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([ROWS, CODE_BOX])
+        gl.thread_barrier()
+        q_nope._reinterpret(gl.float16, [ROWS, D_V], swizzled).slice(c * CODE_BOX, CODE_BOX, dim=1).store(x)
+    r = (q_rope.load(layout).to(gl.float32) * factor).to(gl.float16)
+    r = r.reshape([ROWS, 4, 4, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([ROWS, D_R])
+    gl.thread_barrier()
+    q_rope._reinterpret(gl.float16, [ROWS, D_R], swizzled).store(r)
+    q_factor.store(gl.full([ROWS], factor, gl.float32, layout=gl.SliceLayout(1, layout)))
+
+
+@gluon.jit
+def _stage_load(j, start, row, loads, D_V: gl.constexpr):
+    """TMA loads of key block j (its first key `start`, at descriptor row `row`: `_block_row`) into raw stage
+    j % CODE_STAGES, completing k_ready there. loads: (k_descs, tail_descs, codes, k_rope, k_ready, tail_start,
+    PAGED)."""
+    k_descs, tail_descs, codes, k_rope, k_ready, tail_start, PAGED = loads
+    stage = j % CODE_STAGES
+    bar = k_ready.index(stage)
+    mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[2]))
+    if PAGED and start == tail_start:
+        _fp8_copies(tail_descs, 0, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), None, D_V, False)
+    else:
+        _fp8_copies(k_descs, row, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), None, D_V, False)
+
+
+@gluon.jit
+def _stage_producer(q_descs, loads, q_nope, q_rope, q_factor, q_loaded, q_ready, k_free, table_ptr, b, lo,
+                    n_blocks, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr,
+                    NUM_PAGES: gl.constexpr, D_V: gl.constexpr):
+    """The default partition for an "fp8_pertensor" cache (4 warps): the query tile, the first CODE_STAGES
+    blocks' raw bytes, the query as the consumers' fp16 operands (`_query_operands`, then q_ready), then each
+    later block into its stage once the consumer group that read the stage's last block has released it."""
+    _load_query_tile(q_descs, q_nope, q_rope, q_loaded, D_V)
+    for j in gl.static_range(CODE_STAGES):
+        if j < n_blocks:
+            start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
+            _stage_load(j, start, row, loads, D_V)
+    mbarrier.wait(q_loaded, 0)
+    _query_operands(q_nope, q_rope, q_factor)
+    fence_async_shared()           # the rewritten tile (generic stores) before the consumers' wgmma reads it
+    gl.thread_barrier()
+    mbarrier.arrive(q_ready, count=1)
+    for j in range(CODE_STAGES, n_blocks):
+        # The page is looked up before waiting for the stage: its load latency hides behind the wait.
+        start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
+        mbarrier.wait(k_free.index(j % CODE_STAGES), ((j // CODE_STAGES) & 1) ^ 1)
+        _stage_load(j, start, row, loads, D_V)
 
 
 @gluon.jit
@@ -252,46 +529,79 @@ def mla_decode_gluon_narrow_kernel(
                                                        PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, FP8, BLOCKSCALE)
 
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
-    q_nope = gl.allocate_shared_memory(dtype, [ROWS, D_V], swizzled)
-    q_rope = gl.allocate_shared_memory(dtype, [ROWS, D_R], swizzled)
-    k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
-    k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
-    p_t = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], swizzled)     # each group's P
     vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
-    x_m = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # group 1's running max
-    x_l = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # and its row sums
-    q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    handed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-    k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    mbarrier.init(q_ready, count=1)
-    mbarrier.init(handed, count=1)
-    for i in gl.static_range(2):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(k_free.index(i), count=1)          # one group uses each slot
-
     qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale)
     outputs = (o_ptr, lse_ptr, o_part_ptr, lse_part_ptr)
-    if FP8:
-        loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
-                           MAX_BLOCKS, NUM_PAGES)
-        prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
+    q_nope = gl.allocate_shared_memory(dtype, [ROWS, D_V], swizzled)
+    q_rope = gl.allocate_shared_memory(dtype, [ROWS, D_R], swizzled)
+    if V_SCALED:
+        gl.static_assert(R <= 16, "fp8_pertensor: at most 16 query rows (a group's O is merged in a stage's codes)")
+        # Raw stages: the codes [4, 64, 128] as the TMA lands them (`_stage_codes`) and the rope codes (the first
+        # 4 KB of a [64, 64] 16-bit box, `_rope_codes`).
+        boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        codes = gl.allocate_shared_memory(gl.uint8, [CODE_STAGES, D_V // CODE_BOX * BLOCK_N, CODE_BOX], boxes)
+        k_rope = gl.allocate_shared_memory(dtype, [CODE_STAGES, BLOCK_N, D_R], swizzled)
+        p_t = gl.allocate_shared_memory(gl.float16, [2, ROWS, BLOCK_N], swizzled)  # each group's P
+        x_m = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # group 1's running max
+        x_l = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # and its row sums
+        q_factor = gl.allocate_shared_memory(gl.float32, [ROWS], vec)            # the query's power of two
+        q_loaded = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        handed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [CODE_STAGES, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [CODE_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_loaded, count=1)
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(handed, count=1)
+        for i in gl.static_range(CODE_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=1)      # one group uses each stage
+        loads = (k_descs, tail_descs, codes, k_rope, k_ready, tail_start, PAGED)
+        q16_nope = q_nope._reinterpret(gl.float16, [ROWS, D_V], swizzled)       # as `_query_operands` leaves it
+        q16_rope = q_rope._reinterpret(gl.float16, [ROWS, D_R], swizzled)
         gl.warp_specialize([
-            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5], k_ready,
-                             n_blocks, D_V, prefetch, BLOCKSCALE)),
-            (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
-                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
-            (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
-                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
-        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+            (_stage_producer, (q_descs, loads, q_nope, q_rope, q_factor, q_loaded, q_ready, k_free, table_ptr, b, lo,
+                               n_blocks, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
+            (_code_consumer, (0, q16_nope, q16_rope, q_factor, codes, k_rope, p_t.index(0), x_m, x_l, q_ready,
+                              k_ready, k_free, handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+            (_code_consumer, (1, q16_nope, q16_rope, q_factor, codes, k_rope, p_t.index(1), x_m, x_l, q_ready,
+                              k_ready, k_free, handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+        ], [4, 4], [CODE_CONSUMER_REGS, CODE_CONSUMER_REGS])
     else:
-        gl.warp_specialize([
-            (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
-                         table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-            # `loads` is unused without FP8.
-            (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
-                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, False)),
-            (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
-                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, False)),
-        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
+        k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
+        p_t = gl.allocate_shared_memory(dtype, [2, ROWS, BLOCK_N], swizzled)     # each group's P
+        x_m = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # group 1's running max
+        x_l = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # and its row sums
+        q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        handed = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_ready, count=1)
+        mbarrier.init(handed, count=1)
+        for i in gl.static_range(2):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=1)      # one group uses each slot
+        if FP8:
+            loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
+                               MAX_BLOCKS, NUM_PAGES)
+            prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
+            gl.warp_specialize([
+                (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5],
+                                 k_ready, n_blocks, D_V, prefetch, BLOCKSCALE)),
+                (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
+                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE)),
+                (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
+                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE)),
+            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        else:
+            gl.warp_specialize([
+                (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
+                             table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
+                # `loads` is unused without FP8.
+                (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
+                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False)),
+                (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
+                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False)),
+            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
