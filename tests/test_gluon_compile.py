@@ -89,11 +89,15 @@ def test_gluon_narrow_decode_compiles_for_hopper(name):
     paged = bool(options.get("paged"))
     kv_format = options.get("kv_format")
     assert decode_ops.uses_narrow_kernel(s_q * h, kv_format)           # a class GluonDecode runs on this kernel
-    pertensor = kv_format == "fp8_pertensor"
     # 32 rows take 240 registers a consumer thread, which leaves the paged producer 24 and a value that
-    # waits on the stack once a block. An fp8_pertensor cache's consumers (232 registers) keep a few values of
-    # their loop on the stack, read and written once a block (32 bytes; 48 paged); nothing else spills.
-    spills = (48 if paged else 32) if pertensor else (8 if paged and rows == 32 else 0)
+    # waits on the stack once a block. With an FP8 cache the consumers (232 registers) keep a few values of their
+    # loop on the stack, read and written once a block: pertensor 32 bytes (48 paged), blockscale, which also
+    # holds its block's scales and power of two, 112 (152 paged); nothing else spills.
+    if kv_format:
+        spills = {("fp8_pertensor", False): 32, ("fp8_pertensor", True): 48, ("fp8_blockscale", False): 112,
+                  ("fp8_blockscale", True): 152}[kv_format, paged]
+    else:
+        spills = 8 if paged and rows == 32 else 0
     assert facts.stack <= spills, f"{facts.stack} bytes of spills"
     assert facts.shared <= _compile.SHARED_MEMORY_LIMIT
     assert facts.num_warps == 12
@@ -102,21 +106,20 @@ def test_gluon_narrow_decode_compiles_for_hopper(name):
     assert facts.count("UTMALDG") > 0
     # An HGMMA whose A operand comes from registers names a register before its shared-memory descriptor.
     from_registers = len(re.findall(r"HGMMA\.\S+ R\d+, R\d+, gdesc", facts.sass))
-    if pertensor:
-        # The codes go from the raw stages straight into both products' A operands in registers: every HGMMA
-        # (scores and P V of both consumer groups) takes A from registers, each code converted by the hardware
-        # e4m3 pair unpack to fp16 and nothing else (no float32 round trip, no bf16 pack), twice a block.
-        assert from_registers == facts.count("HGMMA") == 136
+    if kv_format:
+        # The codes go from the raw stages straight into both products' A operands in registers, each converted
+        # by the hardware e4m3 pair unpack to fp16, twice a block (no float32 round trip, no bf16 pack): every
+        # HGMMA of both consumer groups takes A from registers but a blockscale cache's rope products (its bf16
+        # values, read from shared memory: 4 a group); blockscale codes take their scales by one fp16 multiply
+        # a pair.
+        from_shared = 8 if kv_format == "fp8_blockscale" else 0
+        assert facts.count("HGMMA") == 136 and from_registers == 136 - from_shared
         assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 512
         assert facts.count("HADD2.F32") == 0 and facts.count("F2F.BF16.F16") == 0
+        assert (facts.count("HMUL2") >= 512) == (kv_format == "fp8_blockscale")
         assert facts.count("UBLKPF.L2") == 0
     else:
         assert from_registers == 0
-    if kv_format == "fp8_blockscale":
-        # gluon_decode's dequantizing producer: the hardware e4m3 pair unpack, never fp16 -> bf16 a value at a
-        # time, and the L2 bulk prefetches ahead of the loads.
-        assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128 and facts.count("F2F.BF16.F16") == 0
-        assert facts.count("UBLKPF.L2") > 0
     # Device-side descriptors, 128 B each: the query pair, and the key descriptors of the cache (a pair; FP8:
     # rope and codes, and a blockscale cache's scales), again for a paged tail.
     keys = 2 if kv_format != "fp8_blockscale" else 3

@@ -18,12 +18,11 @@ writes the result (a sequence's only split) or the split's float32 partial and L
 the split kernel's row rules.
 
 Caches: in q's dtype (bf16, fp16), "fp8_blockscale" (bf16 q) or "fp8_pertensor"; contiguous, paged (pages of 64
-tokens or more) or stacked. "fp8_blockscale" takes gluon_decode's producer that dequantizes in the ring slot
-(`_fp8_producer`), each consumer group reloading its own slot; at 32 rows its consumers' 224 registers spill 24-32
-bytes, so ops runs FP8 through this kernel only up to 16 rows (`ops.decode.uses_narrow_kernel`).
-"fp8_pertensor" never writes converted keys to shared memory: the producer streams raw blocks into four stages
-(stage s for consumer group s % 2) and each consumer group converts its block's codes straight into both
-products' wgmma A operands in registers, in fp16 (the section "fp8_pertensor caches" below).
+tokens or more) or stacked. An FP8 cache never has converted keys in shared memory: the producer
+(`_stage_producer`) streams raw blocks into four stages (stage s for consumer group s % 2) and each consumer
+group (`_code_consumer`) converts its block's codes straight into both products' wgmma A operands in registers,
+in fp16 (the section "FP8 caches" below); its O^T is merged in a stage's 32 KB, so ops runs FP8 through this
+kernel only up to 16 rows (`ops.decode.uses_narrow_kernel`).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -32,18 +31,16 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from flashmla_jax.kernels._common import LOG2E
 from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _block_row,
-                                               _descriptor_pair, _fp8_copies, _fp8_loads, _fp8_producer, _fp8_reload,
-                                               _key_descriptors, _layer_keys, _load_query_tile, _producer,
-                                               _row_results, _rope_codes, _safe, _sequence_splits, _split_keys)
+                                               _descriptor_pair, _fp8_copies, _key_descriptors, _layer_keys,
+                                               _load_query_tile, _producer, _row_results, _rope_codes, _safe,
+                                               _sequence_splits, _split_keys)
 
 # Registers per consumer thread (the producer's warps get the rest): O^T [512, rows] takes rows * 4 of them.
 # Compiled without spills at these: 232 for 16 rows (at 240 the paged producer's 24 spill), 240 for 32.
 CONSUMER_REGS_16 = gl.constexpr(232)
 CONSUMER_REGS_32 = gl.constexpr(240)
-# With an "fp8_blockscale" cache the producer dequantizes and needs 56 registers a thread (kernels/gluon_decode.py).
-FP8_CONSUMER_REGS = gl.constexpr(224)
-# "fp8_pertensor": raw key blocks in flight (stage s holds the blocks of consumer group s % 2), and the registers
-# of its consumers, which convert the codes themselves (the producer only issues loads and converts the query).
+# FP8 caches: raw key blocks in flight (stage s holds the blocks of consumer group s % 2), and the registers of
+# the consumers, which convert the codes themselves (the producer only issues loads and converts the query).
 CODE_STAGES = gl.constexpr(4)
 CODE_CONSUMER_REGS = gl.constexpr(232)
 
@@ -90,13 +87,10 @@ def _block_scores_t(q_nope, q_rope, k_nope, k_rope):
 @gluon.jit
 def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l, q_ready, k_ready, k_free,
               handed, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-              NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr):
-    """Consumer warpgroup `group` for a key tile in q's dtype: blocks group, group + 2, ... of this split, then
+              NUM_SPLITS: gl.constexpr):
+    """Consumer warpgroup `group` for a cache in q's dtype: blocks group, group + 2, ... of this split, then
     (group 1) its state to shared memory, or (group 0) the merge of both and the output. p_t [ROWS, 64]: this
-    group's P for the P V product (the wgmma's B operand comes from shared memory). FP8 ("fp8_blockscale",
-    dequantized in the ring by gluon_decode's `_fp8_producer`): the group loads block j + 2's raw bytes into its
-    slot as it frees it after block j (`_fp8_reload`; loads: `_fp8_load`'s tuple), so the producer only converts
-    and never waits for a slot."""
+    group's P for the P V product (the wgmma's B operand comes from shared memory)."""
     qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
     ROWS: gl.constexpr = q_nope.shape[0]
     D_V: gl.constexpr = k_nope.shape[2]
@@ -113,12 +107,10 @@ def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l
         mbarrier.wait(k_ready.index(group), i & 1)
         s = _block_scores_t(q_nope, q_rope, slot_nope, slot_rope)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
-        m_i, l_i, acc = _softmax_step(s, lo + j * BLOCK_N, m_i, l_i, acc, p_t, work, H, S_Q, CAUSAL)
+        m_i, l_i, acc = _softmax_step(s, lo + j * BLOCK_N, m_i, l_i, acc, 1.0, p_t, work, H, S_Q, CAUSAL)
         acc = warpgroup_mma(slot_nope.permute((1, 0)), p_t.permute((1, 0)), acc, is_async=True)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
         mbarrier.arrive(k_free.index(group), count=1)
-        if FP8:
-            _fp8_reload(j + 2, k_free, loads, n_blocks, D_V, BLOCKSCALE)
     plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[1, 0])
     o_0 = k_nope.index(0)._reinterpret(gl.float32, [ROWS, D_V], plain)
     o_1 = k_nope.index(1)._reinterpret(gl.float32, [ROWS, D_V], plain)
@@ -127,11 +119,12 @@ def _consumer(group: gl.constexpr, q_nope, q_rope, k_nope, k_rope, p_t, x_m, x_l
 
 
 @gluon.jit
-def _softmax_step(s, start, m_i, l_i, acc, p_t, work, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr):
+def _softmax_step(s, start, m_i, l_i, acc, acc_factor, p_t, work, H: gl.constexpr, S_Q: gl.constexpr,
+                  CAUSAL: gl.constexpr):
     """One block's online softmax over the keys (axis 0 of S^T [64, ROWS], keys from `start`): the scores scaled
-    and masked past each row's limit, the running max and row sums updated, O^T (acc [512, ROWS]) rescaled, and
-    P^T stored into p_t [ROWS, 64] for the P V product, fenced and complete in all four warps. Returns
-    (m_new, l_i, acc)."""
+    and masked past each row's limit, the running max and row sums updated, O^T (acc [512, ROWS]) rescaled (and
+    times acc_factor, a change of its units), and P^T stored into p_t [ROWS, 64] for the P V product, fenced and
+    complete in all four warps. Returns (m_new, l_i, acc)."""
     qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
     ROWS: gl.constexpr = p_t.shape[0]
     keys_l: gl.constexpr = _keys_layout(ROWS)
@@ -145,7 +138,7 @@ def _softmax_step(s, start, m_i, l_i, acc, p_t, work, H: gl.constexpr, S_Q: gl.c
     p = gl.exp2(s - gl.expand_dims(m_safe, 0))
     alpha = gl.exp2(m_i - m_safe)
     l_i = l_i * alpha + gl.sum(p, axis=0)
-    acc = acc * gl.expand_dims(alpha, 0)
+    acc = acc * gl.expand_dims(alpha * acc_factor, 0)
     p_t.store(gl.permute(p.to(p_t.dtype), (1, 0)))
     fence_async_shared()
     gl.thread_barrier()        # every warp's part of P stored before the warpgroup's wgmma reads it
@@ -234,17 +227,20 @@ def _write_rows(o_0, o_1, w_0, w_1, m, l_all, saw_keys, v_scale, outputs, b, spl
         gl.store(lse_part_ptr + part + rows, lse, mask=(rows < R) & taken)
 
 
-# ---- fp8_pertensor caches: the codes converted straight into the products' register operands ----
+# ---- FP8 caches: the codes converted straight into the products' register operands ----
 #
-# A raw block (TMA: the codes [4, 64, 128] group-major and the rope codes) is never written back to shared
-# memory: each consumer group loads its block's codes from the stage into registers in the layouts the wgmma A
-# operands need and converts them there, one hardware e4m3 -> fp16 pair conversion per two codes (exact), and
-# the products run in fp16 from registers. The query takes fp16 too, once per program: a bf16 query is scaled
-# by a power of two that puts its largest magnitude in [2^14, 2^15) (exact for every value within 2^24 of it),
-# and the scores are divided by it again. Both products are sums over channels, so the channels may come in any
-# order as long as both operands agree: the query's columns are permuted once per program (`_query_operands`),
-# and P V permutes the rows of O^T, undone when O is stored. A block moves ~140 KB through shared memory (its
-# TMA store, two reads of its codes, the query and P) instead of ~320 KB with a converted tile.
+# A raw block (TMA: the codes [4, 64, 128] group-major, the rope and a blockscale token's scales) is never
+# written back to shared memory: each consumer group loads its block's codes from the stage into registers in the
+# layouts the wgmma A operands need and converts them there, one hardware e4m3 -> fp16 pair conversion per two
+# codes (exact), and the products run in fp16 from registers. The query takes fp16 too, once per program: a
+# bf16 query is scaled by a power of two that puts its largest magnitude in [2^14, 2^15) (exact for every value
+# within 2^24 of it), and the scores are divided by it again. A blockscale code is multiplied by its scale times
+# 2^-E (fp16, one multiply a pair), E the exponent of the block's largest scale (`_block_power`), so that its
+# values stay in fp16's range whatever the cache's; the scores are multiplied by 2^E after the products and O^T
+# is kept in units of the current block's 2^E. Both products are sums over channels, so the channels may come in
+# any order as long as both operands agree: the query's columns are permuted once per program
+# (`_query_operands`), and P V permutes the rows of O^T, undone when O is stored. A block moves ~140 KB through
+# shared memory (its TMA store, two reads of its codes, the query and P) instead of ~320 KB with a converted tile.
 
 
 @gluon.constexpr_function
@@ -277,22 +273,55 @@ def _value_code_layout():
                                       warp_bases=[[1, 0, 0], [2, 0, 0]], block_bases=[], shape=[4, 16, 128])
 
 
+@gluon.constexpr_function
+def _key_scales_layout():
+    """[64 keys, 4 groups] float32 scales of a blockscale block, each thread its two keys' four (the keys it holds
+    in `_score_code_layout`)."""
+    return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [8, 0]],
+                                      lane_bases=[[0, 0], [0, 0], [1, 0], [2, 0], [4, 0]],
+                                      warp_bases=[[16, 0], [32, 0]], block_bases=[], shape=[64, 4])
+
+
+@gluon.constexpr_function
+def _slice_scales_layout():
+    """[16 keys, 4 groups] float32 scales of a 16-key slice, each thread its four keys of its warp's group (the
+    keys and group it holds in `_value_code_layout`)."""
+    return gl.DistributedLinearLayout(reg_bases=[[1, 0], [8, 0]], lane_bases=[[2, 0], [4, 0], [0, 0], [0, 0], [0, 0]],
+                                      warp_bases=[[0, 1], [0, 2]], block_bases=[], shape=[16, 4])
+
+
 @gluon.jit
-def _operand(codes, ROWS: gl.constexpr):
-    """uint8 e4m3 codes, laid out as the wgmma A fragment of `_keys_layout(ROWS)`, as that operand in fp16 (exact;
-    no data moves between threads)."""
+def _fp16_codes(codes, scale, SCALED: gl.constexpr):
+    """uint8 e4m3 codes -> fp16 (exact), SCALED: times scale (fp16, broadcast against codes)."""
     values = codes.to(gl.float8e4nv, bitcast=True).to(gl.float16)
+    if SCALED:
+        values = values * scale
+    return values
+
+
+@gluon.jit
+def _operand(values, ROWS: gl.constexpr):
+    """fp16 values laid out as the wgmma A fragment of `_keys_layout(ROWS)`, as that operand (no data moves)."""
     return gl.convert_layout(values, gl.DotOperandLayout(0, _keys_layout(ROWS), 2), assert_trivial=True)
 
 
 @gluon.jit
-def _score_operand(group_codes, ROWS: gl.constexpr):
-    """A code group of a block (group_codes: its [64, 128] uint8 in shared memory) as the A operand of the
+def _score_operand(group_codes, key_scales, c: gl.constexpr, down, ROWS: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """Code group c of a block (group_codes: its [64, 128] uint8 in shared memory) as the A operand of the
     scores over the group's 128 channels, in the column order `_query_operands` gives the query: column
     16 s + 8 e1 + 2 t + e0 holds byte 32 t + 4 s + 2 e1 + e0 (t < 4, s < 8, e1, e0 < 2), so that a thread's
-    fragment is two 32-byte runs of codes."""
-    x = group_codes.load(_score_code_layout())
-    return _operand(x.reshape([BLOCK_N, 4, 8, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([BLOCK_N, CODE_BOX]), ROWS)
+    fragment is two 32-byte runs of codes. BLOCKSCALE: times each key's scale of group c (key_scales: the
+    block's [64, 4] in `_key_scales_layout`) and `down` (the block's power of two), rounded to fp16."""
+    layout: gl.constexpr = _score_code_layout()
+    x = group_codes.load(layout)
+    scale = 1.0
+    if BLOCKSCALE:
+        group = gl.arange(0, 4, layout=gl.SliceLayout(0, _key_scales_layout()))
+        scale = gl.sum(gl.where(gl.expand_dims(group, 0) == c, key_scales, 0.0), axis=1) * down
+        scale = gl.expand_dims(gl.convert_layout(scale.to(gl.float16), gl.SliceLayout(1, layout),
+                                                 assert_trivial=True), 1)
+    v = _fp16_codes(x, scale, BLOCKSCALE)
+    return _operand(v.reshape([BLOCK_N, 4, 8, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([BLOCK_N, CODE_BOX]), ROWS)
 
 
 @gluon.jit
@@ -301,17 +330,26 @@ def _rope_operand(rope_codes, ROWS: gl.constexpr):
     column order `_query_operands` gives the query's rope: column 16 s + 8 e1 + 2 t + e0 holds byte
     16 t + 4 s + 2 e1 + e0 (t, s < 4)."""
     x = rope_codes.load(_rope_code_operand_layout())
-    return _operand(x.reshape([BLOCK_N, 4, 4, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([BLOCK_N, 64]), ROWS)
+    v = _fp16_codes(x, 1.0, False)
+    return _operand(v.reshape([BLOCK_N, 4, 4, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([BLOCK_N, 64]), ROWS)
 
 
 @gluon.jit
-def _value_operand(codes, k: gl.constexpr, ROWS: gl.constexpr):
+def _value_operand(codes, scales, k: gl.constexpr, down, ROWS: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """Keys [16 k, 16 k + 16) of a block (codes [4, 64, 128] uint8) as the A operand of O^T += V^T P^T: V^T
     [512, 16] with its rows permuted so that a thread's fragment is one 16-byte chunk of a group a key: row
     64 m + 16 w + 8 h + g holds channel 128 w + 16 g + 2 m + h (m, g < 8; w < 4; h < 2). O^T comes out in that
-    row order (`_channel_order` undoes it)."""
-    x = codes.slice(16 * k, 16, dim=1).load(_value_code_layout())
-    return _operand(x.reshape([4, 16, 8, 8, 2]).permute((3, 0, 4, 2, 1)).reshape([4 * CODE_BOX, 16]), ROWS)
+    row order (`_channel_order` undoes it). BLOCKSCALE: times scale[key, group] (scales: the block's [64, 4]
+    float32 in shared memory) and `down`, rounded to fp16."""
+    layout: gl.constexpr = _value_code_layout()
+    x = codes.slice(16 * k, 16, dim=1).load(layout)
+    scale = 1.0
+    if BLOCKSCALE:
+        key_scales = scales.slice(16 * k, 16, dim=0).load(_slice_scales_layout())       # [16 keys, 4 groups]
+        scale = (gl.permute(key_scales, (1, 0)) * down).to(gl.float16)
+        scale = gl.expand_dims(gl.convert_layout(scale, gl.SliceLayout(2, layout), assert_trivial=True), 2)
+    v = _fp16_codes(x, scale, BLOCKSCALE)
+    return _operand(v.reshape([4, 16, 8, 8, 2]).permute((3, 0, 4, 2, 1)).reshape([4 * CODE_BOX, 16]), ROWS)
 
 
 @gluon.jit
@@ -322,35 +360,61 @@ def _channel_order(acc):
 
 
 @gluon.jit
-def _code_scores_t(q_nope, q_rope, codes, rope_codes):
-    """S^T = K Q^T [64, ROWS] float32 of one raw block (codes [4, 64, 128] and rope_codes [64, 64] uint8; the
-    query in fp16, its columns permuted), each code group converted while the product of the one before runs."""
+def _code_scores_t(q_nope, q_rope, codes, rope, scales, q_factor, BLOCKSCALE: gl.constexpr):
+    """S^T = K Q^T [64, ROWS] float32 of one raw block (codes [4, 64, 128] uint8; the query in fp16 times
+    q_factor, its columns permuted), each code group converted while the product of the one before runs.
+    Pertensor: rope [64, 64] holds the rope codes (`_rope_codes`), in the same product. Blockscale: rope holds
+    the bf16 rope values, multiplied with the bf16 query rope (q_rope) on their own accumulator, and the codes
+    take the block's scales (scales [64, 4] float32) over a power of two of the block, restored after."""
     ROWS: gl.constexpr = q_nope.shape[0]
-    s = warpgroup_mma_init(gl.zeros([BLOCK_N, ROWS], gl.float32, layout=_keys_layout(ROWS)))
-    a = _score_operand(codes.index(0), ROWS)
+    zeros = gl.zeros([BLOCK_N, ROWS], gl.float32, layout=_keys_layout(ROWS))
+    down = 1.0
+    up = 1.0
+    key_scales = 1.0
+    if BLOCKSCALE:
+        s_rope = warpgroup_mma(rope, q_rope.permute((1, 0)), warpgroup_mma_init(zeros), is_async=True)
+        key_scales = scales.load(_key_scales_layout())
+        down, up = _block_power(key_scales)
+    s = warpgroup_mma_init(zeros)
+    a = _score_operand(codes.index(0), key_scales, 0, down, ROWS, BLOCKSCALE)
     s = warpgroup_mma(a, q_nope.slice(0, CODE_BOX, dim=1).permute((1, 0)), s, is_async=True)
     for c in gl.static_range(1, 4):
-        a_next = _score_operand(codes.index(c), ROWS)
+        a_next = _score_operand(codes.index(c), key_scales, c, down, ROWS, BLOCKSCALE)
         s, a = warpgroup_mma_wait(num_outstanding=0, deps=(s, a))       # a's registers live until its product ends
         s = warpgroup_mma(a_next, q_nope.slice(c * CODE_BOX, CODE_BOX, dim=1).permute((1, 0)), s, is_async=True)
         a = a_next
-    a_next = _rope_operand(rope_codes, ROWS)
-    s, a = warpgroup_mma_wait(num_outstanding=0, deps=(s, a))
-    s = warpgroup_mma(a_next, q_rope.permute((1, 0)), s, is_async=True)
-    s, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(s, a_next))
-    return s
+    if BLOCKSCALE:
+        s, a, s_rope = warpgroup_mma_wait(num_outstanding=0, deps=(s, a, s_rope))
+        s = s_rope + s * (up / q_factor)
+    else:
+        a_next = _rope_operand(_rope_codes(rope), ROWS)
+        s, a = warpgroup_mma_wait(num_outstanding=0, deps=(s, a))
+        s = warpgroup_mma(a_next, q_rope.permute((1, 0)), s, is_async=True)
+        s, a_next = warpgroup_mma_wait(num_outstanding=0, deps=(s, a_next))
+        s = s / q_factor
+    return s, down, up
 
 
 @gluon.jit
-def _code_values_product(codes, p_t, acc):
+def _block_power(key_scales):
+    """(down, up): 2^-E and 2^E for a block's scales (key_scales [64, 4] float32), E the exponent of the largest,
+    so that a code times its scale times down stays within fp16 (|code| <= 448, scale * down < 2); the exponent
+    is clamped so that both stay normal float32."""
+    peak = gl.max(gl.max(key_scales, axis=1), axis=0)
+    e = gl.minimum(gl.maximum((peak.to(gl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
+    return ((254 - e) << 23).to(gl.float32, bitcast=True), (e << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _code_values_product(codes, scales, down, p_t, acc, BLOCKSCALE: gl.constexpr):
     """acc + V^T P^T [512, ROWS] (rows in `_value_operand`'s order) for one raw block (codes [4, 64, 128]
-    uint8), P^T from p_t [ROWS, 64] fp16; each 16-key slice converted while the product of the one before
-    runs."""
+    uint8; blockscale: times the block's scales and `down`), P^T from p_t [ROWS, 64] fp16; each 16-key slice
+    converted while the product of the one before runs."""
     ROWS: gl.constexpr = p_t.shape[0]
-    a = _value_operand(codes, 0, ROWS)
+    a = _value_operand(codes, scales, 0, down, ROWS, BLOCKSCALE)
     acc = warpgroup_mma(a, p_t.slice(0, 16, dim=1).permute((1, 0)), acc, is_async=True)
     for k in gl.static_range(1, BLOCK_N // 16):
-        a_next = _value_operand(codes, k, ROWS)
+        a_next = _value_operand(codes, scales, k, down, ROWS, BLOCKSCALE)
         acc, a = warpgroup_mma_wait(num_outstanding=0, deps=(acc, a))
         acc = warpgroup_mma(a_next, p_t.slice(16 * k, 16, dim=1).permute((1, 0)), acc, is_async=True)
         a = a_next
@@ -375,43 +439,50 @@ def _stage_merge_buffer(codes, stage, ROWS: gl.constexpr, D_V: gl.constexpr):
 
 
 @gluon.jit
-def _code_consumer(group: gl.constexpr, q_nope, q_rope, q_factor, codes, k_rope, p_t, x_m, x_l, q_ready, k_ready,
-                   k_free, handed, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-                   NUM_SPLITS: gl.constexpr):
-    """Consumer warpgroup `group` for an "fp8_pertensor" cache: blocks j = group, group + 2, ... of this split,
-    each from raw stage j % CODE_STAGES (released once both products have read it), then the hand-over or the
-    merge and the output as `_consumer`'s. q_nope, q_rope: the fp16 query `_query_operands` wrote, q_factor
-    [ROWS] float32 the power of two it was scaled by."""
+def _code_consumer(group: gl.constexpr, q_nope, q_rope, q_factor, codes, k_rope, k_scales, p_t, x_m, x_l, q_ready,
+                   k_ready, k_free, handed, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
+                   NUM_SPLITS: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """Consumer warpgroup `group` for an FP8 cache: blocks j = group, group + 2, ... of this split, each from raw
+    stage j % CODE_STAGES (released once both products have read it), then the hand-over or the merge and the
+    output as `_consumer`'s. q_nope: the fp16 query `_query_operands` wrote (q_rope too for pertensor; blockscale:
+    bf16 as loaded), q_factor [ROWS] float32 the power of two it was scaled by. Blockscale: O^T is kept in
+    units of the current block's power of two (`_block_power`), changed with each block's rescale."""
     qk_scale, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale = work
     ROWS: gl.constexpr = q_nope.shape[0]
     D_V: gl.constexpr = q_nope.shape[1]
+    plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=2)
     m_i = gl.full([ROWS], float("-inf"), gl.float32, layout=_rows_layout(ROWS))
     l_i = gl.zeros([ROWS], gl.float32, layout=_rows_layout(ROWS))
     acc = gl.zeros([D_V, ROWS], gl.float32, layout=_keys_layout(ROWS))
+    units = 1.0                    # blockscale: O^T = acc * units
     mbarrier.wait(q_ready, 0)
     factor = gl.max(q_factor.load(_rows_layout(ROWS)), axis=0)
-    block_work = (qk_scale / factor, seqlen, lo, n_blocks, first_limit, b, split, splits_here, v_scale)
     for i in range((n_blocks - group + 1) // 2):
         j = 2 * i + group
         stage = j % CODE_STAGES
         mbarrier.wait(k_ready.index(stage), (j // CODE_STAGES) & 1)
-        s = _code_scores_t(q_nope, q_rope, _stage_codes(codes, stage, 2), _rope_codes(k_rope.index(stage)))
-        m_i, l_i, acc = _softmax_step(s, lo + j * BLOCK_N, m_i, l_i, acc, p_t, block_work, H, S_Q, CAUSAL)
-        acc = _code_values_product(_stage_codes(codes, stage, 3), p_t, acc)
+        scales = k_scales.index(stage)._reinterpret(gl.float32, [BLOCK_N, 4], plain)
+        s, down, up = _code_scores_t(q_nope, q_rope, _stage_codes(codes, stage, 2), k_rope.index(stage), scales,
+                                     factor, BLOCKSCALE)
+        m_i, l_i, acc = _softmax_step(s, lo + j * BLOCK_N, m_i, l_i, acc, units * down, p_t, work, H, S_Q, CAUSAL)
+        units = up
+        acc = _code_values_product(_stage_codes(codes, stage, 3), scales, down, p_t, acc, BLOCKSCALE)
         mbarrier.arrive(k_free.index(stage), count=1)
+    if BLOCKSCALE:
+        acc = acc * units
     # Stage g holds only group g's blocks, all consumed by now.
     _hand_over_or_write(group, _channel_order(acc), m_i, l_i, _stage_merge_buffer(codes, 0, ROWS, D_V),
                         _stage_merge_buffer(codes, 1, ROWS, D_V), x_m, x_l, handed, work, outputs, H, S_Q, CAUSAL,
-                        NUM_SPLITS, True)
+                        NUM_SPLITS, not BLOCKSCALE)
 
 
 @gluon.jit
-def _query_operands(q_nope, q_rope, q_factor):
-    """The query tile (q_nope [ROWS, 512], q_rope [ROWS, 64] in q's dtype) rewritten in place as fp16 in the
-    consumers' column orders: each 128-column group's column 16 s + 8 e1 + 2 t + e0 takes column
-    32 t + 4 s + 2 e1 + e0 (`_score_operand`), the rope's column 16 s + 8 e1 + 2 t + e0 column
-    16 t + 4 s + 2 e1 + e0 (`_rope_operand`). A bf16 query is scaled by 2^k, k such that its largest magnitude
-    lands in [2^14, 2^15) (q_factor [ROWS] gets 2^k; fp16 queries: 1). Once per program, in the producer's warps."""
+def _query_operands(q_nope, q_rope, q_factor, ROPE: gl.constexpr):
+    """The query tile (q_nope [ROWS, 512] in q's dtype) rewritten in place as fp16 in the consumers' column order:
+    each 128-column group's column 16 s + 8 e1 + 2 t + e0 takes column 32 t + 4 s + 2 e1 + e0 (`_score_operand`);
+    with ROPE (pertensor) the rope too (q_rope [ROWS, 64]: column 16 s + 8 e1 + 2 t + e0 takes 16 t + 4 s + 2 e1
+    + e0, `_rope_operand`). A bf16 query is scaled by 2^k, k such that the largest magnitude rewritten lands in
+    [2^14, 2^15) (q_factor [ROWS] gets 2^k; fp16 queries: 1). Once per program, in the producer's warps."""
     ROWS: gl.constexpr = q_nope.shape[0]
     D_V: gl.constexpr = q_nope.shape[1]
     D_R: gl.constexpr = q_rope.shape[1]
@@ -419,10 +490,12 @@ def _query_operands(q_nope, q_rope, q_factor):
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     factor = 1.0
     if q_nope.dtype == gl.bfloat16:
-        amax = gl.max(gl.max(gl.abs(q_rope.load(layout).to(gl.float32)), axis=1), axis=0)
-        for c in gl.static_range(D_V // CODE_BOX):
+        amax = gl.max(gl.max(gl.abs(q_nope.slice(0, CODE_BOX, dim=1).load(layout).to(gl.float32)), axis=1), axis=0)
+        for c in gl.static_range(1, D_V // CODE_BOX):
             x = q_nope.slice(c * CODE_BOX, CODE_BOX, dim=1).load(layout).to(gl.float32)
             amax = gl.maximum(amax, gl.max(gl.max(gl.abs(x), axis=1), axis=0))
+        if ROPE:
+            amax = gl.maximum(amax, gl.max(gl.max(gl.abs(q_rope.load(layout).to(gl.float32)), axis=1), axis=0))
         # 2^(141 - e) for amax's biased exponent e, clamped to normal float32 powers (amax 0 or subnormal: 2^127)
         exponent = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
         factor = (gl.minimum(gl.maximum(268 - exponent, 1), 254) << 23).to(gl.float32, bitcast=True)
@@ -432,42 +505,49 @@ def _query_operands(q_nope, q_rope, q_factor):
         x = x.reshape([ROWS, 4, 8, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([ROWS, CODE_BOX])
         gl.thread_barrier()
         q_nope._reinterpret(gl.float16, [ROWS, D_V], swizzled).slice(c * CODE_BOX, CODE_BOX, dim=1).store(x)
-    r = (q_rope.load(layout).to(gl.float32) * factor).to(gl.float16)
-    r = r.reshape([ROWS, 4, 4, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([ROWS, D_R])
-    gl.thread_barrier()
-    q_rope._reinterpret(gl.float16, [ROWS, D_R], swizzled).store(r)
+    if ROPE:
+        r = (q_rope.load(layout).to(gl.float32) * factor).to(gl.float16)
+        r = r.reshape([ROWS, 4, 4, 2, 2]).permute((0, 2, 3, 1, 4)).reshape([ROWS, D_R])
+        gl.thread_barrier()
+        q_rope._reinterpret(gl.float16, [ROWS, D_R], swizzled).store(r)
     q_factor.store(gl.full([ROWS], factor, gl.float32, layout=gl.SliceLayout(1, layout)))
 
 
 @gluon.jit
-def _stage_load(j, start, row, loads, D_V: gl.constexpr):
+def _stage_load(j, start, row, loads, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """TMA loads of key block j (its first key `start`, at descriptor row `row`: `_block_row`) into raw stage
-    j % CODE_STAGES, completing k_ready there. loads: (k_descs, tail_descs, codes, k_rope, k_ready, tail_start,
-    PAGED)."""
-    k_descs, tail_descs, codes, k_rope, k_ready, tail_start, PAGED = loads
+    j % CODE_STAGES, completing k_ready there. loads: (k_descs, tail_descs, codes, k_rope, k_scales, k_ready,
+    tail_start, PAGED)."""
+    k_descs, tail_descs, codes, k_rope, k_scales, k_ready, tail_start, PAGED = loads
     stage = j % CODE_STAGES
     bar = k_ready.index(stage)
-    mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[2]))
-    if PAGED and start == tail_start:
-        _fp8_copies(tail_descs, 0, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), None, D_V, False)
+    if BLOCKSCALE:
+        mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[2]))
     else:
-        _fp8_copies(k_descs, row, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), None, D_V, False)
+        mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[2]))
+    if PAGED and start == tail_start:
+        _fp8_copies(tail_descs, 0, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), k_scales.index(stage),
+                    D_V, BLOCKSCALE)
+    else:
+        _fp8_copies(k_descs, row, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), k_scales.index(stage),
+                    D_V, BLOCKSCALE)
 
 
 @gluon.jit
 def _stage_producer(q_descs, loads, q_nope, q_rope, q_factor, q_loaded, q_ready, k_free, table_ptr, b, lo,
                     n_blocks, PAGED: gl.constexpr, PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr,
-                    NUM_PAGES: gl.constexpr, D_V: gl.constexpr):
-    """The default partition for an "fp8_pertensor" cache (4 warps): the query tile, the first CODE_STAGES
-    blocks' raw bytes, the query as the consumers' fp16 operands (`_query_operands`, then q_ready), then each
-    later block into its stage once the consumer group that read the stage's last block has released it."""
+                    NUM_PAGES: gl.constexpr, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """The default partition for an FP8 cache on the register-operand path (4 warps): the query tile, the first
+    CODE_STAGES blocks' raw bytes, the query as the consumers' fp16 operands (`_query_operands`, then q_ready),
+    then each later block into its stage once the consumer group that read the stage's last block has released
+    it."""
     _load_query_tile(q_descs, q_nope, q_rope, q_loaded, D_V)
     for j in gl.static_range(CODE_STAGES):
         if j < n_blocks:
             start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
-            _stage_load(j, start, row, loads, D_V)
+            _stage_load(j, start, row, loads, D_V, BLOCKSCALE)
     mbarrier.wait(q_loaded, 0)
-    _query_operands(q_nope, q_rope, q_factor)
+    _query_operands(q_nope, q_rope, q_factor, not BLOCKSCALE)
     fence_async_shared()           # the rewritten tile (generic stores) before the consumers' wgmma reads it
     gl.thread_barrier()
     mbarrier.arrive(q_ready, count=1)
@@ -475,7 +555,7 @@ def _stage_producer(q_descs, loads, q_nope, q_rope, q_factor, q_loaded, q_ready,
         # The page is looked up before waiting for the stage: its load latency hides behind the wait.
         start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
         mbarrier.wait(k_free.index(j % CODE_STAGES), ((j // CODE_STAGES) & 1) ^ 1)
-        _stage_load(j, start, row, loads, D_V)
+        _stage_load(j, start, row, loads, D_V, BLOCKSCALE)
 
 
 @gluon.jit
@@ -506,7 +586,7 @@ def mla_decode_gluon_narrow_kernel(
     V_SCALED: gl.constexpr = KV_FORMAT == KV_PERTENSOR
     R: gl.constexpr = S_Q * H
     ROWS: gl.constexpr = 16 if R <= 16 else 32
-    CONSUMER_REGS: gl.constexpr = FP8_CONSUMER_REGS if FP8 else (CONSUMER_REGS_16 if R <= 16 else CONSUMER_REGS_32)
+    CONSUMER_REGS: gl.constexpr = CODE_CONSUMER_REGS if FP8 else (CONSUMER_REGS_16 if R <= 16 else CONSUMER_REGS_32)
     D: gl.constexpr = D_V + D_R
     TOKEN: gl.constexpr = D_V + D_V // 32 + 2 * D_R if BLOCKSCALE else D      # a token's stride in kv_ptr's elements
     dtype: gl.constexpr = q_ptr.dtype.element_ty
@@ -535,13 +615,15 @@ def mla_decode_gluon_narrow_kernel(
     outputs = (o_ptr, lse_ptr, o_part_ptr, lse_part_ptr)
     q_nope = gl.allocate_shared_memory(dtype, [ROWS, D_V], swizzled)
     q_rope = gl.allocate_shared_memory(dtype, [ROWS, D_R], swizzled)
-    if V_SCALED:
-        gl.static_assert(R <= 16, "fp8_pertensor: at most 16 query rows (a group's O is merged in a stage's codes)")
-        # Raw stages: the codes [4, 64, 128] as the TMA lands them (`_stage_codes`) and the rope codes (the first
-        # 4 KB of a [64, 64] 16-bit box, `_rope_codes`).
+    if FP8:
+        gl.static_assert(R <= 16, "FP8: at most 16 query rows (a group's O is merged in a stage's codes)")
+        # Raw stages: the codes [4, 64, 128] as the TMA lands them (`_stage_codes`), the rope (blockscale: bf16
+        # values; pertensor: its codes in the first 4 KB, `_rope_codes`) and a blockscale token's 4 scales.
         boxes: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+        plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
         codes = gl.allocate_shared_memory(gl.uint8, [CODE_STAGES, D_V // CODE_BOX * BLOCK_N, CODE_BOX], boxes)
         k_rope = gl.allocate_shared_memory(dtype, [CODE_STAGES, BLOCK_N, D_R], swizzled)
+        k_scales = gl.allocate_shared_memory(gl.uint8, [CODE_STAGES, BLOCK_N, D_V // 32], plain)
         p_t = gl.allocate_shared_memory(gl.float16, [2, ROWS, BLOCK_N], swizzled)  # each group's P
         x_m = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # group 1's running max
         x_l = gl.allocate_shared_memory(gl.float32, [ROWS], vec)                 # and its row sums
@@ -557,17 +639,19 @@ def mla_decode_gluon_narrow_kernel(
         for i in gl.static_range(CODE_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_free.index(i), count=1)      # one group uses each stage
-        loads = (k_descs, tail_descs, codes, k_rope, k_ready, tail_start, PAGED)
+        loads = (k_descs, tail_descs, codes, k_rope, k_scales, k_ready, tail_start, PAGED)
         q16_nope = q_nope._reinterpret(gl.float16, [ROWS, D_V], swizzled)       # as `_query_operands` leaves it
-        q16_rope = q_rope._reinterpret(gl.float16, [ROWS, D_R], swizzled)
+        q16_rope = q_rope if BLOCKSCALE else q_rope._reinterpret(gl.float16, [ROWS, D_R], swizzled)
         gl.warp_specialize([
             (_stage_producer, (q_descs, loads, q_nope, q_rope, q_factor, q_loaded, q_ready, k_free, table_ptr, b, lo,
-                               n_blocks, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-            (_code_consumer, (0, q16_nope, q16_rope, q_factor, codes, k_rope, p_t.index(0), x_m, x_l, q_ready,
-                              k_ready, k_free, handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
-            (_code_consumer, (1, q16_nope, q16_rope, q_factor, codes, k_rope, p_t.index(1), x_m, x_l, q_ready,
-                              k_ready, k_free, handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
-        ], [4, 4], [CODE_CONSUMER_REGS, CODE_CONSUMER_REGS])
+                               n_blocks, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V, BLOCKSCALE)),
+            (_code_consumer, (0, q16_nope, q16_rope, q_factor, codes, k_rope, k_scales, p_t.index(0), x_m, x_l,
+                              q_ready, k_ready, k_free, handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS,
+                              BLOCKSCALE)),
+            (_code_consumer, (1, q16_nope, q16_rope, q_factor, codes, k_rope, k_scales, p_t.index(1), x_m, x_l,
+                              q_ready, k_ready, k_free, handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS,
+                              BLOCKSCALE)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
     else:
         k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
         k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
@@ -583,25 +667,11 @@ def mla_decode_gluon_narrow_kernel(
         for i in gl.static_range(2):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_free.index(i), count=1)      # one group uses each slot
-        if FP8:
-            loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
-                               MAX_BLOCKS, NUM_PAGES)
-            prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
-            gl.warp_specialize([
-                (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5],
-                                 k_ready, n_blocks, D_V, prefetch, BLOCKSCALE)),
-                (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
-                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE)),
-                (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
-                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE)),
-            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
-        else:
-            gl.warp_specialize([
-                (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
-                             table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
-                # `loads` is unused without FP8.
-                (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
-                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False)),
-                (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
-                             handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False)),
-            ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
+        gl.warp_specialize([
+            (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
+                         table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
+            (_consumer, (0, q_nope, q_rope, k_nope, k_rope, p_t.index(0), x_m, x_l, q_ready, k_ready, k_free,
+                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+            (_consumer, (1, q_nope, q_rope, k_nope, k_rope, p_t.index(1), x_m, x_l, q_ready, k_ready, k_free,
+                         handed, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS)),
+        ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])

@@ -438,9 +438,9 @@ class GluonDecode(DecodeImplementation):
     ms against the tl kernel's 0.168 / 0.234 / 0.163 in an earlier run). With more splits its fixed start per
     program shows (D3: 0.032 against 0.030 ms; benchmarks/NOTES.md). An FP8 cache it takes for every row count:
     the 64-row kernel ran 1.4-1.5x the tl kernels on every "fp8_blockscale" row measured (D1-fp8 to D6-fp8,
-    paged too) and "fp8_pertensor" ones in 0.327 ms at D5-fp8pt against 0.516, and the narrow kernel 1.23-1.28x
-    the 64-row one (D1-fp8 0.157 ms); its register-operand "fp8_pertensor" path ran D1-fp8pt in 0.099 ms
-    against 0.140 for the ring-slot conversion it replaced.
+    paged too) and "fp8_pertensor" ones in 0.327 ms at D5-fp8pt against 0.516, and the narrow kernel, which
+    converts the codes straight into fp16 register operands, D1-fp8 in 0.139 ms and D1-fp8pt in 0.101 (0.199 /
+    0.172 on the 64-row one).
     True under "gluon": every call it can run."""
 
     name = "gluon"
@@ -489,7 +489,7 @@ class GluonDecode(DecodeImplementation):
 def uses_narrow_kernel(rows: int, kv_format: str | None) -> bool:
     """Whether GluonDecode runs kernels/gluon_narrow_decode.py (keys as the wgmma M side) rather than
     kernels/gluon_decode.py, which pads the rows to 64: S_q * H <= 32 rows with a cache in q's dtype, <= 16 with
-    an FP8 one (at 32 the FP8 consumers spill)."""
+    an FP8 one (its consumer groups merge O through a raw stage's 32 KB)."""
     return rows <= (NARROW_ROWS if kv_format is None else NARROW_FP8_ROWS)
 
 
