@@ -547,17 +547,24 @@ def _fp8_load(j, loads, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
      MAX_BLOCKS, NUM_PAGES) = loads
     slot = j % 2
     start, row = _block_row(j, lo, table_ptr, b, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
-    bar = raw_ready.index(slot)
+    _fp8_block_load(raw_ready.index(slot), start, row, k_descs, tail_descs, tail_start, _code_boxes(k_nope.index(slot)),
+                    k_rope.index(slot), k_scales.index(slot), PAGED, D_V, BLOCKSCALE)
+
+
+@gluon.jit
+def _fp8_block_load(bar, start, row, k_descs, tail_descs, tail_start, codes, k_rope, k_scales, PAGED: gl.constexpr,
+                    D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """One FP8 key block's TMA loads (its first key `start`, at descriptor row `row`: `_block_row`) into one
+    slot's buffers (`_fp8_copies`), completing bar; a paged cache's partial last block (tail_start) through
+    tail_descs, whose rows end at the sequence's length."""
     if BLOCKSCALE:
-        mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[2]))
+        mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[1]))
     else:
-        mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[2]))
+        mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[1]))
     if PAGED and start == tail_start:
-        _fp8_copies(tail_descs, 0, bar, _code_boxes(k_nope.index(slot)), k_rope.index(slot), k_scales.index(slot), D_V,
-                    BLOCKSCALE)
+        _fp8_copies(tail_descs, 0, bar, codes, k_rope, k_scales, D_V, BLOCKSCALE)
     else:
-        _fp8_copies(k_descs, row, bar, _code_boxes(k_nope.index(slot)), k_rope.index(slot), k_scales.index(slot), D_V,
-                    BLOCKSCALE)
+        _fp8_copies(k_descs, row, bar, codes, k_rope, k_scales, D_V, BLOCKSCALE)
 
 
 @gluon.jit

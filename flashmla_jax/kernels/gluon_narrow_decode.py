@@ -31,7 +31,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 
 from flashmla_jax.kernels._common import LOG2E
 from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _block_row,
-                                               _descriptor_pair, _fp8_copies, _key_descriptors, _layer_keys,
+                                               _descriptor_pair, _fp8_block_load, _key_descriptors, _layer_keys,
                                                _load_query_tile, _producer, _row_results, _rope_codes, _safe,
                                                _sequence_splits, _split_keys)
 
@@ -520,17 +520,8 @@ def _stage_load(j, start, row, loads, D_V: gl.constexpr, BLOCKSCALE: gl.constexp
     tail_start, PAGED)."""
     k_descs, tail_descs, codes, k_rope, k_scales, k_ready, tail_start, PAGED = loads
     stage = j % CODE_STAGES
-    bar = k_ready.index(stage)
-    if BLOCKSCALE:
-        mbarrier.expect(bar, BLOCK_N * (D_V + D_V // 32 + 2 * k_rope.shape[2]))
-    else:
-        mbarrier.expect(bar, BLOCK_N * (D_V + k_rope.shape[2]))
-    if PAGED and start == tail_start:
-        _fp8_copies(tail_descs, 0, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), k_scales.index(stage),
-                    D_V, BLOCKSCALE)
-    else:
-        _fp8_copies(k_descs, row, bar, _stage_codes(codes, stage, 3), k_rope.index(stage), k_scales.index(stage),
-                    D_V, BLOCKSCALE)
+    _fp8_block_load(k_ready.index(stage), start, row, k_descs, tail_descs, tail_start, _stage_codes(codes, stage, 3),
+                    k_rope.index(stage), k_scales.index(stage), PAGED, D_V, BLOCKSCALE)
 
 
 @gluon.jit
