@@ -67,12 +67,16 @@ sparse64 = [fm.mla_decode_sparse(q64, fp8_pages, sparse_idx, topk_length, kv_for
 sparse64.append(fm.mla_decode_sparse(q64, pages, sparse_idx, topk_length, implementation="triton")[0])
 sparse64.append(jax.jit(lambda i: fm.mla_decode_sparse(q64, jnp.stack([pages, -pages]), sparse_idx, layer=i,
                                                        implementation="triton")[0])(jnp.int32(2)))
+# 32 and 128 bf16 query rows on the fp8_pertensor pages: the 64-row Gluon kernel's fp16 tiles, the query rewritten
+# as fp16 by its producer.
+pt_wide = [fm.mla_decode(x, pt_pages, fp8_lengths, fp8_table, kv_format="fp8_pertensor", kv_scale=pt_scale,
+                         num_splits=s, implementation="triton") for x, s in ((q, 1), (q64, 3))]
 # Sparse prefill: 8 tokens over the bf16 latents as a flat kv, the same kinds of bad indices, topk_length 0 for one.
 kv_flat = kv.reshape(-1, 576)
 prefill_idx = sparse_idx[:, 0].reshape(8, -1) % (2 * kv_flat.shape[0]) - 3       # some past N, some negative
 prefill = fm.mla_prefill_sparse(q.reshape(8, 16, 576), kv_flat, prefill_idx, jnp.arange(8, dtype=jnp.int32) * 100,
                                 implementation="triton")
-outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *fp8_narrow, *pt_narrow, *sparse,
+outs = (out, paged[:3], scheduled, scheduled_paged[:3], *stacked, fp8, *fp8_narrow, *pt_narrow, *pt_wide, *sparse,
         sparse_bf16, *sparse_stacked, *sparse64, prefill[0])
 jax.block_until_ready(outs)
 bad_rows_nan = bool(jnp.isnan(paged[3]).all() & jnp.isnan(scheduled_paged[3]).all())

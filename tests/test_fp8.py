@@ -820,7 +820,8 @@ def test_gpu_fp8_d1(kv_format, implementation, paged):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("num_splits", [1, 3])
-@pytest.mark.parametrize("kv_format, dtype", [("fp8_blockscale", jnp.bfloat16), ("fp8_pertensor", jnp.float16)])
+@pytest.mark.parametrize("kv_format, dtype", [("fp8_blockscale", jnp.bfloat16), ("fp8_pertensor", jnp.float16),
+                                           ("fp8_pertensor", jnp.bfloat16)])
 @pytest.mark.parametrize("h", [64, 8])
 def test_gpu_gluon_fp8_rows(num_splits, kv_format, dtype, h):
     """The Gluon kernels' FP8 paths on a stacked cache at a traced layer, causal S_q 2 with 64 heads (one 128-row
@@ -848,3 +849,30 @@ def test_gpu_gluon_fp8_rows(num_splits, kv_format, dtype, h):
     rows = np.isnan(np.asarray(got, np.float32)).all(-1) & np.isnan(np.asarray(got_lse))
     np.testing.assert_array_equal(rows.reshape(b, -1).all(-1), [True, False, True, False])
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(out[1]))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [1, 3])
+@pytest.mark.parametrize("h", [64, 16])
+def test_gpu_gluon_blockscale_magnitudes_across_blocks(num_splits, h):
+    """The Gluon kernels keep a blockscale block's fp16 values over a power of two of the block and O in the
+    units of the block before: latents whose magnitude jumps by up to 2^32 from one 64-token block to the next
+    (values; the scores come mostly from the rope, so every block weighs in) and a rope far above its block's
+    nope part, against xla row by row, so that a wrong change of units in any block shows."""
+    b, n = 4, 1024
+    kq, kk, ku, kr = jax.random.split(jax.random.PRNGKey(7 + num_splits), 4)
+    q = jax.random.normal(kq, (b, 1, h, 576), jnp.float32)
+    q = q.at[..., :512].multiply(2.0 ** -24).astype(jnp.bfloat16)
+    lat = jax.random.normal(kk, (b, n, 576), jnp.float32)
+    block_power = jax.random.randint(ku, (b, n // 64, 1), -16, 17).repeat(64, axis=1)
+    token_power = jax.random.randint(kr, (b, n, 1), -3, 4)
+    lat = lat.at[..., :512].multiply(2.0 ** (block_power + token_power).astype(jnp.float32))
+    kv, _ = _pack(lat, "fp8_blockscale")
+    sl = jnp.asarray([1000, 130, 1024, 64], jnp.int32)
+    kw = dict(softmax_scale=192 ** -0.5, kv_format="fp8_blockscale", return_lse=True, num_splits=num_splits)
+    out, lse = fm.mla_decode(q, kv, sl, implementation="gluon", **kw)
+    ref, ref_lse = fm.mla_decode(q, kv, sl, implementation="xla", **kw)
+    out, ref = np.asarray(out, np.float64), np.asarray(ref, np.float64)
+    row_err = np.linalg.norm(out - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert np.all(row_err < 1e-2), row_err.max()
+    np.testing.assert_allclose(lse, ref_lse, rtol=2e-3, atol=2e-3)

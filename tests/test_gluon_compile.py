@@ -67,6 +67,9 @@ def test_gluon_decode_compiles_for_hopper(name):
         assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128
         # ... and never one value at a time on the slow pipe (fp16 -> bf16 compiles to one F2F a value).
         assert facts.count("F2F.BF16.F16") == 0
+        # An fp8_pertensor tile is fp16 (a bf16 query rewritten once per program): the unpack is the whole
+        # conversion. A blockscale value goes through float32 (code times scale, rounded to bf16 once).
+        assert (facts.count("HADD2.F32") == 0) == (options["kv_format"] == "fp8_pertensor")
     # An FP8 cache's producer asks L2 for key blocks ahead of their loads (bulk prefetches); bf16 ones do not.
     assert (facts.count("UBLKPF.L2") > 0) == fp8
     # Descriptors built on the device, 128 B each: query and key pairs, the output, a partial's, a paged tail pair;

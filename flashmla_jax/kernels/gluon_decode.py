@@ -39,8 +39,9 @@ rounded once) written over the slot from the bottom up, which overwrites only co
 producer loads the first two blocks; the right consumer group, which frees a slot last, loads each later block
 as soon as both groups have freed its slot (`_fp8_reload`), so no load waits for a dequantization.
 An "fp8_pertensor" cache (576 e4m3 bytes a token, one float32 scale) goes the same way, its rope codes into the
-first half of the rope box; the producer only converts the codes (exact in bf16 and fp16) and the scale
-multiplies the scores (through the softmax scale) and the output (`_finish_rows`) instead of every value.
+first half of the rope box, into fp16 tiles: the producer only unpacks the codes (exact in fp16), a bf16 query
+is rewritten once as fp16 times a power of two (`_scaled_query`, divided out of the score scale), and the cache's
+scale multiplies the scores (through the softmax scale) and the output (`_finish_rows`) instead of every value.
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -197,14 +198,18 @@ def _probabilities(s, m_new_safe, dtype: gl.constexpr):
 
 
 @gluon.jit
-def _consumer_state(smem, bars, work, outputs):
-    """A consumer group's view of the kernel's tuples, once the query tile has landed, and its initial online-
-    softmax state: running max m_i [64] (-inf), row sums l_i [64] and its half of O, acc [64, 256] (zeros)."""
-    q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x = smem
+def _consumer_state(smem, bars, work, outputs, QUERY_SCALED: gl.constexpr):
+    """A consumer group's view of the kernel's tuples, once the query tile is ready, and its initial online-
+    softmax state: running max m_i [64] (-inf), row sums l_i [64] and its half of O, acc [64, 256] (zeros).
+    QUERY_SCALED: the producer rewrote the query times a power of two (`_scaled_query`, stored in q_factor),
+    which the score scale divides out again."""
+    q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x, q_factor = smem
     q_ready, k_ready, k_free, p_ready, done = bars
     qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale = work
     o_desc, o_part_desc, lse_ptr, lse_part_ptr = outputs
     mbarrier.wait(q_ready, 0)
+    if QUERY_SCALED:
+        qk_scale = qk_scale / gl.max(q_factor.load(_row_vector_layout()), axis=0)
     m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=_row_vector_layout())
     l_i = gl.zeros([BLOCK_M], gl.float32, layout=_row_vector_layout())
     acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
@@ -216,15 +221,15 @@ def _consumer_state(smem, bars, work, outputs):
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False,
-               WRITE_MAX: gl.constexpr = False, max_ptr=None):
+               WRITE_MAX: gl.constexpr = False, max_ptr=None, QUERY_SCALED: gl.constexpr = False):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them). SPARSE (kernels/gluon_sparse_decode.py): a block's
     slots are masked by the validity its producer stored (`_valid_scores`), and no row has the "saw keys" rule.
     WRITE_MAX (the sparse prefill, one split): each row's largest scaled score q.k * scale into max_ptr [B, R]
-    (-inf for a row with no key)."""
+    (-inf for a row with no key). QUERY_SCALED: `_consumer_state`."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc, valid_x) = _consumer_state(smem, bars, work, outputs)
+     acc, valid_x) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + 2 * pair * BLOCK_N
@@ -265,7 +270,7 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
         gl.store(max_ptr + b.to(gl.int64) * (H * S_Q) + rows, m_i * LN2, mask=rows < H * S_Q)
     saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL, SPARSE)
     out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 0, saw_keys, v_scale, V_SCALED)
-    stage, stage_part = _output_stages(q_nope, k_nope, 0)
+    stage, stage_part = _output_stages(q_nope, k_nope, 0, o_desc)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, 0, True, H * S_Q, NUM_SPLITS)
 
@@ -273,12 +278,12 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                 NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
-                V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False):
+                V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False, QUERY_SCALED: gl.constexpr = False):
     """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
     from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc, valid_x) = _consumer_state(smem, bars, work, outputs)
+     acc, valid_x) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + (2 * pair + 1) * BLOCK_N
@@ -328,7 +333,7 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             m_i = m0
     saw_keys = _rows_saw_keys(lo, n_blocks, seqlen, tile, H, S_Q, CAUSAL, SPARSE)
     out, lse = _finish_rows(acc, m_i, l_i, l_x, done, 1, saw_keys, v_scale, V_SCALED)
-    stage, stage_part = _output_stages(q_nope, k_nope, 1)
+    stage, stage_part = _output_stages(q_nope, k_nope, 1, o_desc)
     _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_part_ptr, b, tile, split, splits_here,
                 n_blocks > 0, HALF_V, False, H * S_Q, NUM_SPLITS)
 
@@ -421,11 +426,12 @@ def _store_half(out, lse, stage, stage_part, o_desc, o_part_desc, lse_ptr, lse_p
 
 
 @gluon.jit
-def _output_stages(q_nope, k_nope, side: gl.constexpr):
+def _output_stages(q_nope, k_nope, side: gl.constexpr, o_desc):
     """Shared memory for one half's output, free once both groups are done: a [64, 256] slice of the query
-    tile (q's dtype), and ring slot `side` as [64, 256] float32 (partials)."""
+    tile in the output's dtype (o_desc's), and ring slot `side` as [64, 256] float32 (partials)."""
     float32_tile: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=32, rank=2)
-    stage = q_nope.slice(side * HALF_V, HALF_V, dim=1)
+    swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    stage = q_nope._reinterpret(o_desc.dtype, [BLOCK_M, 2 * HALF_V], swizzled).slice(side * HALF_V, HALF_V, dim=1)
     stage_part = k_nope.index(side)._reinterpret(gl.float32, [BLOCK_M, HALF_V], float32_tile)
     return stage, stage_part
 
@@ -515,18 +521,31 @@ def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS:
 
 @gluon.jit
 def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready, k_ready,
-                  n_blocks, D_V: gl.constexpr, prefetch, BLOCKSCALE: gl.constexpr):
+                  n_blocks, D_V: gl.constexpr, prefetch, BLOCKSCALE: gl.constexpr, query,
+                  QUERY_SCALED: gl.constexpr):
     """The default partition for an FP8 cache (4 warps): the query tile and the first two key blocks' raw bytes
     (`_fp8_load`; later blocks are loaded by the right consumer group as it frees their slot), then each block,
     once its bytes have landed, converted in its ring slot (`_dequantize`) and released to the consumers
     through k_ready. It never waits for a slot, so a block's load does not wait for the conversion of
-    the one before, and the conversion never waits for a release that needs it."""
-    _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
+    the one before, and the conversion never waits for a release that needs it.
+    QUERY_SCALED (a bf16 query and an "fp8_pertensor" cache): the tile lands at q_loaded and is rewritten as fp16
+    times a power of two (`_scaled_query`, into q_factor) before q_ready; query: (q_loaded, q_factor)."""
+    q_loaded, q_factor = query
+    if QUERY_SCALED:
+        _load_query_tile(q_descs, q_nope, q_rope, q_loaded, D_V)
+    else:
+        _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
     for j in gl.static_range(2):
         if j < n_blocks:
             _fp8_load(j, loads, D_V, BLOCKSCALE)
     for j in gl.static_range(2, FP8_PREFETCH_AHEAD):
         _prefetch_block(j, n_blocks, loads, prefetch)
+    if QUERY_SCALED:
+        mbarrier.wait(q_loaded, 0)
+        _scaled_query(q_nope, q_rope, q_factor)
+        fence_async_shared()           # the rewritten tile (generic stores) before the consumers' wgmma reads it
+        gl.thread_barrier()
+        mbarrier.arrive(q_ready, count=1)
     for i in range(n_blocks):
         slot = i % 2
         _prefetch_block(i + FP8_PREFETCH_AHEAD, n_blocks, loads, prefetch)
@@ -534,6 +553,45 @@ def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_re
         _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), BLOCKSCALE)
         fence_async_shared()           # the tile (generic stores) before the consumers' wgmma reads it
         mbarrier.arrive(k_ready.index(slot), count=1)
+
+
+@gluon.jit
+def _query_factor(amax):
+    """2^k for a bf16 query whose largest magnitude is amax (float32): k puts it in [2^14, 2^15), where fp16 keeps
+    every value within 2^24 of it exact; clamped to normal float32 powers (amax 0 or subnormal: 2^127)."""
+    exponent = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
+    return (gl.minimum(gl.maximum(268 - exponent, 1), 254) << 23).to(gl.float32, bitcast=True)
+
+
+@gluon.jit
+def _scaled_query(q_nope, q_rope, q_factor):
+    """The bf16 query tile (q_nope [64, 512], q_rope [64, 64]) rewritten in place as fp16 times 2^k
+    (`_query_factor` of its largest magnitude; q_factor [64] float32 gets 2^k), for the fp16 products an
+    "fp8_pertensor" cache's codes take (exact in fp16). The products read the same tile in the same swizzled
+    layout; only the element type changes. In [16, 64] chunks (8 values a thread: the producer has 56
+    registers), each written by the thread that read it, so no barrier."""
+    chunk: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    box: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+    D_V: gl.constexpr = q_nope.shape[1]
+    ROWS: gl.constexpr = 16
+    boxes = q_nope._reinterpret(gl.bfloat16, [D_V // 64, BLOCK_M, 64], box)
+    boxes16 = q_nope._reinterpret(gl.float16, [D_V // 64, BLOCK_M, 64], box)
+    rope16 = q_rope._reinterpret(gl.float16, [BLOCK_M, 64], box)
+    amax = gl.zeros([ROWS, 64], gl.float32, layout=chunk)
+    for c in range(D_V // 64):
+        for r in gl.static_range(BLOCK_M // ROWS):
+            amax = gl.maximum(amax, gl.abs(boxes.index(c).slice(r * ROWS, ROWS).load(chunk).to(gl.float32)))
+    for r in gl.static_range(BLOCK_M // ROWS):
+        amax = gl.maximum(amax, gl.abs(q_rope.slice(r * ROWS, ROWS).load(chunk).to(gl.float32)))
+    factor = _query_factor(gl.max(gl.max(amax, axis=1), axis=0))
+    for c in range(D_V // 64):
+        for r in gl.static_range(BLOCK_M // ROWS):
+            x = boxes.index(c).slice(r * ROWS, ROWS).load(chunk).to(gl.float32) * factor
+            boxes16.index(c).slice(r * ROWS, ROWS).store(x.to(gl.float16))
+    for r in gl.static_range(BLOCK_M // ROWS):
+        x = q_rope.slice(r * ROWS, ROWS).load(chunk).to(gl.float32) * factor
+        rope16.slice(r * ROWS, ROWS).store(x.to(gl.float16))
+    q_factor.store(gl.full([BLOCK_M], factor, gl.float32, layout=gl.BlockedLayout([1], [32], [4], [0])))
 
 
 @gluon.jit
@@ -750,8 +808,12 @@ def mla_decode_gluon_kernel(
     k_descs, tail_descs, tail_start = _key_descriptors(kv_ptr, b, seqlen, table_ptr, N_MAX, TOKEN, D_V, D_R, PAGED,
                                                        PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, FP8, BLOCKSCALE)
     prefetch = (kv_ptr if PAGED else kv_ptr + b.to(gl.int64) * N_MAX * TOKEN, N_MAX, TOKEN)
+    # An "fp8_pertensor" cache's ring holds fp16 tiles (its codes are exact in fp16: one conversion a code pair),
+    # and a bf16 query is rewritten as fp16 times a power of two by the producer (`_scaled_query`).
+    QUERY_SCALED: gl.constexpr = V_SCALED and dtype == gl.bfloat16
+    key_dtype: gl.constexpr = gl.float16 if V_SCALED else dtype
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
-        dtype, D_V, D_R)
+        dtype, key_dtype, D_V, D_R)
     bars = (q_ready, k_ready, k_free, p_ready, done)
 
     # Output descriptors end at the tile's last real row; partials only when a sequence may split.
@@ -760,20 +822,34 @@ def mla_decode_gluon_kernel(
     if NUM_SPLITS > 1:
         o_part_desc = _output_descriptor(o_part_ptr + ((b.to(gl.int64) * NUM_SPLITS + split) * R + tile * BLOCK_M) * D_V,
                                          q_rows, D_V)
-    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x)     # the last: the sparse kernel's slot flags, unused
     qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
     if FP8:
         loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
                            MAX_BLOCKS, NUM_PAGES)
+        smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x)     # the last two unused (slot flags, q_factor)
+        query = (q_ready, m_x)
+        if QUERY_SCALED:
+            vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
+            swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+            q_factor = gl.allocate_shared_memory(gl.float32, [BLOCK_M], vec)           # the query's power of two
+            q_loaded = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+            mbarrier.init(q_loaded, count=1)
+            # The consumers read the query as `_scaled_query` leaves it.
+            smem = (q_nope._reinterpret(gl.float16, [BLOCK_M, D_V], swizzled),
+                    q_rope._reinterpret(gl.float16, [BLOCK_M, D_R], swizzled), k_nope, k_rope, m_x, l_x, m_x, q_factor)
+            query = (q_loaded, q_factor)
         gl.warp_specialize([
             (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5], k_ready,
-                             n_blocks, D_V, prefetch, BLOCKSCALE)),
-            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED)),
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED)),
+                             n_blocks, D_V, prefetch, BLOCKSCALE, query, QUERY_SCALED)),
+            (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED, False, False, None,
+                          QUERY_SCALED)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED,
+                           False, QUERY_SCALED)),
         ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
     else:
+        smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x)     # the last two unused (slot flags, q_factor)
         gl.warp_specialize([
             (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
                          table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
@@ -784,16 +860,16 @@ def mla_decode_gluon_kernel(
 
 
 @gluon.jit
-def _seesaw_buffers(dtype: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr):
+def _seesaw_buffers(dtype: gl.constexpr, key_dtype: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr):
     """The 64-row kernels' shared memory and initialised barriers (this kernel's and the sparse one's):
-    q_nope [64, D_V], q_rope [64, D_R], k_nope [2, 64, D_V], k_rope [2, 64, D_R] (the query tile and the two-slot
-    key ring, in q's dtype), m_x, l_x [128] float32 (the groups' maxima m0 | m1 and row sums left | right), then
-    the barriers q_ready, k_ready [2], k_free [2], p_ready [2], done."""
+    q_nope [64, D_V], q_rope [64, D_R] (the query tile, in q's dtype), k_nope [2, 64, D_V] and k_rope [2, 64, D_R]
+    (the two-slot key ring, in key_dtype), m_x, l_x [128] float32 (the groups' maxima m0 | m1 and row sums
+    left | right), then the barriers q_ready, k_ready [2], k_free [2], p_ready [2], done."""
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
     q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_R], swizzled)
-    k_nope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_V], swizzled)
-    k_rope = gl.allocate_shared_memory(dtype, [2, BLOCK_N, D_R], swizzled)
+    k_nope = gl.allocate_shared_memory(key_dtype, [2, BLOCK_N, D_V], swizzled)
+    k_rope = gl.allocate_shared_memory(key_dtype, [2, BLOCK_N, D_R], swizzled)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     m_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)
     l_x = gl.allocate_shared_memory(gl.float32, [2 * BLOCK_M], rows_layout)

@@ -32,8 +32,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared
 from flashmla_jax.kernels._common import LOG2E
 from flashmla_jax.kernels.gluon_decode import (BLOCK_N, CODE_BOX, KV_BLOCKSCALE, KV_PERTENSOR, _block_row,
                                                _descriptor_pair, _fp8_block_load, _key_descriptors, _layer_keys,
-                                               _load_query_tile, _producer, _row_results, _rope_codes, _safe,
-                                               _sequence_splits, _split_keys)
+                                               _load_query_tile, _producer, _query_factor, _row_results, _rope_codes,
+                                               _safe, _sequence_splits, _split_keys)
 
 # Registers per consumer thread (the producer's warps get the rest): O^T [512, rows] takes rows * 4 of them.
 # Compiled without spills at these: 232 for 16 rows (at 240 the paged producer's 24 spill), 240 for 32.
@@ -496,9 +496,7 @@ def _query_operands(q_nope, q_rope, q_factor, ROPE: gl.constexpr):
             amax = gl.maximum(amax, gl.max(gl.max(gl.abs(x), axis=1), axis=0))
         if ROPE:
             amax = gl.maximum(amax, gl.max(gl.max(gl.abs(q_rope.load(layout).to(gl.float32)), axis=1), axis=0))
-        # 2^(141 - e) for amax's biased exponent e, clamped to normal float32 powers (amax 0 or subnormal: 2^127)
-        exponent = (amax.to(gl.int32, bitcast=True) >> 23) & 0xFF
-        factor = (gl.minimum(gl.maximum(268 - exponent, 1), 254) << 23).to(gl.float32, bitcast=True)
+        factor = _query_factor(amax)
     # One 128-column group at a time, in place: each is read by every warp before any writes it.
     for c in gl.static_range(D_V // CODE_BOX):
         x = (q_nope.slice(c * CODE_BOX, CODE_BOX, dim=1).load(layout).to(gl.float32) * factor).to(gl.float16)

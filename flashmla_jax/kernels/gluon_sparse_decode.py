@@ -150,7 +150,7 @@ def mla_sparse_gluon_kernel(
     q_rows = gl.minimum(H - tile * BLOCK_M, BLOCK_M)
     q_descs = _descriptor_pair(q_base, q_rows, D_V, D_R, BLOCK_M)          # rows past q_rows read as 0
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
-        dtype, D_V, D_R)
+        dtype, dtype, D_V, D_R)
     bars = (q_ready, k_ready, k_free, p_ready, done)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     valid_x = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N], rows_layout)      # each slot's flags
@@ -162,7 +162,7 @@ def mla_sparse_gluon_kernel(
     if NUM_SPLITS > 1:
         o_part_desc = _output_descriptor(o_part_ptr + ((pair.to(gl.int64) * NUM_SPLITS + split) * H + tile * BLOCK_M)
                                          * D_V, q_rows, D_V)
-    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x)
+    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x, m_x)     # the last: unused (a query factor)
     # The consumers' prefix mask is the split's end (slots past it are invalid anyway): hi as the "length".
     work = (scale * LOG2E, hi, lo, n_blocks, hi, tile, pair, split, NUM_SPLITS, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
