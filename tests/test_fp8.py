@@ -855,10 +855,11 @@ def test_gpu_gluon_fp8_rows(num_splits, kv_format, dtype, h):
 @pytest.mark.parametrize("num_splits", [1, 3])
 @pytest.mark.parametrize("h", [64, 16])
 def test_gpu_gluon_blockscale_magnitudes_across_blocks(num_splits, h):
-    """The Gluon kernels keep a blockscale block's fp16 values over a power of two of the block and O in the
-    units of the block before: latents whose magnitude jumps by up to 2^32 from one 64-token block to the next
-    (values; the scores come mostly from the rope, so every block weighs in) and a rope far above its block's
-    nope part, against xla row by row, so that a wrong change of units in any block shows."""
+    """Blockscale latents whose magnitude jumps by up to 2^32 from one 64-token block to the next (values; the
+    scores come mostly from the rope, so every block weighs in), some blocks' nope part far below the rope,
+    against xla row by row on both Gluon kernels: 16 rows (the narrow kernel keeps a block's fp16 values over a
+    power of two of the block and O in the units of the block before, so a wrong change of units in any block
+    shows) and 64 (bf16 tiles)."""
     b, n = 4, 1024
     kq, kk, ku, kr = jax.random.split(jax.random.PRNGKey(7 + num_splits), 4)
     q = jax.random.normal(kq, (b, 1, h, 576), jnp.float32)

@@ -528,13 +528,11 @@ def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_re
     once its bytes have landed, converted in its ring slot (`_dequantize`) and released to the consumers
     through k_ready. It never waits for a slot, so a block's load does not wait for the conversion of
     the one before, and the conversion never waits for a release that needs it.
-    QUERY_SCALED (a bf16 query and an "fp8_pertensor" cache): the tile lands at q_loaded and is rewritten as fp16
-    times a power of two (`_scaled_query`, into q_factor) before q_ready; query: (q_loaded, q_factor)."""
+    query: (q_loaded, q_factor), the barrier the query tile lands at and its power of two. QUERY_SCALED (a bf16
+    query and an "fp8_pertensor" cache): the tile is rewritten as fp16 times a power of two (`_scaled_query`, into
+    q_factor) before q_ready; else q_loaded is q_ready."""
     q_loaded, q_factor = query
-    if QUERY_SCALED:
-        _load_query_tile(q_descs, q_nope, q_rope, q_loaded, D_V)
-    else:
-        _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
+    _load_query_tile(q_descs, q_nope, q_rope, q_loaded, D_V)
     for j in gl.static_range(2):
         if j < n_blocks:
             _fp8_load(j, loads, D_V, BLOCKSCALE)
@@ -822,13 +820,13 @@ def mla_decode_gluon_kernel(
     if NUM_SPLITS > 1:
         o_part_desc = _output_descriptor(o_part_ptr + ((b.to(gl.int64) * NUM_SPLITS + split) * R + tile * BLOCK_M) * D_V,
                                          q_rows, D_V)
+    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x)     # the last two unused (slot flags, q_factor)
     qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
     if FP8:
         loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
                            MAX_BLOCKS, NUM_PAGES)
-        smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x)     # the last two unused (slot flags, q_factor)
         query = (q_ready, m_x)
         if QUERY_SCALED:
             vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
@@ -849,7 +847,6 @@ def mla_decode_gluon_kernel(
                            False, QUERY_SCALED)),
         ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
     else:
-        smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x)     # the last two unused (slot flags, q_factor)
         gl.warp_specialize([
             (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
                          table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
