@@ -98,3 +98,13 @@ def test_every_model_compile_way_is_accepted_by_xla(monkeypatch):
     for name, (options, unrolled) in model.COMPILE_WAYS.items():
         assert isinstance(unrolled, bool), name
         jax.jit(lambda x: x * 2, compiler_options=dict(options) or None).lower(jnp.ones(3)).compile()
+
+
+def test_block_cost_line(monkeypatch):
+    """decode_block_cost.py's fit: the fixed part and the part per block of points on a known line."""
+    monkeypatch.syspath_prepend(BENCHMARKS)
+    block_cost = importlib.import_module("decode_block_cost")
+    fixed, per_block = block_cost.line([8, 16, 32, 64], [0.017 + 0.00185 * x for x in (8, 16, 32, 64)])
+    assert fixed == pytest.approx(17.0) and per_block == pytest.approx(1.85)
+    with pytest.raises(SystemExit, match="CUDA GPU"):
+        block_cost.main([])
