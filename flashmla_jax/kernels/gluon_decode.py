@@ -234,6 +234,8 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
         phase = pair & 1
         start = lo + 2 * pair * BLOCK_N
         mbarrier.wait(k_ready.index(0), phase)
+        if SPARSE:
+            fence_async_shared()      # the gathered rows (cp.async, generic proxy) before the wgmma reads them
         s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
@@ -289,6 +291,8 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
         start = lo + (2 * pair + 1) * BLOCK_N
         if 2 * pair + 1 < n_blocks:
             mbarrier.wait(k_ready.index(1), phase)
+            if SPARSE:
+                fence_async_shared()
             s = _block_scores(q_nope, q_rope, k_nope.index(1), k_rope.index(1))
             mbarrier.wait(p_ready.index(0), phase)
             m0 = m_x.slice(0, BLOCK_M).load(_row_vector_layout())
@@ -857,11 +861,13 @@ def mla_decode_gluon_kernel(
 
 
 @gluon.jit
-def _seesaw_buffers(dtype: gl.constexpr, key_dtype: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr):
+def _seesaw_buffers(dtype: gl.constexpr, key_dtype: gl.constexpr, D_V: gl.constexpr, D_R: gl.constexpr,
+                    K_READY_ARRIVALS: gl.constexpr = 1):
     """The 64-row kernels' shared memory and initialised barriers (this kernel's and the sparse one's):
     q_nope [64, D_V], q_rope [64, D_R] (the query tile, in q's dtype), k_nope [2, 64, D_V] and k_rope [2, 64, D_R]
     (the two-slot key ring, in key_dtype), m_x, l_x [128] float32 (the groups' maxima m0 | m1 and row sums
-    left | right), then the barriers q_ready, k_ready [2], k_free [2], p_ready [2], done."""
+    left | right), then the barriers q_ready, k_ready [2] (completed by K_READY_ARRIVALS arrivals), k_free [2],
+    p_ready [2], done."""
     swizzled: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     q_nope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_V], swizzled)
     q_rope = gl.allocate_shared_memory(dtype, [BLOCK_M, D_R], swizzled)
@@ -878,7 +884,7 @@ def _seesaw_buffers(dtype: gl.constexpr, key_dtype: gl.constexpr, D_V: gl.conste
     mbarrier.init(q_ready, count=1)
     mbarrier.init(done, count=2)
     for i in gl.static_range(2):
-        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(k_ready.index(i), count=K_READY_ARRIVALS)
         mbarrier.init(k_free.index(i), count=2)          # both consumer groups release a slot
         mbarrier.init(p_ready.index(i), count=1)
     return q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done

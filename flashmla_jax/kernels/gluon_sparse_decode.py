@@ -6,9 +6,9 @@ pool (a paged pool is flat: index = page * page_size + offset). Hopper's TMA can
 (the default partition, 4 warps) loads block j's 64 listed tokens with cp.async, row by row, into ring slot
 j % 2 in the swizzled layout the wgmma reads: a cache in q's dtype directly; an "fp8_blockscale" pool's codes
 into the upper half of the slot's tile, its bf16 rope and its scales beside, then dequantized in place as the
-dense FP8 producer does (`_dequantize`). It gathers an odd block while it finishes the even one before, waits
-for its own copies (cp.async groups), fences them for the tensor cores' proxy and releases the slot through
-`k_ready`.
+dense FP8 producer does (`_dequantize`). A pool in q's dtype is released to the consumers by the copies
+themselves (cp.async arrivals on `k_ready`), and the consumers fence the slot for the tensor cores' proxy; an
+FP8 block is released by the producer once it has waited for its copies and converted them.
 
 Slots past the pair's top-k length and indices outside [0, NUM_TOKENS) are never read: their rows are
 zero-filled and the producer stores each block's slot validity beside the ring, where the consumers mask the
@@ -45,19 +45,25 @@ def _gather_rows(dst, rows, valid, base, offset, ROW_BYTES: gl.constexpr):
 
 
 @gluon.jit
-def _gather_block(j, gather, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr, TOKEN_BYTES: gl.constexpr,
-                  D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
-    """Block j's tokens (slots lo + 64 j ...) into ring slot j % 2 once both consumer groups have released it:
-    their validity into valid_x, their bytes by cp.async (one commit group). gather: (idx_ptr, pair, lo, hi,
-    kv_bytes (the pool as uint8), k_nope, k_rope, k_scales, valid_x, k_free)."""
-    idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free = gather
-    slot = j % 2
-    mbarrier.wait(k_free.index(slot), ((j // 2) & 1) ^ 1)      # a fresh barrier passes phase 1
+def _block_tokens(j, idx_ptr, pair, lo, hi, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr):
+    """(valid, idx) [64]: which of block j's slots (lo + 64 j ...) hold a token of the pair's list inside the
+    pool, and their indices."""
     flags_l: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
     slots = lo + j * BLOCK_N + gl.arange(0, BLOCK_N, layout=flags_l)
     in_list = slots < hi
     idx = gl.load(idx_ptr + pair.to(gl.int64) * TOPK + slots, mask=in_list, other=-1)
     valid = in_list & (idx >= 0) & (idx < NUM_TOKENS)
+    return valid, idx
+
+
+@gluon.jit
+def _gather_block(j, valid, idx, gather, TOKEN_BYTES: gl.constexpr, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
+    """Block j's tokens (`_block_tokens`) into ring slot j % 2 once both consumer groups have released it: their
+    validity into valid_x, their bytes by cp.async. gather: (kv_bytes (the pool as uint8), k_nope, k_rope,
+    k_scales, valid_x, k_free)."""
+    kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free = gather
+    slot = j % 2
+    mbarrier.wait(k_free.index(slot), ((j // 2) & 1) ^ 1)      # a fresh barrier passes phase 1
     valid_x.index(slot).store(valid.to(gl.int8))
     rows = gl.where(valid, idx, 0).to(gl.int64) * TOKEN_BYTES     # pools pass 2^31 bytes: 64-bit offsets
     box: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
@@ -74,39 +80,55 @@ def _gather_block(j, gather, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr, TOKEN
         for c in gl.static_range(8):                          # 512 values of 2 bytes: eight 128-byte boxes
             _gather_rows(tile.index(c), rows, valid, kv_bytes, c * 128, 128)
         _gather_rows(rope, rows, valid, kv_bytes, 2 * D_V, 128)
-    async_copy.commit_group()
 
 
 @gluon.jit
 def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x, q_ready, k_ready, k_free, idx_ptr,
                      kv_bytes, pair, lo, hi, n_blocks, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr,
                      TOKEN_BYTES: gl.constexpr, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
-    """The default partition (4 warps): the query tile by TMA, then each block gathered (`_gather_block`), its
-    copies waited for, an FP8 block dequantized in its slot, fenced for the wgmma's proxy and released through
-    k_ready. Each odd block is gathered before the even block ahead of it is released."""
+    """The default partition (4 warps): the query tile by TMA, then each block gathered (`_gather_block`).
+    A pool in q's dtype: each block's slot is released by its copies themselves (every thread's cp.async
+    arrival on k_ready fires once that thread's copies have landed; one more arrival covers the flags), so the
+    partition goes on to the next block without waiting, as a TMA producer does. An FP8 pool: the producer
+    waits for its own copies (cp.async groups), dequantizes the block in its slot, fences it for the wgmma's
+    proxy and releases it; each odd block is gathered before the even block ahead of it is released."""
     _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
-    gather = (idx_ptr, pair, lo, hi, kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free)
-    if n_blocks > 0:
-        _gather_block(0, gather, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
-    for j in range(n_blocks):
-        slot = j % 2
-        # Block j + 1 waits for block j - 1's slot. For an even j both groups free it without block j: gather
-        # first, two blocks' copies in flight. For an odd j the right group frees it only after it has had
-        # block j (it waits for k_ready[1] before its P.V over block j - 1): release first, or neither moves.
-        more = j + 1 < n_blocks
-        if more & (slot == 0):
-            _gather_block(j + 1, gather, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
-            async_copy.wait_group(1)          # this thread's copies of block j have landed
-        else:
-            async_copy.wait_group(0)
-        gl.thread_barrier()                   # ... and every producer thread's
-        if BLOCKSCALE:
+    gather = (kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free)
+    if not BLOCKSCALE:
+        for j in range(n_blocks):
+            slot = j % 2
+            valid, idx = _block_tokens(j, idx_ptr, pair, lo, hi, TOPK, NUM_TOKENS)   # ahead of the slot's wait
+            _gather_block(j, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
+            async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
+            gl.thread_barrier()               # every thread's flags stored before the one arrival for them
+            mbarrier.arrive(k_ready.index(slot), count=1)
+    else:
+        if n_blocks > 0:
+            valid, idx = _block_tokens(0, idx_ptr, pair, lo, hi, TOPK, NUM_TOKENS)
+            _gather_block(0, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
+            async_copy.commit_group()
+        for j in range(n_blocks):
+            slot = j % 2
+            # Block j + 1 waits for block j - 1's slot. For an even j both groups free it without block j:
+            # gather first, two blocks' copies in flight. For an odd j the right group frees it only after it has
+            # had block j (it waits for k_ready[1] before its P.V over block j - 1): release first, or neither
+            # moves.
+            more = j + 1 < n_blocks
+            valid, idx = _block_tokens(j + 1, idx_ptr, pair, lo, hi, TOPK, NUM_TOKENS)    # none past n_blocks
+            if more & (slot == 0):
+                _gather_block(j + 1, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
+                async_copy.commit_group()
+                async_copy.wait_group(1)          # this thread's copies of block j have landed
+            else:
+                async_copy.wait_group(0)
+            gl.thread_barrier()                   # ... and every producer thread's
             _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), True)
-        fence_async_shared()                  # generic writes (copies, conversion) before the wgmma reads them
-        gl.thread_barrier()
-        mbarrier.arrive(k_ready.index(slot), count=1)
-        if more & (slot == 1):
-            _gather_block(j + 1, gather, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V, BLOCKSCALE)
+            fence_async_shared()                  # generic writes (copies, conversion) before the wgmma reads them
+            gl.thread_barrier()
+            mbarrier.arrive(k_ready.index(slot), count=1)
+            if more & (slot == 1):
+                _gather_block(j + 1, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
+                async_copy.commit_group()
 
 
 @gluon.jit
@@ -149,8 +171,9 @@ def mla_sparse_gluon_kernel(
     q_base = q_ptr + (pair.to(gl.int64) * H + tile * BLOCK_M) * D
     q_rows = gl.minimum(H - tile * BLOCK_M, BLOCK_M)
     q_descs = _descriptor_pair(q_base, q_rows, D_V, D_R, BLOCK_M)          # rows past q_rows read as 0
+    # k_ready: with a pool in q's dtype each producer thread's copies arrive, and one arrival for the flags.
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
-        dtype, dtype, D_V, D_R)
+        dtype, dtype, D_V, D_R, 1 if BLOCKSCALE else 4 * 32 + 1)
     bars = (q_ready, k_ready, k_free, p_ready, done)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     valid_x = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N], rows_layout)      # each slot's flags
