@@ -160,20 +160,30 @@ def _row_limits(seqlen, tile, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.con
 
 
 @gluon.jit
-def _block_scores(q_nope, q_rope, k_nope, k_rope):
+def _block_scores(q_nope, q_rope, k_nope, k_rope, rest_ready=None, phase=0, WAIT_REST: gl.constexpr = False):
     """Issues S = Q K^T [64, 64] (576 deep) on the tensor cores; returns the async token.
 
     The 512-deep part runs as a loop over its eight 64-wide column boxes (the NVMMA layout stores a
     [64, 512] tile as eight [64, 64] boxes one after another): with the box index a loop variable, each
     product's shared-memory descriptors are computed where they are used, instead of 64 loop-invariant
-    ones being hoisted into (and spilled from) registers."""
+    ones being hoisted into (and spilled from) registers.
+    WAIT_REST (the sparse kernel's bf16 gathers): only the first four boxes are known to have landed; the products
+    over the rest (boxes 4-7 and the rope) wait for rest_ready at `phase` first."""
     box: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
     boxes: gl.constexpr = k_nope.shape[1] // 64
     q_boxes = q_nope._reinterpret(q_nope.dtype, [boxes, BLOCK_M, 64], box)
     k_boxes = k_nope._reinterpret(k_nope.dtype, [boxes, BLOCK_N, 64], box)
     s = warpgroup_mma_init(gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=_score_layout()))
-    for c in range(boxes):
-        s = warpgroup_mma(q_boxes.index(c), k_boxes.index(c).permute((1, 0)), s, is_async=True)
+    if WAIT_REST:
+        for c in range(boxes // 2):
+            s = warpgroup_mma(q_boxes.index(c), k_boxes.index(c).permute((1, 0)), s, is_async=True)
+        mbarrier.wait(rest_ready, phase)
+        fence_async_shared()
+        for c in range(boxes // 2, boxes):
+            s = warpgroup_mma(q_boxes.index(c), k_boxes.index(c).permute((1, 0)), s, is_async=True)
+    else:
+        for c in range(boxes):
+            s = warpgroup_mma(q_boxes.index(c), k_boxes.index(c).permute((1, 0)), s, is_async=True)
     return warpgroup_mma(q_rope, k_rope.permute((1, 0)), s, is_async=True)
 
 
@@ -204,7 +214,7 @@ def _consumer_state(smem, bars, work, outputs, QUERY_SCALED: gl.constexpr):
     QUERY_SCALED: the producer rewrote the query times a power of two (`_scaled_query`, stored in q_factor),
     which the score scale divides out again."""
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x, q_factor = smem
-    q_ready, k_ready, k_free, p_ready, done = bars
+    q_ready, k_ready, k_free, p_ready, done, k_front = bars
     qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale = work
     o_desc, o_part_desc, lse_ptr, lse_part_ptr = outputs
     mbarrier.wait(q_ready, 0)
@@ -215,28 +225,36 @@ def _consumer_state(smem, bars, work, outputs, QUERY_SCALED: gl.constexpr):
     acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
     return (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo,
             n_blocks, first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr,
-            m_i, l_i, acc, valid_x)
+            m_i, l_i, acc, valid_x, k_front)
 
 
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False,
-               WRITE_MAX: gl.constexpr = False, max_ptr=None, QUERY_SCALED: gl.constexpr = False):
+               WRITE_MAX: gl.constexpr = False, max_ptr=None, QUERY_SCALED: gl.constexpr = False,
+               FRONT_READY: gl.constexpr = False):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them). SPARSE (kernels/gluon_sparse_decode.py): a block's
     slots are masked by the validity its producer stored (`_valid_scores`), and no row has the "saw keys" rule.
     WRITE_MAX (the sparse prefill, one split): each row's largest scaled score q.k * scale into max_ptr [B, R]
-    (-inf for a row with no key). QUERY_SCALED: `_consumer_state`."""
+    (-inf for a row with no key). QUERY_SCALED: `_consumer_state`. FRONT_READY (the sparse kernel's bf16 gathers):
+    a block's scores start once its first four boxes have landed (bars' k_front) and wait for k_ready before the
+    rest (`_block_scores`)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc, valid_x) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
+     acc, valid_x, k_front) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + 2 * pair * BLOCK_N
-        mbarrier.wait(k_ready.index(0), phase)
-        if SPARSE:
+        if FRONT_READY:
+            mbarrier.wait(k_front.index(0), phase)
             fence_async_shared()      # the gathered rows (cp.async, generic proxy) before the wgmma reads them
-        s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0))
+            s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0), k_ready.index(0), phase, True)
+        else:
+            mbarrier.wait(k_ready.index(0), phase)
+            if SPARSE:
+                fence_async_shared()
+            s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0))
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
         if SPARSE:
@@ -280,20 +298,26 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                 NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
-                V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False, QUERY_SCALED: gl.constexpr = False):
+                V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False, QUERY_SCALED: gl.constexpr = False,
+                FRONT_READY: gl.constexpr = False):
     """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
-    from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple)."""
+    from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple). FRONT_READY: `_left_half`."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc, valid_x) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
+     acc, valid_x, k_front) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + (2 * pair + 1) * BLOCK_N
         if 2 * pair + 1 < n_blocks:
-            mbarrier.wait(k_ready.index(1), phase)
-            if SPARSE:
+            if FRONT_READY:
+                mbarrier.wait(k_front.index(1), phase)
                 fence_async_shared()
-            s = _block_scores(q_nope, q_rope, k_nope.index(1), k_rope.index(1))
+                s = _block_scores(q_nope, q_rope, k_nope.index(1), k_rope.index(1), k_ready.index(1), phase, True)
+            else:
+                mbarrier.wait(k_ready.index(1), phase)
+                if SPARSE:
+                    fence_async_shared()
+                s = _block_scores(q_nope, q_rope, k_nope.index(1), k_rope.index(1))
             mbarrier.wait(p_ready.index(0), phase)
             m0 = m_x.slice(0, BLOCK_M).load(_row_vector_layout())
             m0_safe = _safe(m0)
@@ -816,7 +840,7 @@ def mla_decode_gluon_kernel(
     key_dtype: gl.constexpr = gl.float16 if V_SCALED else dtype
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
         dtype, key_dtype, D_V, D_R)
-    bars = (q_ready, k_ready, k_free, p_ready, done)
+    bars = (q_ready, k_ready, k_free, p_ready, done, k_ready)     # the last: no front-half barrier here
 
     # Output descriptors end at the tile's last real row; partials only when a sequence may split.
     o_desc = _output_descriptor(o_ptr + (b.to(gl.int64) * R + tile * BLOCK_M) * D_V, q_rows, D_V)

@@ -7,8 +7,9 @@ pool (a paged pool is flat: index = page * page_size + offset). Hopper's TMA can
 j % 2 in the swizzled layout the wgmma reads: a cache in q's dtype directly; an "fp8_blockscale" pool's codes
 into the upper half of the slot's tile, its bf16 rope and its scales beside, then dequantized in place as the
 dense FP8 producer does (`_dequantize`). A pool in q's dtype is released to the consumers by the copies
-themselves (cp.async arrivals on `k_ready`), and the consumers fence the slot for the tensor cores' proxy; an
-FP8 block is released by the producer once it has waited for its copies and converted them.
+themselves (cp.async arrivals): the block's first four 64-column boxes complete `k_front`, on which the scores
+start, and the whole block `k_ready`; the consumers fence the slot for the tensor cores' proxy. An FP8 block is
+released by the producer once it has waited for its copies and converted them.
 
 Slots past the pair's top-k length and indices outside [0, NUM_TOKENS) are never read: their rows are
 zero-filled and the producer stores each block's slot validity beside the ring, where the consumers mask the
@@ -60,8 +61,9 @@ def _block_tokens(j, idx_ptr, pair, lo, hi, TOPK: gl.constexpr, NUM_TOKENS: gl.c
 def _gather_block(j, valid, idx, gather, TOKEN_BYTES: gl.constexpr, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """Block j's tokens (`_block_tokens`) into ring slot j % 2 once both consumer groups have released it: their
     validity into valid_x, their bytes by cp.async. gather: (kv_bytes (the pool as uint8), k_nope, k_rope,
-    k_scales, valid_x, k_free)."""
-    kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free = gather
+    k_scales, valid_x, k_free, k_front). A pool in q's dtype: each thread's copies of the first four boxes arrive
+    on k_front before the rest are issued."""
+    kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, k_front = gather
     slot = j % 2
     mbarrier.wait(k_free.index(slot), ((j // 2) & 1) ^ 1)      # a fresh barrier passes phase 1
     valid_x.index(slot).store(valid.to(gl.int8))
@@ -77,14 +79,18 @@ def _gather_block(j, valid, idx, gather, TOKEN_BYTES: gl.constexpr, D_V: gl.cons
         _gather_rows(k_scales.index(slot), rows, valid, kv_bytes, D_V, D_V // 32)
         _gather_rows(rope, rows, valid, kv_bytes, D_V + D_V // 32, 128)
     else:
-        for c in gl.static_range(8):                          # 512 values of 2 bytes: eight 128-byte boxes
+        for c in gl.static_range(4):                          # 512 values of 2 bytes: eight 128-byte boxes
+            _gather_rows(tile.index(c), rows, valid, kv_bytes, c * 128, 128)
+        # The first four boxes complete k_front: the consumers' products start on them while the rest lands.
+        async_copy.mbarrier_arrive(k_front.index(slot), increment_count=False)
+        for c in gl.static_range(4, 8):
             _gather_rows(tile.index(c), rows, valid, kv_bytes, c * 128, 128)
         _gather_rows(rope, rows, valid, kv_bytes, 2 * D_V, 128)
 
 
 @gluon.jit
-def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x, q_ready, k_ready, k_free, idx_ptr,
-                     kv_bytes, pair, lo, hi, n_blocks, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr,
+def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x, q_ready, k_ready, k_free, k_front,
+                     idx_ptr, kv_bytes, pair, lo, hi, n_blocks, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr,
                      TOKEN_BYTES: gl.constexpr, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
     """The default partition (4 warps): the query tile by TMA, then each block gathered (`_gather_block`).
     A pool in q's dtype: each block's slot is released by its copies themselves (every thread's cp.async
@@ -93,7 +99,7 @@ def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x,
     waits for its own copies (cp.async groups), dequantizes the block in its slot, fences it for the wgmma's
     proxy and releases it; each odd block is gathered before the even block ahead of it is released."""
     _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
-    gather = (kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free)
+    gather = (kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, k_front)
     if not BLOCKSCALE:
         for j in range(n_blocks):
             slot = j % 2
@@ -174,7 +180,12 @@ def mla_sparse_gluon_kernel(
     # k_ready: with a pool in q's dtype each producer thread's copies arrive, and one arrival for the flags.
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
         dtype, dtype, D_V, D_R, 1 if BLOCKSCALE else 4 * 32 + 1)
-    bars = (q_ready, k_ready, k_free, p_ready, done)
+    k_front = k_ready                # FP8: unused (a block is released whole, after its conversion)
+    if not BLOCKSCALE:
+        k_front = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())    # boxes 0-3 landed
+        for i in gl.static_range(2):
+            mbarrier.init(k_front.index(i), count=4 * 32)       # every producer thread's copies of them
+    bars = (q_ready, k_ready, k_free, p_ready, done, k_front)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     valid_x = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N], rows_layout)      # each slot's flags
     plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
@@ -192,9 +203,11 @@ def mla_sparse_gluon_kernel(
     kv_bytes = kv_ptr.to(gl.pointer_type(gl.uint8), bitcast=True)
     gl.warp_specialize([
         (_gather_producer, (q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x, q_ready, k_ready, k_free,
-                            idx_ptr, kv_bytes, pair, lo, hi, n_blocks, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V,
+                            k_front, idx_ptr, kv_bytes, pair, lo, hi, n_blocks, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V,
                             BLOCKSCALE)),
-        (_left_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, False, True, WRITE_MAX, max_ptr)),
+        (_left_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, False, True, WRITE_MAX, max_ptr, False,
+                      not BLOCKSCALE)),
         # The right group's `loads` is unused: the producer gathers every block.
-        (_right_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, pair, False, False, False, True)),
+        (_right_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, pair, False, False, False, True, False,
+                       not BLOCKSCALE)),
     ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
