@@ -188,6 +188,24 @@ def _block_scores(q_nope, q_rope, k_nope, k_rope, rest_ready=None, phase=0, WAIT
 
 
 @gluon.jit
+def _slot_scores(slot: gl.constexpr, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE: gl.constexpr,
+                 FRONT_READY: gl.constexpr):
+    """Waits for ring slot `slot`'s key block at `phase` and issues its scores (`_block_scores`); returns the
+    async token. FRONT_READY: the wait is for the block's first four boxes (k_front), and the products over the
+    rest wait for k_ready. A sparse slot, gathered by cp.async (the generic proxy), is fenced for the wgmma's."""
+    if FRONT_READY:
+        mbarrier.wait(k_front.index(slot), phase)
+        fence_async_shared()
+        s = _block_scores(q_nope, q_rope, k_nope.index(slot), k_rope.index(slot), k_ready.index(slot), phase, True)
+    else:
+        mbarrier.wait(k_ready.index(slot), phase)
+        if SPARSE:
+            fence_async_shared()
+        s = _block_scores(q_nope, q_rope, k_nope.index(slot), k_rope.index(slot))
+    return s
+
+
+@gluon.jit
 def _safe(m):
     return gl.where(m == float("-inf"), 0.0, m)
 
@@ -246,15 +264,7 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + 2 * pair * BLOCK_N
-        if FRONT_READY:
-            mbarrier.wait(k_front.index(0), phase)
-            fence_async_shared()      # the gathered rows (cp.async, generic proxy) before the wgmma reads them
-            s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0), k_ready.index(0), phase, True)
-        else:
-            mbarrier.wait(k_ready.index(0), phase)
-            if SPARSE:
-                fence_async_shared()
-            s = _block_scores(q_nope, q_rope, k_nope.index(0), k_rope.index(0))
+        s = _slot_scores(0, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE, FRONT_READY)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
         if SPARSE:
@@ -309,15 +319,7 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
         phase = pair & 1
         start = lo + (2 * pair + 1) * BLOCK_N
         if 2 * pair + 1 < n_blocks:
-            if FRONT_READY:
-                mbarrier.wait(k_front.index(1), phase)
-                fence_async_shared()
-                s = _block_scores(q_nope, q_rope, k_nope.index(1), k_rope.index(1), k_ready.index(1), phase, True)
-            else:
-                mbarrier.wait(k_ready.index(1), phase)
-                if SPARSE:
-                    fence_async_shared()
-                s = _block_scores(q_nope, q_rope, k_nope.index(1), k_rope.index(1))
+            s = _slot_scores(1, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE, FRONT_READY)
             mbarrier.wait(p_ready.index(0), phase)
             m0 = m_x.slice(0, BLOCK_M).load(_row_vector_layout())
             m0_safe = _safe(m0)
