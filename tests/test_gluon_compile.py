@@ -141,10 +141,9 @@ SPARSE_CLASSES = {   # name: (B, S_q, H, topk, pool tokens, options)
 @pytest.mark.parametrize("name", list(SPARSE_CLASSES))
 def test_gluon_sparse_decode_compiles_for_hopper(name):
     """kernels/gluon_sparse_decode.py: the gathering producer's cp.async in 16-byte pieces, a bf16 pool's slots
-    released by the copies' arrivals, an FP8 pool
-    dequantized by the producer (never a value at a time through fp16 -> bf16), the dense kernel's products, no
-    spills, shared memory within the limit, 12 warps; device-side descriptors only for the query pair and the
-    outputs (the keys are gathered)."""
+    released by the copies' arrivals, an FP8 pool dequantized by the producer (never a value at a time through
+    fp16 -> bf16), the dense kernel's products, no spills, shared memory within the limit, 12 warps; device-side
+    descriptors only for the query pair and the outputs (the keys are gathered)."""
     b, s_q, h, topk, tokens, options = SPARSE_CLASSES[name]
     options = dict(options)
     kv_format = options.get("kv_format")

@@ -178,13 +178,14 @@ def mla_sparse_gluon_kernel(
     q_rows = gl.minimum(H - tile * BLOCK_M, BLOCK_M)
     q_descs = _descriptor_pair(q_base, q_rows, D_V, D_R, BLOCK_M)          # rows past q_rows read as 0
     # k_ready: with a pool in q's dtype each producer thread's copies arrive, and one arrival for the flags.
+    PRODUCER_THREADS: gl.constexpr = gl.num_warps() * 32          # the default partition: the launch's warps
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
-        dtype, dtype, D_V, D_R, 1 if BLOCKSCALE else 4 * 32 + 1)
+        dtype, dtype, D_V, D_R, 1 if BLOCKSCALE else PRODUCER_THREADS + 1)
     k_front = k_ready                # FP8: unused (a block is released whole, after its conversion)
     if not BLOCKSCALE:
         k_front = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())    # boxes 0-3 landed
         for i in gl.static_range(2):
-            mbarrier.init(k_front.index(i), count=4 * 32)       # every producer thread's copies of them
+            mbarrier.init(k_front.index(i), count=PRODUCER_THREADS)     # every producer thread's copies of them
     bars = (q_ready, k_ready, k_free, p_ready, done, k_front)
     rows_layout: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
     valid_x = gl.allocate_shared_memory(gl.int8, [2, BLOCK_N], rows_layout)      # each slot's flags
