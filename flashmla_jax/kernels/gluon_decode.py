@@ -189,11 +189,19 @@ def _block_scores(q_nope, q_rope, k_nope, k_rope, rest_ready=None, phase=0, WAIT
 
 @gluon.jit
 def _slot_scores(slot: gl.constexpr, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE: gl.constexpr,
-                 FRONT_READY: gl.constexpr):
+                 FRONT_READY: gl.constexpr, CONVERT: gl.constexpr = False, k_scales=None):
     """Waits for ring slot `slot`'s key block at `phase` and issues its scores (`_block_scores`); returns the
     async token. FRONT_READY: the wait is for the block's first four boxes (k_front), and the products over the
-    rest wait for k_ready. A sparse slot, gathered by cp.async (the generic proxy), is fenced for the wgmma's."""
-    if FRONT_READY:
+    rest wait for k_ready. A sparse slot, gathered by cp.async (the generic proxy), is fenced for the wgmma's.
+    CONVERT (the sparse kernel's "fp8_blockscale" pool): the slot holds the block's raw codes, rope and scales
+    (k_scales), and this group dequantizes it in place (`_dequantize`) before its scores."""
+    if CONVERT:
+        mbarrier.wait(k_ready.index(slot), phase)
+        _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), True)
+        fence_async_shared()          # the tile (generic stores, and the copies before them) before the wgmma
+        gl.thread_barrier()           # ... every thread's part of it
+        s = _block_scores(q_nope, q_rope, k_nope.index(slot), k_rope.index(slot))
+    elif FRONT_READY:
         mbarrier.wait(k_front.index(slot), phase)
         fence_async_shared()
         s = _block_scores(q_nope, q_rope, k_nope.index(slot), k_rope.index(slot), k_ready.index(slot), phase, True)
@@ -231,7 +239,7 @@ def _consumer_state(smem, bars, work, outputs, QUERY_SCALED: gl.constexpr):
     softmax state: running max m_i [64] (-inf), row sums l_i [64] and its half of O, acc [64, 256] (zeros).
     QUERY_SCALED: the producer rewrote the query times a power of two (`_scaled_query`, stored in q_factor),
     which the score scale divides out again."""
-    q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x, q_factor = smem
+    q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x, q_factor, k_scales = smem
     q_ready, k_ready, k_free, p_ready, done, k_front = bars
     qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale = work
     o_desc, o_part_desc, lse_ptr, lse_part_ptr = outputs
@@ -243,28 +251,29 @@ def _consumer_state(smem, bars, work, outputs, QUERY_SCALED: gl.constexpr):
     acc = gl.zeros([BLOCK_M, HALF_V], gl.float32, layout=_out_layout())
     return (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo,
             n_blocks, first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr,
-            m_i, l_i, acc, valid_x, k_front)
+            m_i, l_i, acc, valid_x, k_front, k_scales)
 
 
 @gluon.jit
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False,
                WRITE_MAX: gl.constexpr = False, max_ptr=None, QUERY_SCALED: gl.constexpr = False,
-               FRONT_READY: gl.constexpr = False):
+               FRONT_READY: gl.constexpr = False, CONVERT: gl.constexpr = False):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them). SPARSE (kernels/gluon_sparse_decode.py): a block's
     slots are masked by the validity its producer stored (`_valid_scores`), and no row has the "saw keys" rule.
     WRITE_MAX (the sparse prefill, one split): each row's largest scaled score q.k * scale into max_ptr [B, R]
     (-inf for a row with no key). QUERY_SCALED: `_consumer_state`. FRONT_READY (the sparse kernel's bf16 gathers):
     a block's scores start once its first four boxes have landed (bars' k_front) and wait for k_ready before the
-    rest (`_block_scores`)."""
+    rest (`_block_scores`). CONVERT: each group dequantizes the FP8 blocks it scores (`_slot_scores`)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc, valid_x, k_front) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
+     acc, valid_x, k_front, k_scales) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + 2 * pair * BLOCK_N
-        s = _slot_scores(0, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE, FRONT_READY)
+        s = _slot_scores(0, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE, FRONT_READY, CONVERT,
+                         k_scales)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s, ))
         s = _masked_scores(s * qk_scale, start, first_limit, seqlen, tile, H, S_Q, CAUSAL)
         if SPARSE:
@@ -309,17 +318,18 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                 NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
                 V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False, QUERY_SCALED: gl.constexpr = False,
-                FRONT_READY: gl.constexpr = False):
+                FRONT_READY: gl.constexpr = False, CONVERT: gl.constexpr = False):
     """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
     from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple). FRONT_READY: `_left_half`."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
-     acc, valid_x, k_front) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
+     acc, valid_x, k_front, k_scales) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
     for pair in range((n_blocks + 1) // 2):
         phase = pair & 1
         start = lo + (2 * pair + 1) * BLOCK_N
         if 2 * pair + 1 < n_blocks:
-            s = _slot_scores(1, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE, FRONT_READY)
+            s = _slot_scores(1, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE, FRONT_READY,
+                             CONVERT, k_scales)
             mbarrier.wait(p_ready.index(0), phase)
             m0 = m_x.slice(0, BLOCK_M).load(_row_vector_layout())
             m0_safe = _safe(m0)
@@ -850,7 +860,8 @@ def mla_decode_gluon_kernel(
     if NUM_SPLITS > 1:
         o_part_desc = _output_descriptor(o_part_ptr + ((b.to(gl.int64) * NUM_SPLITS + split) * R + tile * BLOCK_M) * D_V,
                                          q_rows, D_V)
-    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x)     # the last two unused (slot flags, q_factor)
+    # The last three unused here: slot flags, q_factor, the sparse kernel's scales.
+    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x, m_x)
     qk_scale = scale * LOG2E * v_scale if V_SCALED else scale * LOG2E
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
@@ -866,7 +877,8 @@ def mla_decode_gluon_kernel(
             mbarrier.init(q_loaded, count=1)
             # The consumers read the query as `_scaled_query` leaves it.
             smem = (q_nope._reinterpret(gl.float16, [BLOCK_M, D_V], swizzled),
-                    q_rope._reinterpret(gl.float16, [BLOCK_M, D_R], swizzled), k_nope, k_rope, m_x, l_x, m_x, q_factor)
+                    q_rope._reinterpret(gl.float16, [BLOCK_M, D_R], swizzled), k_nope, k_rope, m_x, l_x, m_x, q_factor,
+                    m_x)
             query = (q_loaded, q_factor)
         gl.warp_specialize([
             (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5], k_ready,

@@ -5,11 +5,12 @@ Each query token (a "pair", as in kernels/sparse.py) attends to its own list of 
 pool (a paged pool is flat: index = page * page_size + offset). Hopper's TMA cannot gather rows, so the producer
 (the default partition, 4 warps) loads block j's 64 listed tokens with cp.async, row by row, into ring slot
 j % 2 in the swizzled layout the wgmma reads: a cache in q's dtype directly; an "fp8_blockscale" pool's codes
-into the upper half of the slot's tile, its bf16 rope and its scales beside, then dequantized in place as the
-dense FP8 producer does (`_dequantize`). A pool in q's dtype is released to the consumers by the copies
-themselves (cp.async arrivals): the block's first four 64-column boxes complete `k_front`, on which the scores
-start, and the whole block `k_ready`; the consumers fence the slot for the tensor cores' proxy. An FP8 block is
-released by the producer once it has waited for its copies and converted them.
+into the upper half of the slot's tile, its bf16 rope and its scales beside. Every block is released to the
+consumers by its copies themselves (cp.async arrivals on `k_ready`), and the consumers fence the slot for the
+tensor cores' proxy. In q's dtype the block's first four 64-column boxes also complete `k_front`, on which the
+scores start. An FP8 block is dequantized in place (`_dequantize`) by the consumer group that scores it (the
+left group the even blocks, the right the odd ones), so two blocks convert at once and no conversion waits for
+a gather.
 
 Slots past the pair's top-k length and indices outside [0, NUM_TOKENS) are never read: their rows are
 zero-filled and the producer stores each block's slot validity beside the ring, where the consumers mask the
@@ -17,13 +18,18 @@ scores by it (gluon_decode's SPARSE mode). A row with no valid index gives 0 and
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
-from triton.experimental.gluon.language.nvidia.hopper import async_copy, fence_async_shared, mbarrier
+from triton.experimental.gluon.language.nvidia.hopper import async_copy, mbarrier
 
 from flashmla_jax.kernels._common import LOG2E
 from flashmla_jax.kernels.gluon_decode import (BLOCK_M, BLOCK_N, CODE_BOX, FP8_CONSUMER_REGS, HALF_V, KV_BLOCKSCALE,
-                                               _dequantize, _descriptor_pair, _layer_keys, _left_half,
+                                               _descriptor_pair, _layer_keys, _left_half,
                                                _load_query_tile, _output_descriptor, _right_half,
                                                _seesaw_buffers)
+
+
+# Registers a consumer thread with an FP8 pool, where the consumers dequantize and the producer only gathers
+# (48 left to it): at 224 the consumers spill 8 bytes, at 240 the producer 16.
+CONSUMER_REGS_CONVERTING = gl.constexpr(232)
 
 
 @gluon.constexpr_function
@@ -92,49 +98,20 @@ def _gather_block(j, valid, idx, gather, TOKEN_BYTES: gl.constexpr, D_V: gl.cons
 def _gather_producer(q_descs, q_nope, q_rope, k_nope, k_rope, k_scales, valid_x, q_ready, k_ready, k_free, k_front,
                      idx_ptr, kv_bytes, pair, lo, hi, n_blocks, TOPK: gl.constexpr, NUM_TOKENS: gl.constexpr,
                      TOKEN_BYTES: gl.constexpr, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
-    """The default partition (4 warps): the query tile by TMA, then each block gathered (`_gather_block`).
-    A pool in q's dtype: each block's slot is released by its copies themselves (every thread's cp.async
-    arrival on k_ready fires once that thread's copies have landed; one more arrival covers the flags), so the
-    partition goes on to the next block without waiting, as a TMA producer does. An FP8 pool: the producer
-    waits for its own copies (cp.async groups), dequantizes the block in its slot, fences it for the wgmma's
-    proxy and releases it; each odd block is gathered before the even block ahead of it is released."""
+    """The default partition (4 warps): the query tile by TMA, then each block gathered (`_gather_block`). Each
+    block's slot is released by its copies themselves (every thread's cp.async arrival on k_ready fires once that
+    thread's copies have landed; one more arrival covers the flags), so the partition goes on to the next block
+    without waiting, as a TMA producer does. An FP8 block arrives raw: the consumer group that scores it
+    dequantizes it."""
     _load_query_tile(q_descs, q_nope, q_rope, q_ready, D_V)
     gather = (kv_bytes, k_nope, k_rope, k_scales, valid_x, k_free, k_front)
-    if not BLOCKSCALE:
-        for j in range(n_blocks):
-            slot = j % 2
-            valid, idx = _block_tokens(j, idx_ptr, pair, lo, hi, TOPK, NUM_TOKENS)   # ahead of the slot's wait
-            _gather_block(j, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
-            async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
-            gl.thread_barrier()               # every thread's flags stored before the one arrival for them
-            mbarrier.arrive(k_ready.index(slot), count=1)
-    else:
-        if n_blocks > 0:
-            valid, idx = _block_tokens(0, idx_ptr, pair, lo, hi, TOPK, NUM_TOKENS)
-            _gather_block(0, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
-            async_copy.commit_group()
-        for j in range(n_blocks):
-            slot = j % 2
-            # Block j + 1 waits for block j - 1's slot. For an even j both groups free it without block j:
-            # gather first, two blocks' copies in flight. For an odd j the right group frees it only after it has
-            # had block j (it waits for k_ready[1] before its P.V over block j - 1): release first, or neither
-            # moves.
-            more = j + 1 < n_blocks
-            valid, idx = _block_tokens(j + 1, idx_ptr, pair, lo, hi, TOPK, NUM_TOKENS)    # none past n_blocks
-            if more & (slot == 0):
-                _gather_block(j + 1, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
-                async_copy.commit_group()
-                async_copy.wait_group(1)          # this thread's copies of block j have landed
-            else:
-                async_copy.wait_group(0)
-            gl.thread_barrier()                   # ... and every producer thread's
-            _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), True)
-            fence_async_shared()                  # generic writes (copies, conversion) before the wgmma reads them
-            gl.thread_barrier()
-            mbarrier.arrive(k_ready.index(slot), count=1)
-            if more & (slot == 1):
-                _gather_block(j + 1, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
-                async_copy.commit_group()
+    for j in range(n_blocks):
+        slot = j % 2
+        valid, idx = _block_tokens(j, idx_ptr, pair, lo, hi, TOPK, NUM_TOKENS)   # ahead of the slot's wait
+        _gather_block(j, valid, idx, gather, TOKEN_BYTES, D_V, BLOCKSCALE)
+        async_copy.mbarrier_arrive(k_ready.index(slot), increment_count=False)
+        gl.thread_barrier()               # every thread's flags stored before the one arrival for them
+        mbarrier.arrive(k_ready.index(slot), count=1)
 
 
 @gluon.jit
@@ -177,10 +154,10 @@ def mla_sparse_gluon_kernel(
     q_base = q_ptr + (pair.to(gl.int64) * H + tile * BLOCK_M) * D
     q_rows = gl.minimum(H - tile * BLOCK_M, BLOCK_M)
     q_descs = _descriptor_pair(q_base, q_rows, D_V, D_R, BLOCK_M)          # rows past q_rows read as 0
-    # k_ready: with a pool in q's dtype each producer thread's copies arrive, and one arrival for the flags.
+    # k_ready: each producer thread's copies arrive, and one arrival for the flags.
     PRODUCER_THREADS: gl.constexpr = gl.num_warps() * 32          # the default partition: the launch's warps
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
-        dtype, dtype, D_V, D_R, 1 if BLOCKSCALE else PRODUCER_THREADS + 1)
+        dtype, dtype, D_V, D_R, PRODUCER_THREADS + 1)
     k_front = k_ready                # FP8: unused (a block is released whole, after its conversion)
     if not BLOCKSCALE:
         k_front = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())    # boxes 0-3 landed
@@ -197,7 +174,7 @@ def mla_sparse_gluon_kernel(
     if NUM_SPLITS > 1:
         o_part_desc = _output_descriptor(o_part_ptr + ((pair.to(gl.int64) * NUM_SPLITS + split) * H + tile * BLOCK_M)
                                          * D_V, q_rows, D_V)
-    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x, m_x)     # the last: unused (a query factor)
+    smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, valid_x, m_x, k_scales)     # m_x: unused (a query factor)
     # The consumers' prefix mask is the split's end (slots past it are invalid anyway): hi as the "length".
     work = (scale * LOG2E, hi, lo, n_blocks, hi, tile, pair, split, NUM_SPLITS, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
@@ -207,8 +184,8 @@ def mla_sparse_gluon_kernel(
                             k_front, idx_ptr, kv_bytes, pair, lo, hi, n_blocks, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V,
                             BLOCKSCALE)),
         (_left_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, False, True, WRITE_MAX, max_ptr, False,
-                      not BLOCKSCALE)),
+                      not BLOCKSCALE, BLOCKSCALE)),
         # The right group's `loads` is unused: the producer gathers every block.
         (_right_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, pair, False, False, False, True, False,
-                       not BLOCKSCALE)),
-    ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
+                       not BLOCKSCALE, BLOCKSCALE)),
+    ], [4, 4], [CONSUMER_REGS_CONVERTING if BLOCKSCALE else FP8_CONSUMER_REGS] * 2)
