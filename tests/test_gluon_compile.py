@@ -54,16 +54,16 @@ def test_gluon_decode_compiles_for_hopper(name):
     options = dict(options)
     compiled, plan = compile_report.compile_gluon_kernel((b, s_q, h, n), options.pop("dtype", jnp.bfloat16), **options)
     facts = _compile.facts(compiled)
-    # FP8: the right consumer group also issues the key loads (kernels/gluon_decode.py's `_fp8_reload`), and the
-    # values those need (descriptors, the table, the tail) partly wait on the stack: read once a key block, not
-    # in the products or the softmax. The bf16 classes spill nothing.
+    # FP8: the consumer groups also dequantize the blocks they score (kernels/gluon_decode.py's `_slot_scores`), and
+    # a few of their values wait on the stack, read once a key block, not in the products or the softmax. The bf16
+    # classes spill nothing.
     fp8 = bool(options.get("kv_format"))
     assert facts.stack <= (64 if fp8 else 0), f"{facts.stack} bytes of spills"
     assert facts.shared <= _compile.SHARED_MEMORY_LIMIT
     assert facts.num_warps == 12
     assert facts.count("HGMMA") > 0 and facts.count("UTMALDG") > 0 and facts.count("UTMASTG") > 0
     if fp8:
-        # The producer dequantizes: the e4m3 pairs converted by the hardware, 256 codes a thread per block.
+        # The consumers dequantize: the e4m3 pairs converted by the hardware, 256 codes a thread per block.
         assert facts.count("F2FP.F16.E4M3.UNPACK_B") >= 128
         # ... and never one value at a time on the slow pipe (fp16 -> bf16 compiles to one F2F a value).
         assert facts.count("F2F.BF16.F16") == 0

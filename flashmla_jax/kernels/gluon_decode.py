@@ -31,15 +31,14 @@ descriptor of a contiguous cache ends at the length; a paged cache's last partia
 descriptor that ends there), so garbage in unused slots and pages never meets a zero probability.
 
 An "fp8_blockscale" cache (656 bytes a token: 512 e4m3 codes, 4 float32 scales, 64 bf16 rope values) is
-dequantized in place by the producer partition (`_fp8_producer`): the TMA puts a block's codes into the upper
-half of its ring slot's bf16 [64, 512] tile, its rope values into the rope box as they are and its scales into
-a small buffer; the producer's warps turn each 128-column group of codes into bf16 (code * scale, in float32,
-rounded once) written over the slot from the bottom up, which overwrites only codes already read
-(`_dequantize`), and then release the block to the consumers, which read it as they read a bf16 block. The
-producer loads the first two blocks; the right consumer group, which frees a slot last, loads each later block
-as soon as both groups have freed its slot (`_fp8_reload`), so no load waits for a dequantization.
+dequantized in place by the consumer group that scores each block (`_slot_scores`: the left group the even
+blocks, the right the odd ones, so two blocks convert at once): the producer's TMA puts a block's codes into the
+upper half of its ring slot's bf16 [64, 512] tile, its rope values into the rope box as they are and its scales
+into a small buffer, once both groups have freed the slot; the group turns each 128-column group of codes into
+bf16 (code * scale, in float32, rounded once) written over the slot from the bottom up, which overwrites only
+codes already read (`_dequantize`), and then reads it as a bf16 block. No load waits for a conversion.
 An "fp8_pertensor" cache (576 e4m3 bytes a token, one float32 scale) goes the same way, its rope codes into the
-first half of the rope box, into fp16 tiles: the producer only unpacks the codes (exact in fp16), a bf16 query
+first half of the rope box, into fp16 tiles: the consumers only unpack the codes (exact in fp16), a bf16 query
 is rewritten once as fp16 times a power of two (`_scaled_query`, divided out of the score scale), and the cache's
 scale multiplies the scores (through the softmax scale) and the output (`_finish_rows`) instead of every value.
 """
@@ -54,13 +53,12 @@ BLOCK_M = gl.constexpr(64)        # query rows per program: one wgmma M extent p
 BLOCK_N = gl.constexpr(64)        # keys per block
 HALF_V = gl.constexpr(256)        # output columns per consumer warpgroup
 CONSUMER_REGS = gl.constexpr(240)  # registers per thread of each consumer warpgroup (the producer: the rest)
-# With an FP8 cache the producer dequantizes: the consumers give up 16 registers a thread, the producer's warps
-# get 56 instead of 24. Compiled: 8 bytes of stack (16 paged) for what the right group's key loads need, read
-# once a block; nothing of the products or the softmax spills.
+# With an FP8 cache the consumers also dequantize: they give up 16 registers a thread (the producer's warps get
+# 56 instead of 24). Compiled: 8-16 bytes of consumer stack, none in the products.
 FP8_CONSUMER_REGS = gl.constexpr(224)
-# With an FP8 cache the producer asks L2 for block i + FP8_PREFETCH_AHEAD as it converts block i, so that the
-# block's TMA load (issued when its slot frees) finds it there. (bf16 caches: no prefetch; it slowed D2.)
-FP8_PREFETCH_AHEAD = gl.constexpr(3)
+# With an FP8 cache the producer asks L2 for block j + FP8_PREFETCH_AHEAD as it issues block j's load, so that
+# the later block's TMA load (issued when its slot frees) finds it there. (bf16 caches: no prefetch; it slowed D2.)
+FP8_PREFETCH_AHEAD = gl.constexpr(1)
 KV_BLOCKSCALE = gl.constexpr(1)    # the KV_FORMAT of an "fp8_blockscale" cache (kernels/decode.py's)
 KV_PERTENSOR = gl.constexpr(2)     # and of an "fp8_pertensor" one
 CODE_BOX = gl.constexpr(128)       # e4m3 codes per scale, and the TMA box width (bytes) of codes and rope
@@ -189,15 +187,15 @@ def _block_scores(q_nope, q_rope, k_nope, k_rope, rest_ready=None, phase=0, WAIT
 
 @gluon.jit
 def _slot_scores(slot: gl.constexpr, phase, q_nope, q_rope, k_nope, k_rope, k_ready, k_front, SPARSE: gl.constexpr,
-                 FRONT_READY: gl.constexpr, CONVERT: gl.constexpr = False, k_scales=None):
+                 FRONT_READY: gl.constexpr, CONVERT: gl.constexpr = 0, k_scales=None):
     """Waits for ring slot `slot`'s key block at `phase` and issues its scores (`_block_scores`); returns the
     async token. FRONT_READY: the wait is for the block's first four boxes (k_front), and the products over the
     rest wait for k_ready. A sparse slot, gathered by cp.async (the generic proxy), is fenced for the wgmma's.
-    CONVERT (the sparse kernel's "fp8_blockscale" pool): the slot holds the block's raw codes, rope and scales
-    (k_scales), and this group dequantizes it in place (`_dequantize`) before its scores."""
-    if CONVERT:
+    CONVERT (an FP8 cache's KV_FORMAT; 0: none): the slot holds the block's raw codes, rope and (blockscale)
+    scales (k_scales), and this group dequantizes it in place (`_dequantize`) before its scores."""
+    if CONVERT != 0:
         mbarrier.wait(k_ready.index(slot), phase)
-        _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), True)
+        _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), CONVERT == KV_BLOCKSCALE)
         fence_async_shared()          # the tile (generic stores, and the copies before them) before the wgmma
         gl.thread_barrier()           # ... every thread's part of it
         s = _block_scores(q_nope, q_rope, k_nope.index(slot), k_rope.index(slot))
@@ -258,14 +256,15 @@ def _consumer_state(smem, bars, work, outputs, QUERY_SCALED: gl.constexpr):
 def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
                NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False,
                WRITE_MAX: gl.constexpr = False, max_ptr=None, QUERY_SCALED: gl.constexpr = False,
-               FRONT_READY: gl.constexpr = False, CONVERT: gl.constexpr = False):
+               FRONT_READY: gl.constexpr = False, CONVERT: gl.constexpr = 0):
     """The left consumer warpgroup: scores of the even blocks, O[:, :256]. smem, bars, work and outputs are
     the kernel's tuples (`_consumer_state` unpacks them). SPARSE (kernels/gluon_sparse_decode.py): a block's
     slots are masked by the validity its producer stored (`_valid_scores`), and no row has the "saw keys" rule.
     WRITE_MAX (the sparse prefill, one split): each row's largest scaled score q.k * scale into max_ptr [B, R]
     (-inf for a row with no key). QUERY_SCALED: `_consumer_state`. FRONT_READY (the sparse kernel's bf16 gathers):
     a block's scores start once its first four boxes have landed (bars' k_front) and wait for k_ready before the
-    rest (`_block_scores`). CONVERT: each group dequantizes the FP8 blocks it scores (`_slot_scores`)."""
+    rest (`_block_scores`). CONVERT (an FP8 cache's KV_FORMAT): each group dequantizes the blocks it scores
+    (`_slot_scores`)."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
      acc, valid_x, k_front, k_scales) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
@@ -316,11 +315,9 @@ def _left_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CA
 
 @gluon.jit
 def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, CAUSAL: gl.constexpr,
-                NUM_SPLITS: gl.constexpr, loads, FP8: gl.constexpr, BLOCKSCALE: gl.constexpr,
-                V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False, QUERY_SCALED: gl.constexpr = False,
-                FRONT_READY: gl.constexpr = False, CONVERT: gl.constexpr = False):
-    """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. FP8: it also loads each key block
-    from the third on as it frees the slot (`_fp8_reload`; loads: `_fp8_load`'s tuple). FRONT_READY: `_left_half`."""
+                NUM_SPLITS: gl.constexpr, V_SCALED: gl.constexpr, SPARSE: gl.constexpr = False,
+                QUERY_SCALED: gl.constexpr = False, FRONT_READY: gl.constexpr = False, CONVERT: gl.constexpr = 0):
+    """The right consumer warpgroup: scores of the odd blocks, O[:, 256:]. The options: `_left_half`'s."""
     (q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done, qk_scale, seqlen, lo, n_blocks,
      first_limit, tile, b, split, splits_here, v_scale, o_desc, o_part_desc, lse_ptr, lse_part_ptr, m_i, l_i,
      acc, valid_x, k_front, k_scales) = _consumer_state(smem, bars, work, outputs, QUERY_SCALED)
@@ -350,16 +347,12 @@ def _right_half(smem, bars, work, outputs, H: gl.constexpr, S_Q: gl.constexpr, C
             mbarrier.arrive(p_ready.index(1), count=1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(0), count=1)
-            if FP8:
-                _fp8_reload(2 * pair + 2, k_free, loads, n_blocks, q_nope.shape[1], BLOCKSCALE)
             beta = gl.exp2(m0 - m1_safe)
             acc = _rescaled(acc, beta)
             l_i = l_i * beta + gl.sum(p1, axis=1)
             acc = warpgroup_mma(p1_op, k_nope.index(1).slice(HALF_V, HALF_V, dim=1), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(k_free.index(1), count=1)
-            if FP8:
-                _fp8_reload(2 * pair + 3, k_free, loads, n_blocks, q_nope.shape[1], BLOCKSCALE)
             m_i = m1
         else:
             mbarrier.wait(p_ready.index(0), phase)
@@ -560,37 +553,31 @@ def _descriptor_pair(base, rows, D_V: gl.constexpr, D_R: gl.constexpr, BOX_ROWS:
 
 
 @gluon.jit
-def _fp8_producer(q_descs, loads, q_nope, q_rope, k_nope, k_rope, k_scales, q_ready, raw_ready, k_ready,
-                  n_blocks, D_V: gl.constexpr, prefetch, BLOCKSCALE: gl.constexpr, query,
-                  QUERY_SCALED: gl.constexpr):
-    """The default partition for an FP8 cache (4 warps): the query tile and the first two key blocks' raw bytes
-    (`_fp8_load`; later blocks are loaded by the right consumer group as it frees their slot), then each block,
-    once its bytes have landed, converted in its ring slot (`_dequantize`) and released to the consumers
-    through k_ready. It never waits for a slot, so a block's load does not wait for the conversion of
-    the one before, and the conversion never waits for a release that needs it.
+def _fp8_producer(q_descs, loads, q_nope, q_rope, q_ready, k_free, n_blocks, D_V: gl.constexpr, prefetch,
+                  BLOCKSCALE: gl.constexpr, query, QUERY_SCALED: gl.constexpr):
+    """The default partition for an FP8 cache (4 warps): the query tile, then each key block's raw bytes
+    (`_fp8_load`, completing raw_ready) into ring slot block % 2 once both consumer groups have released it,
+    each block asked of L2 FP8_PREFETCH_AHEAD loads ahead (`_prefetch_block`). The consumer group that scores a block converts
+    it (`_slot_scores`), so the loads never wait for a conversion and two blocks convert at once.
     query: (q_loaded, q_factor), the barrier the query tile lands at and its power of two. QUERY_SCALED (a bf16
     query and an "fp8_pertensor" cache): the tile is rewritten as fp16 times a power of two (`_scaled_query`, into
-    q_factor) before q_ready; else q_loaded is q_ready."""
+    q_factor) before q_ready, after the first two blocks' loads; else q_loaded is q_ready."""
     q_loaded, q_factor = query
     _load_query_tile(q_descs, q_nope, q_rope, q_loaded, D_V)
     for j in gl.static_range(2):
         if j < n_blocks:
             _fp8_load(j, loads, D_V, BLOCKSCALE)
-    for j in gl.static_range(2, FP8_PREFETCH_AHEAD):
-        _prefetch_block(j, n_blocks, loads, prefetch)
+    _prefetch_block(1 + FP8_PREFETCH_AHEAD, n_blocks, loads, prefetch)
     if QUERY_SCALED:
         mbarrier.wait(q_loaded, 0)
         _scaled_query(q_nope, q_rope, q_factor)
         fence_async_shared()           # the rewritten tile (generic stores) before the consumers' wgmma reads it
         gl.thread_barrier()
         mbarrier.arrive(q_ready, count=1)
-    for i in range(n_blocks):
-        slot = i % 2
-        _prefetch_block(i + FP8_PREFETCH_AHEAD, n_blocks, loads, prefetch)
-        mbarrier.wait(raw_ready.index(slot), (i // 2) & 1)
-        _dequantize(k_nope.index(slot), k_rope.index(slot), k_scales.index(slot), BLOCKSCALE)
-        fence_async_shared()           # the tile (generic stores) before the consumers' wgmma reads it
-        mbarrier.arrive(k_ready.index(slot), count=1)
+    for j in range(2, n_blocks):
+        _prefetch_block(j + FP8_PREFETCH_AHEAD, n_blocks, loads, prefetch)
+        mbarrier.wait(k_free.index(j % 2), ((j // 2) & 1) ^ 1)
+        _fp8_load(j, loads, D_V, BLOCKSCALE)
 
 
 @gluon.jit
@@ -661,15 +648,6 @@ def _fp8_block_load(bar, start, row, k_descs, tail_descs, tail_start, codes, k_r
         _fp8_copies(tail_descs, 0, bar, codes, k_rope, k_scales, D_V, BLOCKSCALE)
     else:
         _fp8_copies(k_descs, row, bar, codes, k_rope, k_scales, D_V, BLOCKSCALE)
-
-
-@gluon.jit
-def _fp8_reload(block, k_free, loads, n_blocks, D_V: gl.constexpr, BLOCKSCALE: gl.constexpr):
-    """In the right consumer group, which releases a ring slot last (its products on a pair's blocks end
-    after the left group's): once both groups have released block - 2's slot, loads `block` into it."""
-    if block < n_blocks:
-        mbarrier.wait(k_free.index(block % 2), ((block - 2) // 2) & 1)
-        _fp8_load(block, loads, D_V, BLOCKSCALE)
 
 
 @gluon.jit
@@ -868,6 +846,11 @@ def mla_decode_gluon_kernel(
     if FP8:
         loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
                            MAX_BLOCKS, NUM_PAGES)
+        k_scales = loads[4]
+        raw_ready = loads[5]
+        # The consumers wait for a block's raw bytes (raw_ready) and convert it themselves.
+        bars = (q_ready, raw_ready, k_free, p_ready, done, raw_ready)
+        smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x, k_scales)
         query = (q_ready, m_x)
         if QUERY_SCALED:
             vec: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, order=[0])
@@ -878,23 +861,22 @@ def mla_decode_gluon_kernel(
             # The consumers read the query as `_scaled_query` leaves it.
             smem = (q_nope._reinterpret(gl.float16, [BLOCK_M, D_V], swizzled),
                     q_rope._reinterpret(gl.float16, [BLOCK_M, D_R], swizzled), k_nope, k_rope, m_x, l_x, m_x, q_factor,
-                    m_x)
+                    k_scales)
             query = (q_loaded, q_factor)
         gl.warp_specialize([
-            (_fp8_producer, (q_descs, loads, q_nope, q_rope, k_nope, k_rope, loads[4], q_ready, loads[5], k_ready,
-                             n_blocks, D_V, prefetch, BLOCKSCALE, query, QUERY_SCALED)),
+            (_fp8_producer, (q_descs, loads, q_nope, q_rope, q_ready, k_free, n_blocks, D_V, prefetch, BLOCKSCALE,
+                             query, QUERY_SCALED)),
             (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED, False, False, None,
-                          QUERY_SCALED)),
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, loads, True, BLOCKSCALE, V_SCALED,
-                           False, QUERY_SCALED)),
+                          QUERY_SCALED, False, KV_FORMAT)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED, False, QUERY_SCALED, False,
+                           KV_FORMAT)),
         ], [4, 4], [FP8_CONSUMER_REGS, FP8_CONSUMER_REGS])
     else:
         gl.warp_specialize([
             (_producer, (q_descs, k_descs, tail_descs, q_nope, q_rope, k_nope, k_rope, q_ready, k_ready, k_free,
                          table_ptr, b, lo, n_blocks, tail_start, PAGED, PAGE_SIZE, MAX_BLOCKS, NUM_PAGES, D_V)),
             (_left_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED)),
-            # The right group's `loads` is unused without FP8.
-            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, b, False, False, V_SCALED)),
+            (_right_half, (smem, bars, work, outputs, H, S_Q, CAUSAL, NUM_SPLITS, V_SCALED)),
         ], [4, 4], [CONSUMER_REGS, CONSUMER_REGS])
 
 

@@ -184,8 +184,7 @@ def mla_sparse_gluon_kernel(
                             k_front, idx_ptr, kv_bytes, pair, lo, hi, n_blocks, TOPK, NUM_TOKENS, TOKEN_BYTES, D_V,
                             BLOCKSCALE)),
         (_left_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, False, True, WRITE_MAX, max_ptr, False,
-                      not BLOCKSCALE, BLOCKSCALE)),
-        # The right group's `loads` is unused: the producer gathers every block.
-        (_right_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, pair, False, False, False, True, False,
-                       not BLOCKSCALE, BLOCKSCALE)),
+                      not BLOCKSCALE, KV_BLOCKSCALE if BLOCKSCALE else 0)),
+        (_right_half, (smem, bars, work, outputs, H, 1, False, NUM_SPLITS, False, True, False, not BLOCKSCALE,
+                       KV_BLOCKSCALE if BLOCKSCALE else 0)),
     ], [4, 4], [CONSUMER_REGS_CONVERTING if BLOCKSCALE else FP8_CONSUMER_REGS] * 2)
