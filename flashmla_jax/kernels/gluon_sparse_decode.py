@@ -158,7 +158,7 @@ def mla_sparse_gluon_kernel(
     PRODUCER_THREADS: gl.constexpr = gl.num_warps() * 32          # the default partition: the launch's warps
     q_nope, q_rope, k_nope, k_rope, m_x, l_x, q_ready, k_ready, k_free, p_ready, done = _seesaw_buffers(
         dtype, dtype, D_V, D_R, PRODUCER_THREADS + 1)
-    k_front = k_ready                # FP8: unused (a block is released whole, after its conversion)
+    k_front = k_ready                # FP8: unused (the consumers wait for the whole block, then convert it)
     if not BLOCKSCALE:
         k_front = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())    # boxes 0-3 landed
         for i in gl.static_range(2):
