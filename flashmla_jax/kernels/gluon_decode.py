@@ -557,8 +557,8 @@ def _fp8_producer(q_descs, loads, q_nope, q_rope, q_ready, k_free, n_blocks, D_V
                   BLOCKSCALE: gl.constexpr, query, QUERY_SCALED: gl.constexpr):
     """The default partition for an FP8 cache (4 warps): the query tile, then each key block's raw bytes
     (`_fp8_load`, completing raw_ready) into ring slot block % 2 once both consumer groups have released it,
-    each block asked of L2 FP8_PREFETCH_AHEAD loads ahead (`_prefetch_block`). The consumer group that scores a block converts
-    it (`_slot_scores`), so the loads never wait for a conversion and two blocks convert at once.
+    each block asked of L2 FP8_PREFETCH_AHEAD loads ahead (`_prefetch_block`). The consumer group that scores a
+    block converts it (`_slot_scores`), so the loads never wait for a conversion and two blocks convert at once.
     query: (q_loaded, q_factor), the barrier the query tile lands at and its power of two. QUERY_SCALED (a bf16
     query and an "fp8_pertensor" cache): the tile is rewritten as fp16 times a power of two (`_scaled_query`, into
     q_factor) before q_ready, after the first two blocks' loads; else q_loaded is q_ready."""
