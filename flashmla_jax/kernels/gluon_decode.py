@@ -844,12 +844,10 @@ def mla_decode_gluon_kernel(
     work = (qk_scale, seqlen, lo, n_blocks, first_limit, tile, b, split, splits_here, v_scale)
     outputs = (o_desc, o_part_desc, lse_ptr, lse_part_ptr)
     if FP8:
-        loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
-                           MAX_BLOCKS, NUM_PAGES)
+        # k_ready completes when a block's raw bytes land: the consumers convert it themselves.
+        loads = _fp8_loads(k_descs, tail_descs, k_nope, k_rope, k_ready, table_ptr, b, lo, tail_start, PAGED,
+                           PAGE_SIZE, MAX_BLOCKS, NUM_PAGES)
         k_scales = loads[4]
-        raw_ready = loads[5]
-        # The consumers wait for a block's raw bytes (raw_ready) and convert it themselves.
-        bars = (q_ready, raw_ready, k_free, p_ready, done, raw_ready)
         smem = (q_nope, q_rope, k_nope, k_rope, m_x, l_x, m_x, m_x, k_scales)
         query = (q_ready, m_x)
         if QUERY_SCALED:
@@ -958,16 +956,14 @@ def _key_descriptors(kv_ptr, b, seqlen, table_ptr, N_MAX: gl.constexpr, TOKEN: g
 
 
 @gluon.jit
-def _fp8_loads(k_descs, tail_descs, k_nope, k_rope, table_ptr, b, lo, tail_start, PAGED: gl.constexpr,
+def _fp8_loads(k_descs, tail_descs, k_nope, k_rope, raw_ready, table_ptr, b, lo, tail_start, PAGED: gl.constexpr,
                PAGE_SIZE: gl.constexpr, MAX_BLOCKS: gl.constexpr, NUM_PAGES: gl.constexpr):
-    """`_fp8_load`'s tuple for an FP8 cache, with the ring's raw-byte buffers it adds: k_scales [2, 64, 16]
-    uint8 (a blockscale token's 4 float32 scales; element 4) and the raw_ready barriers (element 5)."""
+    """`_fp8_load`'s tuple for an FP8 cache, with the raw-byte buffer it adds: k_scales [2, 64, 16] uint8 (a
+    blockscale token's 4 float32 scales; element 4); raw_ready [2] (element 5): the barriers a block's loads
+    complete, initialised for one arrival."""
     D_V: gl.constexpr = k_nope.shape[2]
     plain: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=8, rank=2)
     k_scales = gl.allocate_shared_memory(gl.uint8, [2, BLOCK_N, D_V // 32], plain)
-    raw_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-    for i in gl.static_range(2):
-        mbarrier.init(raw_ready.index(i), count=1)
     return (k_descs, tail_descs, k_nope, k_rope, k_scales, raw_ready, table_ptr, b, lo, tail_start, PAGED, PAGE_SIZE,
             MAX_BLOCKS, NUM_PAGES)
 
